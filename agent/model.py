@@ -135,3 +135,21 @@ class PeerDirectory(Protocol):
     """Current view of the peers, for placement."""
 
     def peers(self) -> list[PeerHealth]: ...
+
+
+class SignalView(Protocol):
+    """Read side of the signal store; what the policy engine evaluates against."""
+
+    def value(self, name: str) -> float | None:
+        """Latest value of a signal, or None if never seen (or stale)."""
+        ...
+
+    def names(self) -> list[str]: ...
+
+    def event_count(self, action: str, since: float) -> int:
+        """Docker events with this action at or after wall-clock `since`."""
+        ...
+
+    def containers(self) -> list[ContainerInfo]:
+        """Current container inventory of this host."""
+        ...
