@@ -1,0 +1,1 @@
+"""Ferry as a service: the runtime, its control socket, metrics and systemd glue."""
