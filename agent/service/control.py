@@ -1,0 +1,255 @@
+"""The local control socket: a small JSON API over a unix socket, and its client.
+
+Access control is the filesystem: the socket is 0600 in a 0700 directory we
+create, both owned by the agent's user (root), so only root can drain the host
+or start migrations. There is no token to leak and nothing listens on the
+network.
+
+Routes (all JSON):
+  GET  /v1/status            this host's signals, policies, migrations, evacuation, peers
+  POST /v1/drain             {"reason": "..."} -> create the drain marker
+  POST /v1/undrain           remove the drain marker
+  GET  /v1/history?limit=N   past migrations with their reports
+
+Other parts add their own routes through `route_hooks`, e.g. the migration
+engine's `add_migration_routes(app, service)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger(__name__)
+
+RouteHook = Callable[[web.Application], None]
+JSON = dict[str, Any]
+
+MAX_REASON_CHARS = 500
+
+
+class ControlService(Protocol):
+    """What the control socket asks of the running agent."""
+
+    async def status(self) -> JSON: ...
+
+    async def drain(self, reason: str) -> JSON: ...
+
+    async def undrain(self) -> JSON: ...
+
+    async def history(self, limit: int) -> list[JSON]: ...
+
+
+class AlreadyServing(RuntimeError):
+    """Another process answers on the control socket: a second agent must not start."""
+
+
+def _json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def build_app(service: ControlService, route_hooks: Sequence[RouteHook] = ()) -> web.Application:
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(await service.status(), dumps=_dumps)
+
+    async def drain(request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        if body is None:
+            return _json_error(400, 'body must be a JSON object, e.g. {"reason": "kernel"}')
+        reason = body.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
+            return _json_error(400, f"reason must be a string of at most {MAX_REASON_CHARS} chars")
+        log.info("control.drain", reason=reason)
+        return web.json_response(await service.drain(reason), dumps=_dumps)
+
+    async def undrain(request: web.Request) -> web.Response:
+        log.info("control.undrain")
+        return web.json_response(await service.undrain(), dumps=_dumps)
+
+    async def history(request: web.Request) -> web.Response:
+        raw = request.query.get("limit", "50")
+        if not raw.isdigit() or int(raw) < 1:
+            return _json_error(400, f"limit must be a positive integer, got {raw!r}")
+        items = await service.history(int(raw))
+        return web.json_response({"migrations": items}, dumps=_dumps)
+
+    app = web.Application()
+    app.router.add_get("/v1/status", status)
+    app.router.add_post("/v1/drain", drain)
+    app.router.add_post("/v1/undrain", undrain)
+    app.router.add_get("/v1/history", history)
+    for hook in route_hooks:
+        hook(app)
+    return app
+
+
+def _dumps(obj: Any) -> str:
+    # Reports carry paths, datetimes and enums; show them rather than fail the request.
+    return json.dumps(obj, default=str)
+
+
+async def _read_json(request: web.Request) -> JSON | None:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _prepare_directory(directory: Path) -> None:
+    """Create the socket's directory 0700; leave an existing one's mode alone.
+
+    An existing directory may be shared (e.g. /run); tightening its mode would
+    break other services, so there the 0600 socket mode is what protects us.
+    """
+    if directory.exists():
+        return
+    directory.mkdir(mode=0o700, parents=True)
+    os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove a leftover socket from a crashed agent, but never steal a live one."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(
+            f"{path} exists and is not a socket; remove it or change control_socket"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        log.info("control.stale_socket_removed", path=str(path))
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise AlreadyServing(f"another ferry agent is serving on {path}")
+
+
+def _bind_private(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The umask makes the socket 0600 from the moment it exists, not after a
+    # window in which another user could connect.
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return sock
+
+
+class ControlServer:
+    def __init__(
+        self,
+        path: Path,
+        service: ControlService,
+        route_hooks: Sequence[RouteHook] = (),
+    ) -> None:
+        self.path = Path(path)
+        self._app = build_app(service, route_hooks)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        _prepare_directory(self.path.parent)
+        _remove_stale(self.path)
+        sock = _bind_private(self.path)
+        self._runner = web.AppRunner(self._app, access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        log.info("control.serving", path=str(self.path))
+
+    async def stop(self) -> None:
+        if self._runner is None:
+            return
+        await self._runner.cleanup()
+        self._runner = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+# --------------------------------------------------------------------------- client
+
+
+class AgentUnreachable(Exception):
+    """No agent answers on the control socket (not running, or no permission)."""
+
+
+class ControlRequestFailed(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ControlClient:
+    """Talks to a running agent over its control socket (used by the CLI)."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def request(self, method: str, route: str, body: JSON | None = None) -> Any:
+        if not self.path.exists():
+            raise AgentUnreachable(f"no agent socket at {self.path} (is `ferry run` running?)")
+        connector = aiohttp.UnixConnector(path=str(self.path))
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=self._timeout) as session,
+                session.request(method, f"http://ferry{route}", json=body) as resp,
+            ):
+                try:
+                    data = await resp.json(content_type=None)
+                except (json.JSONDecodeError, aiohttp.ContentTypeError):
+                    data = {"error": (await resp.text())[:200]}
+                if resp.status >= 400:
+                    msg = data.get("error") if isinstance(data, dict) else None
+                    raise ControlRequestFailed(resp.status, msg or f"HTTP {resp.status}")
+                return data
+        except PermissionError as exc:
+            raise AgentUnreachable(f"no permission to use {self.path} (run as root)") from exc
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, PermissionError):
+                raise AgentUnreachable(f"no permission to use {self.path} (run as root)") from exc
+            raise AgentUnreachable(f"agent not answering on {self.path}: {exc.os_error}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AgentUnreachable(f"agent not answering on {self.path}: {exc!r}") from exc
+
+    async def status(self) -> JSON:
+        result: JSON = await self.request("GET", "/v1/status")
+        return result
+
+    async def drain(self, reason: str) -> JSON:
+        result: JSON = await self.request("POST", "/v1/drain", {"reason": reason})
+        return result
+
+    async def undrain(self) -> JSON:
+        result: JSON = await self.request("POST", "/v1/undrain", {})
+        return result
+
+    async def history(self, limit: int) -> list[JSON]:
+        result = await self.request("GET", f"/v1/history?limit={int(limit)}")
+        items: list[JSON] = result.get("migrations", [])
+        return items
