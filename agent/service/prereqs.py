@@ -1,0 +1,296 @@
+"""Start-up prerequisite checks, each saying exactly what to change.
+
+`ferry run` runs these before it starts serving; fatal problems stop it with
+exit 3 and one line per problem. A down peer is only a warning: the cluster
+must be able to restart one agent while another host is in maintenance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import re
+import subprocess
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from agent.model import PeerHealth
+
+log = structlog.get_logger(__name__)
+
+MIN_CRIU = (4, 2)
+DEFAULT_CRIU_COMMAND = ("criu", "--version")
+DAEMON_JSON = "/etc/docker/daemon.json"
+
+
+@dataclass(frozen=True)
+class PrereqProblem:
+    check: str  # docker, criu, data_root, tls, peer:<name>
+    message: str
+    fix: str
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        level = "error" if self.fatal else "warning"
+        return f"{level}: {self.check}: {self.message}; fix: {self.fix}"
+
+
+class DockerInfo(Protocol):
+    """The part of the Docker adapter these checks need."""
+
+    def info(self) -> dict[str, Any]: ...
+
+    def version(self) -> dict[str, Any]: ...
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+def is_experimental(info: dict[str, Any], version: dict[str, Any]) -> bool:
+    """Docker reports experimental mode in several places depending on version."""
+    if _truthy(info.get("ExperimentalBuild")) or _truthy(version.get("Experimental")):
+        return True
+    for comp in version.get("Components") or []:
+        details = comp.get("Details") or {}
+        if comp.get("Name") == "Engine" and _truthy(details.get("Experimental")):
+            return True
+    return False
+
+
+def check_docker(docker: DockerInfo, url: str) -> tuple[list[PrereqProblem], dict[str, Any]]:
+    """Docker reachable and experimental (checkpoint/restore needs it). Returns info too."""
+    try:
+        info = docker.info()
+        version = docker.version()
+    except Exception as exc:  # any adapter error means "not usable"
+        return [
+            PrereqProblem(
+                "docker",
+                f"Docker is not reachable at {url}: {exc}",
+                "start it (`systemctl start docker`) or set docker.url in the ferry config",
+            )
+        ], {}
+    if is_experimental(info, version):
+        return [], info
+    return [
+        PrereqProblem(
+            "docker",
+            "the Docker daemon is not in experimental mode, so checkpoint/restore is disabled",
+            f'set "experimental": true in {DAEMON_JSON} and restart docker '
+            "(`systemctl restart docker`)",
+        )
+    ], info
+
+
+_CRIU_VERSION = re.compile(r"Version:\s*v?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def parse_criu_version(text: str) -> tuple[int, ...] | None:
+    m = _CRIU_VERSION.search(text)
+    if not m:
+        return None
+    return tuple(int(g) for g in m.groups() if g is not None)
+
+
+def _fmt(version: Sequence[int]) -> str:
+    return ".".join(str(v) for v in version)
+
+
+Runner = Callable[[Sequence[str], float], "subprocess.CompletedProcess[str]"]
+
+
+def _run(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def check_criu(
+    argv: Sequence[str] = DEFAULT_CRIU_COMMAND,
+    run: Runner | None = None,
+    timeout: float = 20.0,
+    minimum: tuple[int, int] = MIN_CRIU,
+    setting: str = "the CRIU check command in the ferry config",
+) -> list[PrereqProblem]:
+    """Run the configured CRIU command: a version >= minimum, or `criu check` passing.
+
+    CRIU may live in another mount namespace than the agent (the testbed runs
+    it inside each host's dockerd namespace), so the command is configurable,
+    e.g. ["nsenter", "-t", "<dockerd pid>", "-m", "criu", "--version"].
+    """
+    shown = " ".join(argv)
+    want = _fmt(minimum)
+    install = f"install CRIU >= {want} (or point {setting} at the command that runs it)"
+    try:
+        proc = (run or _run)(argv, timeout)
+    except FileNotFoundError:
+        return [PrereqProblem("criu", f"`{shown}`: command not found", install)]
+    except subprocess.TimeoutExpired:
+        return [PrereqProblem("criu", f"`{shown}` did not finish in {timeout:g}s", install)]
+    except OSError as exc:
+        return [PrereqProblem("criu", f"`{shown}` could not run: {exc}", install)]
+    output = f"{proc.stdout}\n{proc.stderr}".strip()
+    last = output.splitlines()[-1] if output else "no output"
+    if proc.returncode != 0:
+        return [PrereqProblem("criu", f"`{shown}` exited {proc.returncode}: {last}", install)]
+    version = parse_criu_version(output)
+    if version is None:
+        if "looks good" in output.lower():  # `criu check` passes without printing a version
+            log.info("prereqs.criu_check_passed", command=shown)
+            return []
+        return [PrereqProblem("criu", f"`{shown}` printed no CRIU version: {last}", install)]
+    if version[:2] < minimum:
+        return [PrereqProblem("criu", f"CRIU {_fmt(version)} is too old (need >= {want})", install)]
+    log.info("prereqs.criu_ok", version=_fmt(version))
+    return []
+
+
+def check_data_root(info: dict[str, Any], configured: Path | None) -> list[PrereqProblem]:
+    """The agent reads container filesystems and volumes under the Docker data root."""
+    daemon_root = info.get("DockerRootDir")
+    root = configured or (Path(daemon_root) if daemon_root else None)
+    if root is None:
+        return []  # Docker unreachable: already reported
+    problems: list[PrereqProblem] = []
+    if configured and daemon_root and Path(daemon_root) != configured:
+        problems.append(
+            PrereqProblem(
+                "data_root",
+                f"docker.data_root is {configured} but the daemon uses {daemon_root}",
+                "remove docker.data_root from the ferry config (the daemon's value is used) "
+                "or correct it",
+                fatal=False,
+            )
+        )
+    if not root.is_dir():
+        problems.append(
+            PrereqProblem(
+                "data_root",
+                f"Docker data root {root} does not exist here",
+                "set docker.data_root to the path the agent sees it at "
+                "(check `docker info --format '{{.DockerRootDir}}'`)",
+            )
+        )
+    elif not os.access(root, os.R_OK | os.X_OK):
+        problems.append(
+            PrereqProblem(
+                "data_root",
+                f"Docker data root {root} is not readable by this user",
+                "run ferry as root (the systemd unit does)",
+            )
+        )
+    return problems
+
+
+def _check_cert_files(ca: Path, cert: Path, key: Path, now: dt.datetime) -> list[str]:
+    """Fallback used until/unless agent.peer.tls offers check_tls_files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    errors: list[str] = []
+    for label, path in (("CA", ca), ("certificate", cert), ("key", key)):
+        if not path.is_file():
+            errors.append(f"{label} file {path} is missing")
+        elif not os.access(path, os.R_OK):
+            errors.append(f"{label} file {path} is not readable")
+    if errors:
+        return errors
+    for label, path in (("CA", ca), ("certificate", cert)):
+        try:
+            c = x509.load_pem_x509_certificate(path.read_bytes())
+        except ValueError as exc:
+            errors.append(f"{label} file {path} is not a PEM certificate: {exc}")
+            continue
+        if c.not_valid_after_utc < now:
+            errors.append(f"{label} {path} expired on {c.not_valid_after_utc:%Y-%m-%d}")
+    try:
+        serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        errors.append(f"key file {key} is not an unencrypted PEM private key: {exc}")
+    return errors
+
+
+def check_tls(ca: Path, cert: Path, key: Path, host: str) -> list[PrereqProblem]:
+    fix = (
+        f"create them with `ferry certs issue {host}` on the CA host and copy them here, "
+        "or set tls.ca / tls.cert / tls.key in the ferry config"
+    )
+    errors: list[str]
+    try:
+        from agent.peer import tls as peer_tls
+
+        checker = getattr(peer_tls, "check_tls_files", None)
+    except ImportError:
+        checker = None
+    if checker is not None:
+        try:
+            result = checker(ca, cert, key, host_name=host)
+        except Exception as exc:  # a raising checker is one way to report
+            result = [str(exc)]
+        errors = [str(r) for r in (result or [])]
+    else:
+        errors = _check_cert_files(ca, cert, key, dt.datetime.now(dt.UTC))
+    return [PrereqProblem("tls", e, fix) for e in errors]
+
+
+PeerProbe = Callable[[], Awaitable[list[PeerHealth]]]
+
+
+async def check_peers(probe: PeerProbe, timeout: float = 10.0) -> list[PrereqProblem]:
+    """Warn (never fail) about peers that are down or present bad certificates."""
+    try:
+        peers = await asyncio.wait_for(probe(), timeout)
+    except TimeoutError:
+        return [
+            PrereqProblem(
+                "peers", f"probing peers took over {timeout:g}s", "check the network", fatal=False
+            )
+        ]
+    problems = []
+    for peer in peers:
+        if peer.reachable:
+            continue
+        why = peer.error or "unreachable"
+        problems.append(
+            PrereqProblem(
+                f"peer:{peer.name}",
+                f"peer {peer.name} is not usable: {why}",
+                "start ferry there, check the address in peers[], the firewall, and that its "
+                "certificate was issued by this cluster's CA for that name",
+                fatal=False,
+            )
+        )
+    return problems
+
+
+def fatal(problems: Sequence[PrereqProblem]) -> list[PrereqProblem]:
+    return [p for p in problems if p.fatal]
+
+
+async def run_prereqs(
+    *,
+    docker: DockerInfo,
+    docker_url: str,
+    data_root: Path | None,
+    criu_command: Sequence[str],
+    tls_files: tuple[Path, Path, Path],
+    host: str,
+    peer_probe: PeerProbe | None = None,
+) -> list[PrereqProblem]:
+    """Every check, fatal problems first. Blocking checks run in a worker thread."""
+    docker_problems, info = await asyncio.to_thread(check_docker, docker, docker_url)
+    problems = [*docker_problems]
+    problems += await asyncio.to_thread(check_criu, criu_command)
+    problems += check_data_root(info, data_root)
+    problems += check_tls(*tls_files, host=host)
+    if peer_probe is not None:
+        problems += await check_peers(peer_probe)
+    for p in problems:
+        (log.error if p.fatal else log.warning)(
+            "prereqs.problem", check=p.check, message=p.message, fix=p.fix
+        )
+    return sorted(problems, key=lambda p: not p.fatal)
