@@ -1,0 +1,321 @@
+"""Ferry's host configuration: one YAML file, checked strictly, then overridable from the env.
+
+``load_config(path)`` returns a `FerryConfig` or raises `InputError` listing
+every problem, one line each, naming file and key. Unknown keys are errors
+(a misspelt key silently ignored is a policy that silently never fires).
+
+Relative paths in the file resolve against the directory holding the file,
+so ``policies_dir: policies`` next to ``/etc/ferry/config.yaml`` means
+``/etc/ferry/policies``.
+
+Environment overrides
+---------------------
+Any key can be overridden with ``FERRY__<SECTION>__<KEY>=value``: the name is
+upper-case, double underscores nest, list items are numbered from 0, and the
+value is parsed as a YAML scalar (``true``, ``3``, ``30s``, ``null``)::
+
+    FERRY__NAME=node-b
+    FERRY__DRY_RUN=true
+    FERRY__LIMITS__MAX_CONCURRENT_MIGRATIONS=2
+    FERRY__MIGRATION__RESTORE_TIMEOUT=5m
+    FERRY__PEERS__0__ADDRESS=10.0.0.7:7443
+    FERRY__MARKERS__EXTRA__KERNEL_UPGRADE=/run/kernel-upgrade
+
+Overrides apply after the file is read and before validation; an invalid
+override is reported under the variable's name. Relative paths, wherever they
+were written, resolve against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from agent.durations import Duration
+from agent.errors import InputError, Problem, problems_from_validation, read_yaml
+
+ENV_PREFIX = "FERRY__"
+_BASE_DIR = "base_dir"
+_ENV_BASE = "env_paths"
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    value = value.expanduser()
+    ctx = info.context or {}
+    if value.is_absolute() or _BASE_DIR not in ctx:
+        return value
+    base: Path = ctx[_BASE_DIR]
+    return Path(os.path.normpath(base / value))
+
+
+# A filesystem path; relative ones resolve against the config file's directory.
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {value!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"bad IPv6 address in {value!r}; write [addr]:port")
+    elif ":" in host:
+        raise ValueError(f"IPv6 addresses need brackets: [addr]:port, got {value!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port!r}")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_host_port)]
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# Marker names become signal names ("marker.<name>"), so they follow signal naming.
+_MARKER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class PeerConfig(_Model):
+    name: str = Field(pattern=_NAME)
+    address: HostPort
+    weight: float = Field(default=1.0, gt=0)
+    tags: list[str] = []
+
+
+class DockerConfig(_Model):
+    url: str = "unix:///var/run/docker.sock"
+    data_root: ConfigPath | None = None  # None: ask the daemon (docker info)
+
+
+class TLSConfig(_Model):
+    # None: <state_dir>/tls/{ca.pem,cert.pem,key.pem}, where `ferry certs` writes them.
+    ca: ConfigPath | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+
+
+class LimitsConfig(_Model):
+    max_concurrent_migrations: int = Field(default=1, ge=1)
+    max_migrations: int = Field(default=10, ge=1)
+    window: Duration = 3600.0
+    max_request_bytes: ByteSize = ByteSize(16 * 1024**3)
+
+
+class MigrationConfig(_Model):
+    allow_image_shipping: bool = True
+    max_image_bytes: ByteSize = ByteSize(4 * 1024**3)
+    copy_named_volumes: bool = True
+    keep_source_copy_for: Duration = 0.0
+    checkpoint_timeout: Duration = Field(default=120.0, gt=0)
+    restore_timeout: Duration = Field(default=120.0, gt=0)
+    health_timeout: Duration = Field(default=60.0, gt=0)
+
+
+class LoggingConfig(_Model):
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
+    format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_lower)] = "auto"
+
+
+class MarkersConfig(_Model):
+    drain: ConfigPath | None = None  # None: <state_dir>/drain
+    extra: dict[str, ConfigPath] = {}
+
+    @field_validator("extra")
+    @classmethod
+    def _names(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name in value:
+            if name == "drain":
+                raise ValueError("'drain' is set with markers.drain, not in markers.extra")
+            if not _MARKER_NAME.match(name):
+                raise ValueError(f"marker name {name!r}: use lower-case letters, digits, _ and -")
+        return value
+
+
+class MetricsConfig(_Model):
+    listen: HostPort | None = None  # None: no metrics endpoint
+
+
+class CommandMonitor(_Model):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_]*$")
+    command: list[str] = Field(min_length=1)
+    interval: Duration = Field(default=30.0, gt=0)
+    timeout: Duration = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _timeout_fits(self) -> CommandMonitor:
+        if self.timeout > self.interval:
+            raise ValueError("timeout must not exceed interval")
+        return self
+
+
+class SignalsConfig(_Model):
+    poll_interval: Duration = Field(default=2.0, gt=0)
+    commands: list[CommandMonitor] = []
+
+    @field_validator("commands")
+    @classmethod
+    def _unique(cls, value: list[CommandMonitor]) -> list[CommandMonitor]:
+        names = [c.name for c in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate command monitor name(s): {', '.join(dupes)}")
+        return value
+
+
+class FerryConfig(_Model):
+    name: str = Field(default_factory=socket.gethostname, pattern=_NAME)
+    listen: HostPort = "0.0.0.0:7443"
+    state_dir: ConfigPath = Path("/var/lib/ferry")
+    policies_dir: ConfigPath = Path("policies")
+    control_socket: ConfigPath = Path("/run/ferry/ferry.sock")
+    dry_run: bool = False
+    docker: DockerConfig = DockerConfig()
+    peers: list[PeerConfig] = []
+    tls: TLSConfig = TLSConfig()
+    limits: LimitsConfig = LimitsConfig()
+    migration: MigrationConfig = MigrationConfig()
+    logging: LoggingConfig = LoggingConfig()
+    markers: MarkersConfig = MarkersConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    signals: SignalsConfig = SignalsConfig()
+
+    @field_validator("peers")
+    @classmethod
+    def _unique_peers(cls, value: list[PeerConfig]) -> list[PeerConfig]:
+        names = [p.name for p in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate peer name(s): {', '.join(dupes)}")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> FerryConfig:
+        # Defaults that hang off state_dir are filled here so they follow a changed state_dir.
+        if any(p.name == self.name for p in self.peers):
+            raise ValueError(f"peer {self.name!r} has this host's own name")
+        tls = self.tls.model_copy(
+            update={
+                "ca": self.tls.ca or self.state_dir / "tls" / "ca.pem",
+                "cert": self.tls.cert or self.state_dir / "tls" / "cert.pem",
+                "key": self.tls.key or self.state_dir / "tls" / "key.pem",
+            }
+        )
+        markers = self.markers.model_copy(
+            update={"drain": self.markers.drain or self.state_dir / "drain"}
+        )
+        object.__setattr__(self, "tls", tls)
+        object.__setattr__(self, "markers", markers)
+        return self
+
+    def marker_paths(self) -> dict[str, Path]:
+        """Every marker by name (drain included); the signal is ``marker.<name>``."""
+        assert self.markers.drain is not None  # filled by _fill_defaults
+        return {"drain": self.markers.drain, **self.markers.extra}
+
+
+def apply_env(
+    data: dict[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[tuple[str | int, ...], str], list[Problem]]:
+    """Overlay FERRY__* variables onto `data`.
+
+    Returns the new data, which variable set which key path (so validation
+    errors can name the variable), and problems with the variables themselves.
+    """
+    origin: dict[tuple[str | int, ...], str] = {}
+    problems: list[Problem] = []
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in var[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            problems.append(Problem(f"${var}", "", "empty key part (use FERRY__SECTION__KEY)"))
+            continue
+        try:
+            value = yaml.safe_load(environ[var])
+        except yaml.YAMLError:
+            value = environ[var]
+        path: list[str | int] = []
+        node: Any = data
+        try:
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                if isinstance(node, list):
+                    if not part.isdigit() or int(part) > len(node):
+                        raise ValueError(f"list index {part!r} out of range (0-{len(node)})")
+                    idx = int(part)
+                    path.append(idx)
+                    if idx == len(node):
+                        node.append({})
+                        origin.setdefault(tuple(path), var)
+                    if last:
+                        node[idx] = value
+                    else:
+                        node = node[idx]
+                    continue
+                if not isinstance(node, dict):
+                    raise ValueError(f"{'.'.join(map(str, path))} is not a section")
+                path.append(part)
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = [] if part in ("peers", "commands") else {}
+                        origin.setdefault(tuple(path), var)
+                    node = node[part]
+        except ValueError as exc:
+            problems.append(Problem(f"${var}", "", str(exc)))
+            continue
+        origin[tuple(path)] = var
+    return data, origin, problems
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> FerryConfig:
+    """Read, override from the environment, and validate a config file."""
+    shown = str(path)
+    file = Path(path)
+    raw = read_yaml(file, shown)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InputError.single(shown, "", "expected a mapping of keys at the top level")
+    env = os.environ if environ is None else environ
+    data, origin, problems = apply_env(raw, env)
+    if problems:
+        raise InputError(problems)
+
+    def rename(loc: tuple[int | str, ...]) -> tuple[str, tuple[int | str, ...]]:
+        for n in range(len(loc), 0, -1):
+            var = origin.get(loc[:n])
+            if var is not None:
+                return f"${var}", loc
+        return shown, loc
+
+    base = file.resolve().parent
+    try:
+        return FerryConfig.model_validate(data, context={_BASE_DIR: base})
+    except ValidationError as exc:
+        raise InputError(problems_from_validation(shown, exc, rename=rename)) from None
