@@ -1,0 +1,108 @@
+"""Policy file schema. A file holds ``policies: [...]``; every key is checked.
+
+See policies/*.yaml for commented examples of each field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from agent.durations import Duration, format_duration
+from agent.policy.conditions import Condition
+
+OPT_IN_LABEL = "ferry.migrate"
+PRIORITY_LABEL = "ferry.priority"
+
+# Actions that move containers and therefore need a target peer per container.
+MIGRATING_ACTIONS = frozenset({"evacuate", "move"})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Match(_Model):
+    """Which containers a rule matches; every given field must hold."""
+
+    labels: dict[str, str] = {}
+    has_labels: list[str] = []
+    name: str | None = None  # glob, e.g. "web-*"
+    image: str | None = None  # glob, e.g. "redis:*"
+
+    def is_empty(self) -> bool:
+        return not (self.labels or self.has_labels or self.name or self.image)
+
+
+class Selector(Match):
+    exclude: Match | None = None
+    # Containers must carry ferry.migrate=true unless a policy says otherwise on purpose.
+    require_opt_in: bool = True
+
+
+class RateLimit(_Model):
+    max: int = Field(ge=1)
+    per: Duration = Field(gt=0)
+
+
+def _targets_shorthand(value: Any) -> Any:
+    # `targets: any` and `targets: [b, c]` are common enough to allow.
+    if isinstance(value, str | list):
+        return {"peers": value}
+    return value
+
+
+class Targets(_Model):
+    peers: Literal["any"] | list[Annotated[str, Field(min_length=1)]] = "any"
+    placement: Literal["least_loaded", "weighted", "spread"] = "least_loaded"
+
+
+class Policy(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    when: Condition
+    for_: Duration = Field(default=0.0, alias="for")
+    clear_when: Condition | None = None
+    keep_firing_for: Duration = 0.0
+    cooldown: Duration = 300.0
+    rate_limit: RateLimit | None = None
+    max_concurrent: int = Field(default=1, ge=1)
+    dry_run: bool = False
+    select: Selector = Selector()
+    order: Literal["priority", "memory_asc", "memory_desc"] = "priority"
+    # None: "all" for evacuate, 1 for everything else.
+    amount: Literal["all"] | Annotated[int, Field(ge=1)] | None = None
+    action: str = Field(min_length=1)
+    targets: Annotated[Targets, BeforeValidator(_targets_shorthand)] = Targets()
+
+    @model_validator(mode="after")
+    def _default_amount(self) -> Policy:
+        if self.amount is None:
+            object.__setattr__(self, "amount", "all" if self.action == "evacuate" else 1)
+        return self
+
+    @property
+    def count(self) -> int | None:
+        """How many containers to act on per firing; None = all selected."""
+        return None if self.amount == "all" else int(self.amount or 1)
+
+    def summary(self) -> str:
+        """One line: trigger -> action, for check-config output and logs."""
+        trigger = f"when {self.when.describe()}"
+        if self.for_:
+            trigger += f" for {format_duration(self.for_)}"
+        what = f"{self.action} {self.amount}"
+        if self.action in MIGRATING_ACTIONS:
+            peers = (
+                self.targets.peers
+                if isinstance(self.targets.peers, str)
+                else ",".join(self.targets.peers)
+            )
+            what += f" -> {peers} ({self.targets.placement})"
+        flags = " [dry-run]" if self.dry_run else ""
+        return f"{trigger} => {what}{flags}"
+
+
+class PolicyFile(_Model):
+    policies: list[Policy] = Field(min_length=1)
