@@ -32,7 +32,7 @@ def wait_for(
             value = condition()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             last_exc = exc
         if time.monotonic() >= deadline:
             detail = f" (last error: {last_exc!r})" if last_exc else ""
