@@ -1,0 +1,1 @@
+"""The authenticated peer channel: certificates, mutual TLS, the peer API server and client."""
