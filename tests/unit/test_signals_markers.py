@@ -1,0 +1,170 @@
+"""Marker files through real inotify (watchdog) on tmp_path, and the polling fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+from watchdog.observers.api import BaseObserver
+
+from agent.signals.markers import MarkerSource
+from agent.signals.store import SignalStore
+from tests.helpers import run_async
+
+
+async def until(store: SignalStore, condition: Callable[[], bool], timeout: float = 5.0) -> float:
+    """Wait on the store's own change notification; returns when (monotonic) it held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        version = store.version
+        if condition():
+            return time.monotonic()
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, "condition not reached in time"
+        await store.wait_changed(version, timeout=remaining)
+
+
+async def running(source: MarkerSource, store: SignalStore) -> asyncio.Task[None]:
+    task = asyncio.create_task(source.run(store))
+    # The observer is started before the first scan publishes, so once every
+    # marker has a value the watch is in place.
+    await until(store, lambda: all(store.value(f"marker.{m}") is not None for m in source.markers))
+    return task
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    # Cancellation, not some error the source hit, must be what ends it.
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_marker_appearance_seen_within_100ms_via_inotify(tmp_path: Path) -> None:
+    marker = tmp_path / "ferry" / "drain"  # parent does not exist yet: the source creates it
+    store = SignalStore(default_max_age=None)
+    # A long re-scan interval, so only inotify can explain a fast reaction.
+    source = MarkerSource({"drain": marker}, rescan_interval=3600)
+
+    async def main() -> None:
+        task = await running(source, store)
+        try:
+            assert source.backend == "inotify"
+            assert marker.parent.is_dir()
+            assert store.value("marker.drain") == 0.0
+
+            created = time.monotonic()
+            marker.write_text("kernel upgrade CHG-1234\n")
+            seen = await until(store, lambda: store.value("marker.drain") == 1.0, timeout=2)
+            latency = seen - created
+            assert latency < 0.1, f"marker seen after {latency * 1000:.1f} ms"
+
+            await until(store, lambda: store.marker_content("drain") == "kernel upgrade CHG-1234")
+
+            marker.write_text("moved to Friday")  # content change while present
+            await until(store, lambda: store.marker_content("drain") == "moved to Friday")
+
+            removed = time.monotonic()
+            marker.unlink()
+            seen = await until(store, lambda: store.value("marker.drain") == 0.0, timeout=2)
+            assert seen - removed < 0.1
+            assert store.marker_content("drain") is None
+        finally:
+            await stop(task)
+
+    run_async(main())
+
+
+def test_rename_in_and_out_and_two_markers_in_one_dir(tmp_path: Path) -> None:
+    drain = tmp_path / "drain"
+    hold = tmp_path / "hold"
+    store = SignalStore(default_max_age=None)
+    source = MarkerSource({"drain": drain, "hold": hold}, rescan_interval=3600)
+
+    async def main() -> None:
+        task = await running(source, store)
+        try:
+            staging = tmp_path / ".drain.tmp"
+            staging.write_text("atomic write")
+            os.rename(staging, drain)  # how tools write files atomically
+            await until(store, lambda: store.marker_content("drain") == "atomic write")
+            assert store.value("marker.hold") == 0.0
+
+            os.rename(drain, hold)  # out of one marker, into the other
+            await until(
+                store,
+                lambda: store.value("marker.drain") == 0.0 and store.value("marker.hold") == 1.0,
+            )
+            assert store.marker_content("hold") == "atomic write"
+
+            os.rename(hold, tmp_path / "elsewhere")
+            await until(store, lambda: store.value("marker.hold") == 0.0)
+        finally:
+            await stop(task)
+
+    run_async(main())
+
+
+def test_marker_present_at_start(tmp_path: Path) -> None:
+    (tmp_path / "drain").write_text("already there")
+    store = SignalStore(default_max_age=None)
+    source = MarkerSource({"drain": tmp_path / "drain"}, rescan_interval=3600)
+
+    async def main() -> None:
+        task = await running(source, store)
+        await stop(task)
+
+    run_async(main())
+    assert store.value("marker.drain") == 1.0
+    assert store.marker_content("drain") == "already there"
+
+
+def test_falls_back_to_polling_with_one_warning_when_inotify_unavailable(tmp_path: Path) -> None:
+    def no_inotify() -> BaseObserver:
+        raise OSError(24, "inotify instance limit reached")
+
+    marker = tmp_path / "drain"
+    store = SignalStore(default_max_age=None)
+    source = MarkerSource(
+        {"drain": marker}, rescan_interval=3600, observer_factory=no_inotify, poll_interval=0.05
+    )
+
+    async def main() -> None:
+        task = await running(source, store)
+        try:
+            assert source.backend == "polling"
+            marker.write_text("via polling")
+            await until(store, lambda: store.marker_content("drain") == "via polling")
+        finally:
+            await stop(task)
+
+    with capture_logs() as logs:
+        run_async(main())
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert [w["event"] for w in warnings] == ["signals.inotify_unavailable"]
+    assert "instance limit" in warnings[0]["error"]
+    assert warnings[0]["fallback"] == "polling"
+
+
+def test_rescan_catches_what_the_watch_cannot_see(tmp_path: Path) -> None:
+    """The parent directory is removed and recreated: its inotify watch is gone for good."""
+    parent = tmp_path / "markers"
+    marker = parent / "drain"
+    store = SignalStore(default_max_age=None)
+    source = MarkerSource({"drain": marker}, rescan_interval=0.05)
+
+    async def main() -> None:
+        task = await running(source, store)
+        try:
+            parent.rmdir()
+            parent.mkdir()
+            marker.write_text("after recreate")
+            await until(store, lambda: store.marker_content("drain") == "after recreate")
+        finally:
+            await stop(task)
+
+    run_async(main())
