@@ -79,13 +79,12 @@ def test_run_publishes_and_cancel_kills_running_script(tmp_path: Path) -> None:
 
     async def main() -> None:
         task = asyncio.create_task(source.run(store))
-        while store.value("command.raid") is None or not pidfile.exists():
-            await store.wait_changed(timeout=0.05)
+        # The hanging second run has started once its pid is written.
+        await asyncio.to_thread(wait_for, lambda: pidfile.read_text().strip(), 5)
         assert store.value("command.raid") == PROBLEM
         assert store.reason("command.raid") == "raid degraded"
         sample = store.sample("command.raid")
         assert sample is not None and sample.labels["exit_code"] == "1"
-        wait_for(lambda: pidfile.read_text().strip(), timeout=5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
