@@ -17,6 +17,7 @@ from tests.testbed import procs
 from tests.testbed.layout import (
     BRIDGE,
     DATA_DIR,
+    INSTANCE,
     MAX_HOSTS,
     NETNS_PREFIX,
     RUN_DIR,
@@ -47,7 +48,7 @@ DAEMON_JSON = {
     "storage-driver": "overlay2",
     "log-driver": "json-file",
     # Per-host cgroup parent keeps the hosts' containers apart and lets `down` clean up.
-    "cgroup-parent": "/ferry-testbed-{name}",
+    "cgroup-parent": "/ferry-testbed{instance}-{name}",
 }
 
 
@@ -111,7 +112,8 @@ def _prepare_dirs(host: Host) -> None:
         (hd / sub).mkdir(parents=True, exist_ok=True)
     (Path(host.run_dir) / "run").mkdir(parents=True, exist_ok=True)
     daemon = {
-        k: (v.format(name=host.name) if isinstance(v, str) else v) for k, v in DAEMON_JSON.items()
+        k: (v.format(name=host.name, instance=INSTANCE) if isinstance(v, str) else v)
+        for k, v in DAEMON_JSON.items()
     }
     (hd / "etc-docker" / "daemon.json").write_text(json.dumps(daemon, indent=2) + "\n")
 
@@ -253,6 +255,7 @@ def down() -> None:
         if line.strip() and line.startswith(NETNS_PREFIX)
     }
     names.discard(SWITCH_NETNS)
+    inodes = {i for n in names if (i := procs.netns_inode(f"/run/netns/{n}")) is not None}
     for host in hosts:
         # A clean dockerd stop lets containerd unmount container rootfs first.
         try:
@@ -276,13 +279,13 @@ def down() -> None:
     STATE_FILE.unlink(missing_ok=True)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     shutil.rmtree(DATA_DIR, ignore_errors=True)
-    problems = leftovers()
+    problems = leftovers(inodes)
     if problems:
         raise RuntimeError("down left things behind: " + "; ".join(problems))
     step("testbed down: no namespaces, links, mounts or daemons left")
 
 
-def leftovers() -> list[str]:
+def leftovers(netns_inodes: set[int] | None = None) -> list[str]:
     """What a previous testbed left on this machine (empty when clean)."""
     found = []
     listing = procs.run(["ip", "netns", "list"], check=False).stdout.split()
@@ -295,9 +298,10 @@ def leftovers() -> list[str]:
         mnt = line.split()[4]
         if mnt.startswith((str(DATA_DIR), str(RUN_DIR))):
             found.append(f"mount {mnt}")
-    daemons = procs.run(["pgrep", "-a", "-x", "dockerd|containerd"], check=False).stdout.strip()
-    if daemons:
-        found.append(f"daemons still running: {daemons}")
+    # A process left in a deleted netns keeps it alive, unseen by `ip netns list`.
+    stray = procs.pids_in_netns_inodes(netns_inodes or set())
+    if stray:
+        found.append(f"processes still in the hosts' network namespaces: {stray}")
     return found
 
 
@@ -314,7 +318,7 @@ def _remove_cgroups() -> None:
     if not root.exists():
         return
     for top in [root, *[p for p in root.iterdir() if p.is_dir()]]:
-        for cg in top.glob("ferry-testbed-*"):
+        for cg in top.glob(f"ferry-testbed{INSTANCE}-*"):
             # Deepest first: a cgroup can only be removed once it has no children.
             for sub in sorted(
                 (p for p in cg.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)

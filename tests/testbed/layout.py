@@ -11,17 +11,20 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# FERRY_TESTBED_ID (a small number) runs a second, independent testbed beside
+# the default one, e.g. to try `.ci/run` from a clone while developing.
+INSTANCE = os.environ.get("FERRY_TESTBED_ID", "")
 CACHE_DIR = Path(os.environ.get("FERRY_TESTBED_CACHE", "/var/cache/ferry-testbed"))
-DATA_DIR = Path(os.environ.get("FERRY_TESTBED_DATA", "/var/lib/ferry-testbed"))
+DATA_DIR = Path(f"/var/lib/ferry-testbed{INSTANCE}")
 # Unix socket paths are limited to 108 bytes, so runtime dirs stay short and on tmpfs.
-RUN_DIR = Path(os.environ.get("FERRY_TESTBED_RUN", "/run/ferry-testbed"))
+RUN_DIR = Path(f"/run/ferry-testbed{INSTANCE}")
 STATE_FILE = RUN_DIR / "state.json"
 
-SUBNET_PREFIX = "10.231.0"  # the private bridge all hosts share; /24
+SUBNET_PREFIX = f"10.231.{INSTANCE or 0}"  # the private bridge all hosts share; /24
 SUBNET_BITS = 24
-SWITCH_NETNS = "ferry-tb-switch"
+NETNS_PREFIX = f"ferry-tb{INSTANCE}-"
+SWITCH_NETNS = f"{NETNS_PREFIX}switch"
 BRIDGE = "ftb-br0"
-NETNS_PREFIX = "ferry-tb-"
 MAX_HOSTS = 4
 AGENT_PORT = 7443
 

@@ -77,17 +77,20 @@ def netns_inode(path: str) -> int | None:
 def pids_in_netns(netns_path: str) -> list[int]:
     """Every process whose network namespace is this one (agents, dockerd, containers)."""
     ino = netns_inode(netns_path)
-    if ino is None:
+    return [] if ino is None else pids_in_netns_inodes({ino})
+
+
+def pids_in_netns_inodes(inodes: set[int]) -> list[int]:
+    if not inodes:
         return []
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{entry}/ns/net").st_ino == ino:
-                found.append(int(entry))
-        except (FileNotFoundError, PermissionError, ProcessLookupError):
-            continue
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+                    found.append(int(entry))
+            except (FileNotFoundError, PermissionError, ProcessLookupError):
+                continue
     return found
 
 
