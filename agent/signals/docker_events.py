@@ -4,6 +4,7 @@ Every event becomes a `DockerEvent` in the sink (so policies can count e.g.
 "oom" or "die" per window), and the inventory (`ContainerInfo` with labels,
 which policies select on) is rebuilt from a full list at every (re)connect and
 patched by create/rename/destroy/start/die/pause/unpause in between.
+Signals: docker.connected (1/0), containers.running.
 
 dockerd restarts are routine (upgrades, live-restore), and the SDK's event
 stream just ends without an error when the daemon goes away. So the source
@@ -176,7 +177,8 @@ class DockerEventsSource:
         self._seen: OrderedDict[tuple[int, str, str], None] = OrderedDict()
 
     def max_ages(self) -> dict[str, float | None]:
-        return {"docker.connected": None}
+        # Event-driven, not polled: they change only when something happens.
+        return {"docker.connected": None, "containers.running": None}
 
     def containers(self) -> list[ContainerInfo]:
         return sorted(self._inventory.values(), key=lambda c: c.name)
@@ -362,6 +364,8 @@ class DockerEventsSource:
     def _push_inventory(self, sink: SignalSink) -> None:
         if isinstance(sink, InventorySink):
             sink.set_containers(_copies(self._inventory.values()))
+        running = sum(1 for c in self._inventory.values() if c.state == "running")
+        sink.publish(Sample("containers.running", float(running), self.clock.time()))
 
     def _set_connected(self, sink: SignalSink, connected: bool) -> None:
         self.connected = connected

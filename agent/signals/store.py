@@ -97,7 +97,8 @@ class SignalStore:
                 for key, age in source.max_ages().items():
                     self.set_max_age(key, age)
 
-    def _max_age_for(self, name: str) -> float | None:
+    def max_age_for(self, name: str) -> float | None:
+        """Seconds a sample of `name` stays valid (None: forever)."""
         if name in self._max_ages:
             return self._max_ages[name]
         best: str | None = None
@@ -282,7 +283,7 @@ class SignalStore:
             return entry
 
     def _is_stale(self, name: str, entry: _Entry, now: float) -> bool:
-        max_age = self._max_age_for(name)
+        max_age = self.max_age_for(name)
         return max_age is not None and now - entry.received > max_age
 
     def _prune_events_locked(self) -> None:

@@ -264,8 +264,10 @@ def test_inventory_follows_create_rename_destroy_and_state() -> None:
             assert web.image == "busybox" and web.image_id == "sha256:bb"
             assert web.created == pytest.approx(1714557600.123456)
 
+            assert store.value("containers.running") == 1.0
             engine.start(cid)
             await until(store, lambda: _state(store, "web") == "running")
+            assert store.value("containers.running") == 2.0
             engine.rename(cid, "web-old")
             await until(store, lambda: names(store) == ["db", "web-old"])
             engine.die(cid)
