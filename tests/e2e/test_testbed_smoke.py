@@ -8,77 +8,17 @@ checkpoint, and the process carries on with its memory and open files.
 from __future__ import annotations
 
 import re
-import subprocess
-from pathlib import Path
 
-import docker
 import pytest
 
 from tests.helpers import wait_for
-from tests.testbed import Host, http_get_json
+from tests.testbed import http_get_json
+from tests.testbed.manual import move_by_hand
 
 pytestmark = [pytest.mark.testbed]
 
 COUNTER = "ferry-test/counter:1"
 MEMHOG = "ferry-test/memhog:1"
-
-
-def host_path(host: Host, daemon_path: str) -> Path:
-    """A path inside a host's dockerd mount namespace, seen from the root namespace."""
-    rel = Path(daemon_path).relative_to("/var/lib/docker")
-    return Path(host.data_root) / rel
-
-
-def checkpoint(api: docker.APIClient, cid: str, name: str) -> None:
-    # The SDK has no checkpoint calls; this is the Engine API's own endpoint.
-    res = api.post(
-        api._url("/containers/{0}/checkpoints", cid), json={"CheckpointID": name, "Exit": True}
-    )
-    api._raise_for_status(res)
-
-
-def start_from_checkpoint(api: docker.APIClient, cid: str, name: str) -> None:
-    res = api.post(api._url("/containers/{0}/start", cid), params={"checkpoint": name})
-    api._raise_for_status(res)
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    """Copy keeping owners, modes, xattrs and overlay whiteouts (char devices 0:0)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["cp", "-a", f"{src}/.", str(dst)], check=True)
-
-
-def move_by_hand(
-    src: Host, dst: Host, clients: dict[str, docker.DockerClient], name: str, create_kwargs: dict
-) -> str:
-    """Checkpoint `name` on src, recreate it on dst from the same image and start it there."""
-    src_api, dst_api = clients[src.name].api, clients[dst.name].api
-    info = src_api.inspect_container(name)
-    image_id = info["Image"]
-    # Step 2a: the image. Testbed images were loaded with `docker save | docker load`,
-    # which keeps the ID; ship it the same way if the target lacks it.
-    try:
-        dst_api.inspect_image(image_id)
-    except docker.errors.ImageNotFound:
-        dst_api.load_image(src_api.get_image(image_id))
-    assert dst_api.inspect_image(image_id)["Id"] == image_id
-
-    checkpoint(src_api, info["Id"], "smoke")  # step 1
-    assert src_api.inspect_container(name)["State"]["Running"] is False
-
-    created = dst_api.create_container(image_id, name=name, **create_kwargs)  # step 3
-    new_id = created["Id"]
-    new_info = dst_api.inspect_container(new_id)
-    copy_tree(  # step 2b: checkpoint images and the writable layer
-        Path(src.data_root) / "containers" / info["Id"] / "checkpoints" / "smoke",
-        Path(dst.data_root) / "containers" / new_id / "checkpoints" / "smoke",
-    )
-    copy_tree(
-        host_path(src, info["GraphDriver"]["Data"]["UpperDir"]),
-        host_path(dst, new_info["GraphDriver"]["Data"]["UpperDir"]),
-    )
-    start_from_checkpoint(dst_api, new_id, "smoke")  # step 4
-    return new_id
 
 
 def test_counter_migrates_by_hand(testbed_hosts, docker_clients, clean_containers):
