@@ -109,6 +109,9 @@ class PeerConfig(_Model):
 class DockerConfig(_Model):
     url: str = "unix:///var/run/docker.sock"
     data_root: ConfigPath | None = None  # None: ask the daemon (docker info)
+    # Start-up check that dockerd's CRIU is >= 4.2 (`criu check` also accepted). CRIU
+    # runs where dockerd runs, e.g. ["nsenter", "-t", "<dockerd pid>", "-m", "criu", "--version"].
+    criu_check: list[str] = Field(default=["criu", "--version"], min_length=1)
 
 
 class TLSConfig(_Model):
