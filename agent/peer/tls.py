@@ -130,7 +130,9 @@ def peer_identity_middleware(allowed_peers: Collection[str]) -> Any:
                 else f"certificate name {', '.join(sorted(names))} is not a configured peer"
             )
             log.warning("peer.refused", reason=reason, path=request.path)
-            return web.json_response({"error": "forbidden", "reason": reason}, status=403)
+            resp = web.json_response({"error": "forbidden", "reason": reason}, status=403)
+            resp.force_close()  # do not read (or linger over) a stranger's body
+            return resp
         request[PEER_NAME_KEY] = matches[0]
         return await handler(request)
 
