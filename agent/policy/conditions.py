@@ -50,6 +50,8 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
 # Validation context keys; the loader fills them from the config when it has one.
 CTX_SIGNALS = "known_signals"
 CTX_MARKERS = "known_markers"
+CTX_PEERS = "known_peers"
+CTX_ACTIONS = "known_actions"
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class PolicyEngine:
         global_dry_run: bool = False,
         limits: EngineLimits | None = None,
         host: str | None = None,
+        logger: Any = None,
     ) -> None:
         missing = [p for p in policies if p.action not in actions]
         if missing:
@@ -72,6 +73,7 @@ class PolicyEngine:
         self._clock = clock
         self._dry_run = global_dry_run
         self._host = host
+        self._log = logger if logger is not None else log
         self._limits = pipeline.GlobalLimits(
             max_concurrent=lim.max_concurrent_migrations,
             max_migrations=lim.max_migrations,
@@ -107,7 +109,7 @@ class PolicyEngine:
             try:
                 pipeline.run(ev)
             except Exception as exc:
-                log.exception("policy.error", policy=st.policy.name, error=str(exc))
+                self._log.exception("policy.error", policy=st.policy.name, error=str(exc))
                 continue
             out.extend(ev.transitions)
             if ev.decision is not None:
@@ -117,7 +119,7 @@ class PolicyEngine:
                 st.last_status = status
                 st.status_since = now
         for t in out:
-            _log(t)
+            _log(self._log, t)
         return out
 
     def _start(self, st: PolicyState, decision: Decision, counts_globally: bool) -> None:
@@ -202,9 +204,9 @@ class PolicyEngine:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _log(t: Transition) -> None:
+def _log(logger: Any, t: Transition) -> None:
     level = "warning" if t.event == FAILED else "info"
-    getattr(log, level)(
+    getattr(logger, level)(
         f"policy.{t.event}",
         policy=t.policy,
         status=t.status,

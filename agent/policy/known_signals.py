@@ -25,10 +25,13 @@ BUILTIN_SIGNAL_PATTERNS: tuple[str, ...] = (
     "load.15",
     "load.per_core.*",
     *_PSI,
+    "psi.available",  # 1.0 when the kernel exposes PSI; lets a policy fall back to load.*
     "mem.available_bytes",
     "mem.available_ratio",
+    "mem.total_bytes",
     "disk.docker.free_bytes",
     "disk.docker.free_ratio",
+    "disk.docker.total_bytes",
     "marker.*",
     "command.*",
     "containers.running",

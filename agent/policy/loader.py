@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.errors import InputError, Problem, problems_from_validation, read_yaml
-from agent.policy.conditions import CTX_MARKERS, CTX_SIGNALS
+from agent.policy.conditions import CTX_ACTIONS, CTX_MARKERS, CTX_PEERS, CTX_SIGNALS
 from agent.policy.models import Policy, PolicyFile
 
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -38,7 +38,12 @@ def load_policies(
     root = Path(path)
     if not root.exists():
         raise InputError.single(str(path), "", "no such file or directory")
-    context = {CTX_SIGNALS: known_signals, CTX_MARKERS: known_markers}
+    context = {
+        CTX_SIGNALS: known_signals,
+        CTX_MARKERS: known_markers,
+        CTX_PEERS: known_peers,
+        CTX_ACTIONS: known_actions,
+    }
     problems: list[Problem] = []
     policies: list[Policy] = []
     seen: dict[str, str] = {}
@@ -58,7 +63,6 @@ def load_policies(
                     )
                 )
             seen.setdefault(policy.name, shown)
-            problems.extend(_cross_checks(shown, key, policy, known_peers, known_actions))
             policies.append(policy)
     if problems:
         raise InputError(problems)
@@ -94,28 +98,3 @@ def _names_by_index(raw: dict[str, Any]) -> dict[int, str]:
         for i, item in enumerate(items)
         if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]
     }
-
-
-def _cross_checks(
-    shown: str,
-    key: str,
-    policy: Policy,
-    known_peers: Collection[str] | None,
-    known_actions: Collection[str] | None,
-) -> list[Problem]:
-    problems = []
-    if known_actions is not None and policy.action not in known_actions:
-        problems.append(
-            Problem(
-                shown,
-                f"{key}.action",
-                f"unknown action {policy.action!r}; known: {', '.join(sorted(known_actions))}",
-            )
-        )
-    if known_peers is not None and isinstance(policy.targets.peers, list):
-        for i, peer in enumerate(policy.targets.peers):
-            if peer not in known_peers:
-                problems.append(
-                    Problem(shown, f"{key}.targets.peers[{i}]", f"unknown peer {peer!r}")
-                )
-    return problems

@@ -7,10 +7,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from agent.durations import Duration, format_duration
-from agent.policy.conditions import Condition
+from agent.policy.conditions import CTX_ACTIONS, CTX_PEERS, Condition
 
 OPT_IN_LABEL = "ferry.migrate"
 PRIORITY_LABEL = "ferry.priority"
@@ -57,6 +65,19 @@ class Targets(_Model):
     peers: Literal["any"] | list[Annotated[str, Field(min_length=1)]] = "any"
     placement: Literal["least_loaded", "weighted", "spread"] = "least_loaded"
 
+    @field_validator("peers")
+    @classmethod
+    def _known(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        known = (info.context or {}).get(CTX_PEERS)
+        if known is not None and isinstance(value, list):
+            unknown = [p for p in value if p not in known]
+            if unknown:
+                raise ValueError(
+                    f"unknown peer(s) {', '.join(unknown)}; the config lists: "
+                    f"{', '.join(sorted(known)) or 'none'}"
+                )
+        return value
+
 
 class Policy(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -75,6 +96,14 @@ class Policy(_Model):
     amount: Literal["all"] | Annotated[int, Field(ge=1)] | None = None
     action: str = Field(min_length=1)
     targets: Annotated[Targets, BeforeValidator(_targets_shorthand)] = Targets()
+
+    @field_validator("action")
+    @classmethod
+    def _known_action(cls, value: str, info: ValidationInfo) -> str:
+        known = (info.context or {}).get(CTX_ACTIONS)
+        if known is not None and value not in known:
+            raise ValueError(f"unknown action {value!r}; known: {', '.join(sorted(known))}")
+        return value
 
     @model_validator(mode="after")
     def _default_amount(self) -> Policy:

@@ -29,6 +29,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
@@ -180,8 +181,20 @@ def _registry(policies: Sequence[Policy]) -> ActionRegistry:
     return registry
 
 
+class QuietLogger:
+    """Drops every log call; test-policy prints the transitions itself."""
+
+    def _drop(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    debug = info = warning = error = exception = _drop
+
+
 async def run_timeline(
-    timeline: Timeline, policies: Sequence[Policy], host: str = "this-host"
+    timeline: Timeline,
+    policies: Sequence[Policy],
+    host: str = "this-host",
+    logger: Any = None,
 ) -> TimelineResult:
     clock = ManualClock()
     signals = MemorySignals()
@@ -198,6 +211,7 @@ async def run_timeline(
         global_dry_run=True,
         limits=EngineLimits(lim.max_concurrent_migrations, lim.max_migrations, lim.window),
         host=host,
+        logger=logger if logger is not None else QuietLogger(),
     )
     result = TimelineResult()
     steps = sorted(timeline.steps, key=lambda s: s.at)
