@@ -38,6 +38,7 @@ def test_counter_migrates_by_hand(testbed_hosts, docker_clients, clean_container
         docker_clients,
         "smoke-counter",
         {"ports": [8080], "host_config": c1.api.create_host_config(port_bindings={8080: 8080})},
+        over_network=True,  # tar, copy over the hosts' network, untar: as an operator would
     )
 
     # A client on host 1's network reaches the service at host 2's address and port.
