@@ -8,7 +8,6 @@ must be able to restart one agent while another host is in maintenance.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import os
 import re
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 import structlog
 
 from agent.model import PeerHealth
+from agent.peer.tls import check_tls_files
 
 log = structlog.get_logger(__name__)
 
@@ -186,54 +186,12 @@ def check_data_root(info: dict[str, Any], configured: Path | None) -> list[Prere
     return problems
 
 
-def _check_cert_files(ca: Path, cert: Path, key: Path, now: dt.datetime) -> list[str]:
-    """Fallback used until/unless agent.peer.tls offers check_tls_files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    errors: list[str] = []
-    for label, path in (("CA", ca), ("certificate", cert), ("key", key)):
-        if not path.is_file():
-            errors.append(f"{label} file {path} is missing")
-        elif not os.access(path, os.R_OK):
-            errors.append(f"{label} file {path} is not readable")
-    if errors:
-        return errors
-    for label, path in (("CA", ca), ("certificate", cert)):
-        try:
-            c = x509.load_pem_x509_certificate(path.read_bytes())
-        except ValueError as exc:
-            errors.append(f"{label} file {path} is not a PEM certificate: {exc}")
-            continue
-        if c.not_valid_after_utc < now:
-            errors.append(f"{label} {path} expired on {c.not_valid_after_utc:%Y-%m-%d}")
-    try:
-        serialization.load_pem_private_key(key.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        errors.append(f"key file {key} is not an unencrypted PEM private key: {exc}")
-    return errors
-
-
 def check_tls(ca: Path, cert: Path, key: Path, host: str) -> list[PrereqProblem]:
     fix = (
         f"create them with `ferry certs issue {host}` on the CA host and copy them here, "
         "or set tls.ca / tls.cert / tls.key in the ferry config"
     )
-    errors: list[str]
-    try:
-        from agent.peer import tls as peer_tls
-
-        checker = getattr(peer_tls, "check_tls_files", None)
-    except ImportError:
-        checker = None
-    if checker is not None:
-        try:
-            result = checker(ca, cert, key, host_name=host)
-        except Exception as exc:  # a raising checker is one way to report
-            result = [str(exc)]
-        errors = [str(r) for r in (result or [])]
-    else:
-        errors = _check_cert_files(ca, cert, key, dt.datetime.now(dt.UTC))
+    errors = check_tls_files(ca, cert, key, host_name=host)
     return [PrereqProblem("tls", e, fix) for e in errors]
 
 

@@ -17,7 +17,6 @@ from cryptography.x509.oid import NameOID
 from agent.model import PeerHealth
 from agent.service import prereqs
 from agent.service.prereqs import (
-    _check_cert_files,
     check_criu,
     check_data_root,
     check_docker,
@@ -150,15 +149,11 @@ def _write_cert(tmp_path: Path, days: int) -> tuple[Path, Path, Path]:
     return tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
 
 
-def test_tls_file_fallback_checks(tmp_path: Path) -> None:
-    now = dt.datetime.now(dt.UTC)
-    ca, cert, key = _write_cert(tmp_path, days=30)
-    assert _check_cert_files(ca, cert, key, now) == []
-    expired = _check_cert_files(ca, cert, key, now + dt.timedelta(days=60))
-    assert any("expired" in e for e in expired)
-    key.write_text("junk")
-    assert any("private key" in e for e in _check_cert_files(ca, cert, key, now))
-    assert "missing" in _check_cert_files(tmp_path / "x", cert, key, now)[0]
+def test_tls_files_checked_against_this_host(tmp_path: Path) -> None:
+    tls = _write_cert(tmp_path, days=30)
+    assert prereqs.check_tls(*tls, host="node-a") == []
+    wrong = prereqs.check_tls(*tls, host="node-z")
+    assert wrong and "node-z" in wrong[0].message
 
 
 def test_tls_problem_says_how_to_fix(tmp_path: Path) -> None:
