@@ -52,6 +52,7 @@ class Host:
     init_pid: int = 0
     dockerd_pid: int = 0
     agent_config: str | None = None
+    agent_pid: int = 0
 
     @property
     def netns_path(self) -> str:
@@ -63,12 +64,20 @@ class Host:
         return f"ftb-{self.name}"
 
     @property
+    def agent_log(self) -> str:
+        return f"{self.host_dir}/agent.log"
+
+    @property
+    def control_socket(self) -> str:
+        return f"{self.run_dir}/ferry.sock"
+
+    @property
     def socket_path(self) -> str:
         return self.docker_host.removeprefix("unix://")
 
     def public(self) -> dict[str, object]:
         data = asdict(self)
-        for private in ("host_dir", "run_dir", "init_pid", "dockerd_pid"):
+        for private in ("host_dir", "run_dir", "init_pid", "dockerd_pid", "agent_pid"):
             data.pop(private)
         if data["agent_config"] is None:
             data.pop("agent_config")

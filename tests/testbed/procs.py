@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -104,7 +105,14 @@ def netns_argv(host: Host, cmd: list[str], extra_env: dict[str, str] | None = No
 
     The root mount namespace is kept, so the caller's venv and files stay usable.
     """
-    env = {"DOCKER_HOST": host.docker_host, "FERRY_TESTBED_HOST": host.name, **(extra_env or {})}
+    # This checkout's venv goes first on PATH, so `exec HOST -- ferry ...` finds ferry.
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    env = {
+        "DOCKER_HOST": host.docker_host,
+        "FERRY_TESTBED_HOST": host.name,
+        "PATH": path,
+        **(extra_env or {}),
+    }
     return [
         "nsenter",
         f"--net={host.netns_path}",
