@@ -14,6 +14,7 @@ import pytest
 from agent.peer import certs
 from agent.peer.api import BodyTooLarge, ByteStream, HandlerError, migration_path
 from agent.peer.client import PeerClient, PeerRefused, PeerTimeouts, PeerUnavailable
+from agent.peer.health import PeerHealthMonitor
 from agent.peer.server import PeerServer, make_peer_app, start_peer_server
 from agent.peer.tls import client_context, server_context
 from tests.helpers import run_async
@@ -366,3 +367,28 @@ def test_image_upload_meta(pki: Pki) -> None:
 
     assert run_async(go()) == {"bytes": 15}
     assert handlers.calls == [("receive_image", ("beta", "m1", {"image": "r:7"}))]
+
+
+def test_health_monitor_over_the_channel(pki: Pki) -> None:
+    handlers = FakeHandlers()
+
+    async def go() -> None:
+        server = await _serve(pki, handlers)
+        port = server.port
+        try:
+            async with (
+                _client(server, pki.client("beta")) as good,
+                PeerClient("alpha", f"127.0.0.1:{port}", pki.client("mallory")) as refused,
+            ):
+                mon = PeerHealthMonitor([good], interval=5)
+                await mon.poll_once()
+                (peer,) = mon.peers()
+                assert (peer.name, peer.reachable, peer.load1) == ("alpha", True, 0.5)
+                stranger = PeerHealthMonitor([refused], interval=5)
+                await stranger.poll_once()
+                (peer,) = stranger.peers()
+                assert not peer.reachable and peer.error is not None and "403" in peer.error
+        finally:
+            await server.close()
+
+    run_async(go())

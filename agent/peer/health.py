@@ -1,0 +1,127 @@
+"""A PeerDirectory that polls each peer's /v1/health and remembers what it said."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import structlog
+
+from agent.model import Clock, PeerHealth, SystemClock
+
+log = structlog.get_logger(__name__)
+
+
+class HealthSource(Protocol):
+    """One peer to poll; PeerClient is one."""
+
+    name: str
+
+    async def health(self) -> dict[str, Any]: ...
+
+
+_NUMERIC = {
+    "load1": float,
+    "cpu_pressure": float,
+    "mem_available_bytes": int,
+    "disk_free_bytes": int,
+    "running_containers": int,
+    "weight": float,
+}
+
+
+def health_from_answer(name: str, answer: Mapping[str, Any]) -> PeerHealth:
+    """Build PeerHealth from a health answer; unknown keys are ignored, wrong types refused."""
+    values: dict[str, Any] = {}
+    for key in ("draining", "overloaded"):
+        if key in answer:
+            if not isinstance(answer[key], bool):
+                raise ValueError(f"{key} must be true or false, not {answer[key]!r}")
+            values[key] = answer[key]
+    for key, kind in _NUMERIC.items():
+        if key in answer:
+            value = answer[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{key} must be a number, not {value!r}")
+            values[key] = kind(value)
+    if "tags" in answer:
+        tags = answer["tags"]
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ValueError("tags must be a list of strings")
+        values["tags"] = tuple(tags)
+    return PeerHealth(name=name, reachable=True, **values)
+
+
+class PeerHealthMonitor:
+    """Polls every peer every `interval` seconds; `peers()` is the current view.
+
+    A peer whose last good answer is older than `stale_after` counts as
+    unreachable even if the poller itself is stuck, so placement never trusts
+    an old "healthy".
+    """
+
+    def __init__(
+        self,
+        sources: Iterable[HealthSource],
+        *,
+        interval: float = 5.0,
+        timeout: float | None = None,
+        stale_after: float | None = None,
+        weights: Mapping[str, float] | None = None,
+        clock: Clock | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._sources = list(sources)
+        self.interval = interval
+        self.timeout = timeout if timeout is not None else interval
+        self.stale_after = stale_after if stale_after is not None else 3 * interval
+        self._weights = dict(weights or {})
+        self._clock = clock or SystemClock()
+        self._sleep = sleep
+        self._state: dict[str, PeerHealth] = {
+            s.name: PeerHealth(name=s.name, reachable=False, error="not polled yet")
+            for s in self._sources
+        }
+        self._last_ok: dict[str, float] = {}
+
+    def peers(self) -> list[PeerHealth]:
+        now = self._clock.monotonic()
+        out = []
+        for source in self._sources:
+            health = self._state[source.name]
+            last_ok = self._last_ok.get(source.name)
+            if health.reachable and last_ok is not None and now - last_ok > self.stale_after:
+                health = dataclasses.replace(
+                    health, reachable=False, error=f"no answer for {now - last_ok:.0f}s"
+                )
+            if source.name in self._weights:
+                health = dataclasses.replace(health, weight=self._weights[source.name])
+            out.append(health)
+        return out
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(s) for s in self._sources))
+
+    async def run(self) -> None:
+        """Poll until cancelled."""
+        while True:
+            await self.poll_once()
+            await self._sleep(self.interval)
+
+    async def _poll(self, source: HealthSource) -> None:
+        try:
+            answer = await asyncio.wait_for(source.health(), self.timeout)
+            health = health_from_answer(source.name, answer)
+        except Exception as exc:
+            error = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+            previous = self._state[source.name]
+            if previous.reachable:
+                log.warning("peer.unreachable", peer=source.name, error=error)
+            self._state[source.name] = dataclasses.replace(previous, reachable=False, error=error)
+            return
+        if not self._state[source.name].reachable:
+            log.info("peer.reachable", peer=source.name)
+        self._state[source.name] = health
+        self._last_ok[source.name] = self._clock.monotonic()
