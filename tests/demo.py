@@ -1,0 +1,155 @@
+"""`make demo`: drain a host and watch a stateful container carry on elsewhere.
+
+1. bring up the two-host testbed (Docker + CRIU in namespaces);
+2. start a ferry agent on each host, with certificates from a fresh CA;
+3. run ferry-test/counter:1 on host1, opted in with ferry.migrate=true;
+4. `ferry drain` on host1 (the maintenance marker);
+5. show the agent evacuating the container;
+6. show the counter going on from host2, and the migration report;
+7. tear down what the demo started.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import docker
+
+from tests.testbed import http_get_json, load_hosts
+from tests.testbed.agents import agents_down, agents_up
+from tests.testbed.layout import Host
+from tests.testbed.procs import alive, netns_argv
+
+NAME = "demo-counter"
+COUNTER = "ferry-test/counter:1"
+
+
+def say(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def ferry(host: Host, *args: str, check: bool = True) -> str:
+    assert host.agent_config
+    cmd = netns_argv(host, ["ferry", *args], {"FERRY_CONFIG": host.agent_config})
+    print(f"[{host.name}]$ ferry {' '.join(args)}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    print("   " + out.strip().replace("\n", "\n   "), flush=True)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"ferry {args[0]} failed on {host.name} (exit {proc.returncode})")
+    return proc.stdout
+
+
+def follow_log(host: Host, offset: int) -> int:
+    """Print the agent's decision and migration events since `offset`; return the new offset."""
+    path = Path(host.agent_log)
+    data = path.read_bytes()[offset:]
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        name = str(ev.get("event", ""))
+        if name.startswith(("policy.", "migration.", "evacuation.")):
+            extra = {
+                k: v for k, v in ev.items() if k not in ("event", "timestamp", "level", "logger")
+            }
+            print(
+                f"   [{host.name} agent] {name} {json.dumps(extra, default=str)[:300]}", flush=True
+            )
+    return offset + len(data)
+
+
+def main() -> int:
+    started_testbed = not load_hosts()
+    if started_testbed:
+        say("bringing up the two-host testbed")
+        subprocess.run([sys.executable, "-m", "tests.testbed", "up", "--hosts", "2"], check=True)
+    hosts = load_hosts()
+    h1, h2 = hosts[0], hosts[1]
+    started_agents = not all(alive(h.agent_pid) for h in hosts)
+    c1 = docker.DockerClient(base_url=h1.docker_host)
+    c2 = docker.DockerClient(base_url=h2.docker_host)
+    try:
+        if started_agents:
+            say("starting a ferry agent on each host (mutual TLS, testbed CA)")
+            agents_up(hosts)
+        say(f"running {COUNTER} on {h1.name}, opted in with ferry.migrate=true")
+        for c in (c1, c2):
+            for old in c.containers.list(all=True, filters={"name": NAME}):
+                old.remove(force=True)
+        c1.containers.run(
+            COUNTER,
+            name=NAME,
+            detach=True,
+            ports={"8080/tcp": 8080},
+            labels={"ferry.migrate": "true"},
+        )
+        url1 = f"http://{h1.ip}:8080/"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                before = http_get_json(h1, url1)
+                if before["counter"] >= 15:
+                    break
+            except ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the counter did not start on host1")
+            time.sleep(0.5)
+        print(f"   counter on {h1.name}: {before}")
+
+        say(f"maintenance: dropping the drain marker on {h1.name}")
+        offset = Path(h1.agent_log).stat().st_size
+        ferry(h1, "drain", "--reason", "demo: kernel upgrade")
+
+        say(f"the {h1.name} agent evacuates every opted-in container")
+        deadline = time.monotonic() + 120
+        moved = None
+        while moved is None:
+            offset = follow_log(h1, offset)
+            running = c2.containers.list(filters={"name": NAME, "status": "running"})
+            if running:
+                moved = running[0]
+            elif time.monotonic() > deadline:
+                raise SystemExit(f"{NAME} did not arrive on {h2.name} within 120 s")
+            else:
+                time.sleep(0.3)
+        follow_log(h1, offset)
+
+        say(f"the counter goes on from {h2.name}, reached from {h1.name}'s network")
+        url2 = f"http://{h2.ip}:8080/"
+        after = http_get_json(h1, url2)
+        print(f"   counter on {h2.name}: {after}")
+        same = after["nonce"] == before["nonce"] and after["counter"] >= before["counter"]
+        verdict = "continued" if same else "RESTARTED"
+        print(
+            f"   counter {verdict}: {before['counter']} on {h1.name} -> {after['counter']} on"
+            f" {h2.name}; file lines {before['lines']} -> {after['lines']}; same process"
+            f" nonce {after['nonce'] == before['nonce']}"
+        )
+        left = c1.containers.list(all=True, filters={"name": NAME})
+        print(f"   {h1.name} still has {NAME}: {bool(left)}")
+
+        say("the migration report, as recorded on the source")
+        ferry(h1, "history", "--limit", "1")
+        ferry(h1, "undrain")
+        return 0 if same and not left else 1
+    finally:
+        for c in (c1, c2):
+            for old in c.containers.list(all=True, filters={"name": NAME}):
+                old.remove(force=True)
+            c.close()
+        if started_agents:
+            agents_down(hosts)
+        if started_testbed:
+            say("tearing down the testbed")
+            subprocess.run([sys.executable, "-m", "tests.testbed", "down"], check=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
