@@ -9,14 +9,14 @@ stop evaluation; their results are reported as transitions on a later tick.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from agent.errors import InputError, Problem
-from agent.model import ActionResult, Clock, Decision, PeerDirectory, SignalView
+from agent.model import Action, ActionResult, Clock, Decision, PeerDirectory, SignalView
 from agent.policy import pipeline
 from agent.policy.actions import ActionRegistry, needs_target
 from agent.policy.models import Policy
@@ -81,7 +81,7 @@ class PolicyEngine:
         )
         now = clock.monotonic()
         self._states = [PolicyState(policy=p, status_since=now) for p in policies]
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[ActionResult]] = set()
         self._finished: list[Transition] = []
 
     @property
@@ -93,7 +93,8 @@ class PolicyEngine:
         now = self._clock.monotonic()
         wall = self._clock.time()
         out, self._finished = self._finished, []
-        for st in self._states:
+        # Least recently acted first, so one busy policy cannot keep the shared slots to itself.
+        for st in sorted(self._states, key=lambda s: s.last_started):
             action = self._actions.get(st.policy.action)
             ev = pipeline.Evaluation(
                 state=st,
@@ -124,51 +125,46 @@ class PolicyEngine:
 
     def _start(self, st: PolicyState, decision: Decision, counts_globally: bool) -> None:
         action = self._actions.get(decision.action)
-        ids = [c.id for c in decision.containers]
         task = asyncio.create_task(
-            self._run_action(st, action.execute(decision), decision, ids, counts_globally),
-            name=f"ferry-policy-{st.policy.name}",
+            _execute(action, decision), name=f"ferry-policy-{st.policy.name}"
         )
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # Bookkeeping lives in the callback, not the coroutine, so it also runs for a
+        # task cancelled before it ever started.
+        task.add_done_callback(lambda t: self._finish(t, st, decision, counts_globally))
 
-    async def _run_action(
+    def _finish(
         self,
+        task: asyncio.Task[ActionResult],
         st: PolicyState,
-        execution: Coroutine[Any, Any, ActionResult],
         decision: Decision,
-        ids: list[str],
         counts_globally: bool,
     ) -> None:
-        result: ActionResult
-        try:
-            result = await execution
-        except asyncio.CancelledError:
+        self._tasks.discard(task)
+        if task.cancelled():
             result = ActionResult(ok=False, message="cancelled at shutdown")
-            raise
-        except Exception as exc:
-            result = ActionResult(ok=False, message=f"{type(exc).__name__}: {exc}")
-        finally:
-            now = self._clock.monotonic()
-            st.in_flight -= 1
-            if counts_globally:
-                self._limits.in_flight -= 1
-            self._limits.busy.difference_update(ids)
-            # Cooldown counts from the end of an action, so a long migration is not
-            # followed at once by another.
-            st.cooldown_until = max(st.cooldown_until, now + st.policy.cooldown)
-            st.last_result = result.message
-            self._finished.append(
-                Transition(
-                    policy=st.policy.name,
-                    event=DONE if result.ok else FAILED,
-                    at=now,
-                    status=st.status(now),
-                    reason=result.message,
-                    containers=tuple(c.name for c in decision.containers),
-                    targets=tuple(decision.targets),
-                )
+        else:
+            result = task.result()  # _execute never raises
+        now = self._clock.monotonic()
+        st.in_flight -= 1
+        if counts_globally:
+            self._limits.in_flight -= 1
+        self._limits.busy.difference_update(c.id for c in decision.containers)
+        # Cooldown counts from the end of an action, so a long migration is not
+        # followed at once by another.
+        st.cooldown_until = max(st.cooldown_until, now + st.policy.cooldown)
+        st.last_result = result.message
+        self._finished.append(
+            Transition(
+                policy=st.policy.name,
+                event=DONE if result.ok else FAILED,
+                at=now,
+                status=st.status(now),
+                reason=result.message,
+                containers=tuple(c.name for c in decision.containers),
+                targets=tuple(decision.targets),
             )
+        )
 
     def states(self) -> list[PolicyStatus]:
         now = self._clock.monotonic()
@@ -202,6 +198,13 @@ class PolicyEngine:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _execute(action: Action, decision: Decision) -> ActionResult:
+    try:
+        return await action.execute(decision)
+    except Exception as exc:  # reported as a failed action, never lost in a task
+        return ActionResult(ok=False, message=f"{type(exc).__name__}: {exc}")
 
 
 def _log(logger: Any, t: Transition) -> None:

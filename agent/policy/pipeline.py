@@ -292,6 +292,7 @@ def _record(ev: Evaluation, simulated: bool) -> None:
     st = ev.state
     st.cooldown_until = ev.now + st.policy.cooldown
     st.action_starts.append(ev.now)
+    st.last_started = ev.now
     st.actions += 1
     st.last_skip = None
     if ev.needs_target and (not simulated or ev.engine_dry_run):

@@ -64,6 +64,7 @@ class PolicyState:
     clear_since: float | None = None  # when the clear condition started holding
     cooldown_until: float = -math.inf
     action_starts: deque[float] = field(default_factory=deque)
+    last_started: float = -math.inf
     in_flight: int = 0
     last_skip: str | None = None  # so a standing skip is logged once, not every tick
     last_status: Status = "ok"
