@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from agent import archive
 from agent.peer import certs
 from agent.peer.api import BodyTooLarge, ByteStream, HandlerError, migration_path
 from agent.peer.client import PeerClient, PeerRefused, PeerTimeouts, PeerUnavailable
@@ -392,3 +394,67 @@ def test_health_monitor_over_the_channel(pki: Pki) -> None:
             await server.close()
 
     run_async(go())
+
+
+@dataclass
+class SpoolingHandlers(FakeHandlers):
+    """What the migration engine is expected to do with the state upload."""
+
+    spool_dir: Path = Path("/nonexistent")
+    dests: dict[str, Path] = field(default_factory=dict)
+
+    async def receive_state(
+        self, peer: str, migration_id: str, stream: ByteStream, digest: str | None
+    ) -> dict[str, Any]:
+        res = await archive.spool(
+            stream, self.spool_dir / f"{migration_id}.zst", expected_digest=digest
+        )
+        return {"digest": res.digest, "bytes": res.size}
+
+    async def restore(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            stats = await asyncio.to_thread(
+                archive.unpack_file,
+                self.spool_dir / f"{migration_id}.zst",
+                self.dests,
+                expected_digest=body["digest"],
+            )
+        except archive.ArchiveError as exc:
+            raise HandlerError(422, "bad_state", str(exc)) from exc
+        return {"entries": stats.entries}
+
+
+def test_state_archive_streams_through_the_channel(pki: Pki, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "upper" / "etc").mkdir(parents=True)
+    (src / "ckpt").mkdir()
+    (src / "upper" / "etc" / "motd").write_text("hello")
+    (src / "ckpt" / "pages-1.img").write_bytes(os.urandom(2 << 20))
+    (tmp_path / "spool").mkdir()
+    dests = {"checkpoint": tmp_path / "dst" / "ckpt", "upper": tmp_path / "dst" / "upper"}
+    handlers = SpoolingHandlers(spool_dir=tmp_path / "spool", dests=dests)
+
+    async def go() -> None:
+        server = await _serve(pki, handlers, max_body=16 << 20)
+        try:
+            async with _client(server, pki.client("beta")) as c:
+                packer = archive.Packer(
+                    {"checkpoint": src / "ckpt", "upper": src / "upper"}, chunk_size=256 << 10
+                )
+                # Digest unknown while streaming: it goes with the restore call.
+                sent = await c.upload_state("m1", packer.aiter())
+                assert sent == {"digest": packer.digest, "bytes": packer.stats.compressed_bytes}
+                with pytest.raises(PeerRefused) as bad:
+                    await c.post_json(migration_path("m1", "restore"), {"digest": DIGEST})
+                assert bad.value.status == 422 and "expected " + DIGEST in bad.value.reason
+                assert not (tmp_path / "dst").exists()
+                done = await c.post_json(migration_path("m1", "restore"), {"digest": packer.digest})
+                assert done == {"entries": packer.stats.entries}
+        finally:
+            await server.close()
+
+    run_async(go())
+    assert (dests["upper"] / "etc" / "motd").read_text() == "hello"
+    assert (dests["checkpoint"] / "pages-1.img").read_bytes() == (
+        src / "ckpt" / "pages-1.img"
+    ).read_bytes()
