@@ -13,6 +13,7 @@ from agent.signals.registry import (
     build_default_sources,
     default_registry,
 )
+from agent.signals.runner import run_sources, supervise
 from agent.signals.store import SignalStore
 
 __all__ = [
@@ -28,4 +29,6 @@ __all__ = [
     "SourceRegistry",
     "build_default_sources",
     "default_registry",
+    "run_sources",
+    "supervise",
 ]
