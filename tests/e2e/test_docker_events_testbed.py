@@ -24,22 +24,9 @@ from agent.docker_adapter import DockerAdapter
 from agent.signals.docker_events import DockerEventsSource
 from agent.signals.store import SignalStore
 from tests.helpers import run_async
+from tests.testbed import restart_dockerd
 
-try:
-    from tests.testbed import pytest_plugin as _plugin
-    from tests.testbed import restart_dockerd
-
-    _HAVE_TESTBED = hasattr(_plugin, "testbed_hosts")
-except ImportError:
-    _HAVE_TESTBED = False
-
-pytestmark = [
-    pytest.mark.testbed,
-    pytest.mark.skipif(
-        not _HAVE_TESTBED,
-        reason="tests.testbed.pytest_plugin does not provide the testbed_hosts fixture yet",
-    ),
-]
+pytestmark = [pytest.mark.testbed]
 
 IMAGE = "ferry-test/counter:1"
 PREFIX = "ferry-sigtest-"
