@@ -26,7 +26,7 @@ unit: venv  ## unit tests only (no root, no testbed)
 	$(BIN)/python -m pytest -m 'not testbed and not e2e' $(PYTEST_ARGS)
 
 test: deps venv  ## the whole suite: unit + real Docker/CRIU testbed end-to-end (root)
-	@$(BIN)/python -m tests.testbed up
+	@$(BIN)/python -m tests.testbed up --hosts 3
 	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	  if [ -z "$$KEEP_TESTBED" ]; then $(BIN)/python -m tests.testbed down; fi; exit $$rc
 

@@ -44,8 +44,8 @@ def _bring_up(count: int) -> list[Host]:
 
 @pytest.fixture(scope="session")
 def testbed_hosts() -> list[Host]:
-    """The running testbed's hosts (at least 2)."""
-    return _bring_up(int(os.environ.get("FERRY_TESTBED_HOSTS", "2")))
+    """The running testbed's hosts (3 unless FERRY_TESTBED_HOSTS says otherwise)."""
+    return _bring_up(int(os.environ.get("FERRY_TESTBED_HOSTS", "3")))
 
 
 @pytest.fixture(scope="session")
