@@ -243,6 +243,15 @@ class DockerAdapter:
         except DockerNotFound:
             return None
 
+    def memory_usage(self, container: str) -> int:
+        """Current memory use in bytes (cgroup usage minus page cache when reported)."""
+        stats = self._call(f"stats of {container}", lambda api: api.stats(container, stream=False))
+        mem = stats.get("memory_stats") or {}
+        usage = int(mem.get("usage") or 0)
+        detail = mem.get("stats") or {}
+        cache = int(detail.get("total_inactive_file") or detail.get("inactive_file") or 0)
+        return max(usage - cache, 0)
+
     def create_container(self, body: dict[str, Any], name: str | None = None) -> str:
         """Create from an Engine API create body (see `agent.migration.spec`); returns the id."""
         result = self._call(

@@ -1,3 +1,213 @@
-"""Placeholder: commands are added by their owning work item."""
+"""`ferry migrate CONTAINER --to PEER`: ask the local agent to move a container, and watch."""
 
-from agent.cli import main  # noqa: F401
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
+from agent.config import load_config
+from agent.errors import InputError
+
+DEFAULT_CONFIG = "/etc/ferry/config.yaml"
+MIGRATE_ROUTE = "/v1/migrate"
+
+_EPILOG = """
+\b
+Exit codes:
+  0  the container runs on the target
+  1  refused or failed (rolled back: it runs here again); the reason is printed
+  2  bad input (config, unknown container or peer)
+  3  the local agent is unreachable
+"""
+
+
+class Unreachable(Exception):
+    pass
+
+
+async def stream_migration(
+    socket_path: Path,
+    container: str,
+    target: str,
+    on_line: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """POST /v1/migrate on the control socket; feed progress lines; return the result line."""
+    if not socket_path.exists():
+        raise Unreachable(f"no agent socket at {socket_path} (is `ferry run` running?)")
+    connector = aiohttp.UnixConnector(path=str(socket_path))
+    # No total timeout: a big container takes minutes. The agent reports as it goes.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+    result: dict[str, Any] | None = None
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            session.post(
+                f"http://ferry{MIGRATE_ROUTE}", json={"container": container, "target": target}
+            ) as resp,
+        ):
+            if resp.status == 404:
+                raise Unreachable("the agent has no migration engine (no /v1/migrate route)")
+            if resp.status >= 400:
+                text = await resp.text()
+                try:
+                    msg = json.loads(text).get("error", text)
+                except ValueError:
+                    msg = text
+                return {
+                    "type": "result",
+                    "ok": False,
+                    "kind": "refused",
+                    "reason": msg,
+                    "bad_input": resp.status == 400,
+                }
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line:
+                    continue
+                item = json.loads(line)
+                if item.get("type") == "result":
+                    result = item
+                else:
+                    on_line(item)
+    except PermissionError as exc:
+        raise Unreachable(f"no permission to use {socket_path} (run as root)") from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise Unreachable(f"agent not answering on {socket_path}: {exc.os_error}") from exc
+    except aiohttp.ClientError as exc:
+        raise Unreachable(f"connection to the agent broke: {exc!r}") from exc
+    if result is None:
+        raise Unreachable("the agent closed the stream without a result (did it stop?)")
+    return result
+
+
+def _size(n: Any) -> str:
+    v = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if v < 1024 or unit == "GiB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return f"{v:.1f} GiB"
+
+
+def render_report(report: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"migration {report.get('migration_id')}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row(
+        "container", f"{report.get('container')}: {report.get('source')} -> {report.get('target')}"
+    )
+    table.add_row("outcome", str(report.get("outcome")))
+    if report.get("reason"):
+        table.add_row("reason", str(report["reason"]))
+    if report.get("downtime_s") is not None:
+        table.add_row("downtime", f"{report['downtime_s']:.3f} s")
+    table.add_row("total", f"{float(report.get('total_s') or 0):.3f} s")
+    table.add_row(
+        "bytes moved",
+        f"{_size(report.get('bytes_moved'))} (state {_size(report.get('bytes_state'))}"
+        f" from {_size(report.get('bytes_state_raw'))}, image {_size(report.get('bytes_image'))})",
+    )
+    for phase, secs in (report.get("phases") or {}).items():
+        table.add_row(f"  {phase}", f"{float(secs):.3f} s")
+    console.print(table)
+
+
+@main.command("migrate", epilog=_EPILOG)
+@click.argument("container")
+@click.option("--to", "target", required=True, help="Peer name to move the container to.")
+@click.option(
+    "--config",
+    "config_path",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    envvar="FERRY_CONFIG",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Agent config file (env FERRY_CONFIG); gives the control socket.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print progress and result as JSON lines.")
+def migrate_cmd(container: str, target: str, config_path: Path, as_json: bool) -> None:
+    """Live-migrate CONTAINER to peer --to through the local agent.
+
+    The container keeps its memory, open files and writable layer. If anything
+    fails after it is frozen, it is restored here and the reason is printed.
+    """
+    try:
+        cfg = load_config(config_path)
+    except InputError as exc:
+        for line in exc.lines():
+            click.echo(line, err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    console = Console(stderr=False)
+    progress = Progress(
+        TextColumn("[bold]{task.fields[phase]:<9}"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=as_json or not console.is_terminal,
+    )
+    task: TaskID = progress.add_task(f"{container} -> {target}", total=None, phase="start")
+
+    def on_line(item: dict[str, Any]) -> None:
+        if as_json:
+            click.echo(json.dumps(item))
+            return
+        total = item.get("bytes_total")
+        progress.update(
+            task,
+            phase=item.get("phase", ""),
+            description=item.get("message", ""),
+            completed=item.get("bytes_done") or 0,
+            total=total if total else None,
+        )
+        if not console.is_terminal:
+            click.echo(
+                f"[{item.get('elapsed_s', 0):7.2f}s] {item.get('phase')}: {item.get('message')}"
+            )
+
+    try:
+        with progress:
+            result = asyncio.run(stream_migration(cfg.control_socket, container, target, on_line))
+    except Unreachable as exc:
+        click.echo(f"ferry: {exc}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    if as_json:
+        click.echo(json.dumps(result))
+    elif result.get("report"):
+        render_report(result["report"], console)
+    if result.get("ok"):
+        if not as_json:
+            console.print(f"[green]{container} now runs on {target}[/green]")
+        sys.exit(EXIT_OK)
+    why = result.get("reason", "unknown")
+    if result.get("bad_input"):
+        click.echo(f"ferry: {why}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    if result.get("kind") == "failed":
+        state = (
+            "rolled back; it runs here again" if result.get("rolled_back") else "NOT rolled back"
+        )
+        click.echo(f"ferry: migration failed ({state}): {why}", err=True)
+    else:
+        click.echo(f"ferry: migration refused, {container} untouched: {why}", err=True)
+    sys.exit(EXIT_FAILED)

@@ -1,0 +1,144 @@
+"""`POST /v1/migrate` on the local control socket: progress as NDJSON, then the result.
+
+Request: {"container": "...", "target": "peer-name"}. Response lines, one JSON
+object each:
+  {"type": "progress", "phase": ..., "message": ..., "bytes_done": ..., ...}
+  {"type": "result", "ok": true, "report": {...}}
+  {"type": "result", "ok": false, "kind": "refused"|"failed"|"error",
+   "reason": "...", "rolled_back": bool, "bad_input": bool, "report": {...}|null}
+
+The migration is not tied to the HTTP request: if the client goes away it
+carries on (stopping midway would mean a rollback nobody asked for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any, Protocol
+
+import structlog
+from aiohttp import web
+
+from agent.migration.errors import MigrationFailed, MigrationRefused
+from agent.migration.report import ProgressEvent
+
+log = structlog.get_logger(__name__)
+
+MIGRATE_PATH = "/v1/migrate"
+_TASKS_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("ferry_migrate_tasks")
+
+
+class Migrates(Protocol):
+    async def migrate(self, container: str, target: str, progress: Any = None) -> Any: ...
+
+
+def _report_dict(report: Any) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    to_dict = getattr(report, "to_dict", None)
+    if callable(to_dict):
+        result = to_dict()
+        return result if isinstance(result, dict) else None
+    return report if isinstance(report, dict) else None
+
+
+def result_line(outcome: Any) -> dict[str, Any]:
+    """The final NDJSON line for a migration's result or exception."""
+    if not isinstance(outcome, BaseException):
+        return {"type": "result", "ok": True, "report": _report_dict(outcome)}
+    reason = str(getattr(outcome, "reason", "") or outcome) or type(outcome).__name__
+    if isinstance(outcome, MigrationRefused):
+        kind = "refused"
+    elif isinstance(outcome, MigrationFailed):
+        kind = "failed"
+    elif type(outcome).__name__ == "MigrationUnavailable":
+        kind = "refused"
+    else:
+        kind = "error"
+        reason = f"{type(outcome).__name__}: {reason}"
+    return {
+        "type": "result",
+        "ok": False,
+        "kind": kind,
+        "reason": reason,
+        "rolled_back": bool(getattr(outcome, "rolled_back", False)),
+        "bad_input": bool(getattr(outcome, "bad_input", False)),
+        "report": _report_dict(getattr(outcome, "report", None)),
+    }
+
+
+def add_migration_routes(app: web.Application, service: Migrates) -> None:
+    app[_TASKS_KEY] = set()
+
+    async def migrate(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict):
+            return web.json_response({"error": "body must be a JSON object"}, status=400)
+        container, target = body.get("container"), body.get("target")
+        if not isinstance(container, str) or not container:
+            return web.json_response({"error": "container must be a non-empty string"}, status=400)
+        if not isinstance(target, str) or not target:
+            return web.json_response({"error": "target must be a non-empty string"}, status=400)
+
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def progress(event: ProgressEvent) -> None:
+            queue.put_nowait({"type": "progress", **event.to_dict()})
+
+        log.info("migration.requested", container=container, target=target, via="control")
+        task = asyncio.get_running_loop().create_task(
+            service.migrate(container, target, progress=progress)
+        )
+        tasks: set[asyncio.Task[Any]] = request.app[_TASKS_KEY]
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        connected = True
+
+        async def send(line: dict[str, Any]) -> None:
+            nonlocal connected
+            if not connected:
+                return
+            try:
+                await resp.write(json.dumps(line, default=str).encode() + b"\n")
+            except (ConnectionError, RuntimeError):
+                connected = False  # the migration goes on; only the watcher left
+
+        while not task.done():
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                await send(getter.result())
+            else:
+                getter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await getter
+        while not queue.empty():
+            await send(queue.get_nowait())
+        if task.cancelled():
+            await send(result_line(RuntimeError("the migration was cancelled (agent stopping)")))
+        else:
+            exc = task.exception()
+            await send(result_line(exc if exc is not None else task.result()))
+        if connected:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await resp.write_eof()
+        return resp
+
+    async def on_cleanup(app: web.Application) -> None:
+        # A migration keeps running only as long as the agent does.
+        running: set[asyncio.Task[Any]] = app[_TASKS_KEY]
+        pending = list(running)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    app.router.add_post(MIGRATE_PATH, migrate)
+    app.on_cleanup.append(on_cleanup)

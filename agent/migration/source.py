@@ -1,0 +1,640 @@
+"""The source side: drive one migration from prepare to finish, or roll it back.
+
+Before the freeze nothing on this host changes, so any failure there simply
+refuses (`MigrationRefused`). From the freeze on, every failure ends with the
+container running here again from its own checkpoint (`MigrationFailed`),
+unless the target confirms it runs there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from agent.archive import ArchiveError, Packer
+from agent.config import FerryConfig
+from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
+from agent.journal import Journal, JournalError, MigrationRecord
+from agent.migration import report as rp
+from agent.migration.errors import MigrationFailed, MigrationRefused
+from agent.migration.paths import DataRootResolver, PathOutsideDataRoot
+from agent.migration.report import MigrationReport, PhaseTimer, ProgressEvent, ProgressFn
+from agent.migration.rollback import restore_locally
+from agent.migration.spec import ContainerSpec, SpecError, source_problems, spec_from_inspect
+from agent.migration.streams import aiter_blocking
+from agent.migration.target import TargetHandlers
+from agent.model import Clock, SystemClock
+from agent.peer.api import MIGRATIONS_PATH, migration_path
+from agent.peer.client import PeerError, PeerRefused, PeerUnavailable
+
+log = structlog.get_logger(__name__)
+
+
+class PeerLike(Protocol):
+    """The part of agent.peer.client.PeerClient the engine uses."""
+
+    name: str
+
+    async def post_json(
+        self, path: str, body: dict[str, Any], *, timeout: float | None = None
+    ) -> dict[str, Any]: ...
+
+    async def get_json(self, path: str) -> dict[str, Any]: ...
+
+    async def upload_state(
+        self, migration_id: str, chunks: Any, digest: str | None = None
+    ) -> dict[str, Any]: ...
+
+    async def upload_image(
+        self, migration_id: str, chunks: Any, meta: dict[str, Any]
+    ) -> dict[str, Any]: ...
+
+
+def new_migration_id(clock: Clock) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(clock.time()))
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+class _Run:
+    """State of one outgoing migration."""
+
+    def __init__(
+        self, mid: str, spec: ContainerSpec, peer: PeerLike, report: MigrationReport, clock: Clock
+    ) -> None:
+        self.mid = mid
+        self.spec = spec
+        self.peer = peer
+        self.report = report
+        self.timer = PhaseTimer(report, clock)
+        self.checkpoint = f"ferry-{mid}"
+        self.frozen_at: float | None = None
+        self.staged = False
+        self.restore_sent = False
+
+
+class MigrationService:
+    """Migrates containers from this host; see `migrate` and `reconcile`."""
+
+    def __init__(
+        self,
+        adapter: DockerAdapter,
+        config: FerryConfig,
+        journal: Journal,
+        peers: Mapping[str, PeerLike],
+        draining: Callable[[], bool] = lambda: False,
+        clock: Clock | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.journal = journal
+        self.peers = peers
+        self.draining = draining
+        self.clock = clock or SystemClock()
+        self.data_root = DataRootResolver(adapter.data_root, config.docker.data_root)
+        self.active: dict[str, str] = {}  # container id -> migration id
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.handlers = TargetHandlers(
+            adapter, config, journal, draining, self.clock, peer_status=self._peer_status
+        )
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.handlers.close()
+        for peer in self.peers.values():
+            closer = getattr(peer, "close", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
+        await asyncio.to_thread(self.adapter.close)
+
+    async def _peer_status(self, peer_name: str, mid: str) -> dict[str, Any] | None:
+        peer = self.peers.get(peer_name)
+        if peer is None:
+            return None
+        try:
+            return await peer.get_json(migration_path(mid))
+        except PeerError:
+            return None
+
+    async def reconcile(self) -> list[dict[str, Any]]:
+        """Resolve every unfinished migration in the journal (call at agent start).
+
+        Ones that cannot be resolved yet (a peer unreachable after a restore
+        was requested) are retried in the background until they are.
+        """
+        results: list[dict[str, Any]] = []
+        pending: list[MigrationRecord] = []
+        for rec in self.journal.unfinished():
+            try:
+                outcome = await self._reconcile_one(rec)
+            except Exception as exc:
+                outcome = f"unresolved: {exc}"
+                pending.append(rec)
+            log.info("migration.reconciled", migration=rec.id, role=rec.role, outcome=outcome)
+            results.append({"migration_id": rec.id, "role": rec.role, "outcome": outcome})
+        if pending:
+            self._spawn(self._retry_reconcile(pending))
+        return results
+
+    async def _reconcile_one(self, rec: MigrationRecord) -> str:
+        if rec.role == "source":
+            return await self.reconcile_record(rec)
+        return await self.handlers.reconcile_record(rec)
+
+    async def _retry_reconcile(self, pending: list[MigrationRecord]) -> None:
+        delay = 2.0
+        while pending:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+            still: list[MigrationRecord] = []
+            for rec in pending:
+                try:
+                    outcome = await self._reconcile_one(rec)
+                    log.info("migration.reconciled", migration=rec.id, outcome=outcome)
+                except Exception as exc:
+                    log.warning("migration.reconcile_pending", migration=rec.id, error=str(exc))
+                    still.append(rec)
+            pending = still
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---------------------------------------------------------------- migrate
+
+    async def migrate(
+        self, container: str, target: str, progress: ProgressFn | None = None
+    ) -> MigrationReport:
+        """Move `container` to peer `target`. Raises MigrationRefused / MigrationFailed."""
+        peer = self.peers.get(target)
+        if peer is None:
+            known = ", ".join(sorted(self.peers)) or "none configured"
+            raise MigrationRefused(f"unknown peer {target!r} (peers: {known})", bad_input=True)
+        try:
+            inspect = await asyncio.to_thread(self.adapter.inspect_container, container)
+        except DockerNotFound:
+            raise MigrationRefused(
+                f"no container {container!r} on {self.config.name}", bad_input=True
+            ) from None
+        except DockerError as exc:
+            raise MigrationRefused(f"cannot inspect {container}: {exc}") from exc
+        try:
+            spec = spec_from_inspect(inspect)
+        except SpecError as exc:
+            raise MigrationRefused(str(exc)) from exc
+        problems = source_problems(inspect, spec, self.config.migration.copy_named_volumes)
+        if spec.id in self.active:
+            problems.append(f"{spec.name} is already being migrated ({self.active[spec.id]})")
+        if problems:
+            raise MigrationRefused("; ".join(problems))
+
+        mid = new_migration_id(self.clock)
+        report = MigrationReport(mid, spec.name, self.config.name, target)
+        run = _Run(mid, spec, peer, report, self.clock)
+        self.journal.begin(
+            mid,
+            container_id=spec.id,
+            container_name=spec.name,
+            source=self.config.name,
+            target=target,
+            role="source",
+            phase=rp.PREPARE,
+        )
+        self._save(run)
+        self.active[spec.id] = mid
+        log.info("migration.started", migration=mid, container=spec.name, target=target)
+        emit = self._emitter(run, progress)
+        try:
+            return await self._run(run, inspect, emit)
+        finally:
+            self.active.pop(spec.id, None)
+
+    def _emitter(self, run: _Run, progress: ProgressFn | None) -> Callable[..., None]:
+        def emit(phase: str, message: str = "", done: int = 0, total: int | None = None) -> None:
+            if progress is None:
+                return
+            try:
+                progress(
+                    ProgressEvent(
+                        run.mid, phase, message, done, total, round(run.timer.elapsed(), 3)
+                    )
+                )
+            except Exception:  # a progress consumer's bug must not break a migration
+                log.exception("migration.progress_callback_failed")
+
+        return emit
+
+    def _save(self, run: _Run) -> None:
+        data = run.report.to_dict()
+        data["checkpoint"] = run.checkpoint
+        data["restart_policy"] = run.spec.restart_policy
+        data["staged"] = run.staged
+        data["restore_sent"] = run.restore_sent
+        with contextlib.suppress(JournalError):
+            self.journal.update_report(run.mid, data)
+
+    def _phase(self, run: _Run, phase: str, emit: Callable[..., None], message: str = "") -> None:
+        self.journal.set_phase(run.mid, phase)
+        self._save(run)
+        log.info("migration.phase", migration=run.mid, phase=phase, container=run.spec.name)
+        emit(phase, message)
+
+    async def _run(
+        self, run: _Run, inspect: dict[str, Any], emit: Callable[..., None]
+    ) -> MigrationReport:
+        try:
+            await self._before_freeze(run, inspect, emit)
+        except MigrationRefused as exc:
+            await self._abort_target(run, exc.reason)
+            self._end(run, "refused", exc.reason)
+            log.info("migration.refused", migration=run.mid, reason=exc.reason)
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            await self._abort_target(run, reason)
+            self._end(run, "refused", reason)
+            log.exception("migration.refused", migration=run.mid, reason=reason)
+            raise MigrationRefused(reason) from exc
+
+        try:
+            await self._freeze_and_move(run, emit)
+        except BaseException as exc:
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, asyncio.CancelledError):
+                reason = "migration cancelled"
+            await asyncio.shield(self._roll_back(run, str(reason), emit))
+            if isinstance(exc, MigrationFailed | asyncio.CancelledError):
+                raise
+            raise MigrationFailed(
+                str(reason), rolled_back=run.report.outcome == "rolled_back"
+            ) from exc
+        return run.report
+
+    # ------------------------------------------------------------ before freeze
+
+    async def _before_freeze(
+        self, run: _Run, inspect: dict[str, Any], emit: Callable[..., None]
+    ) -> None:
+        spec, peer = run.spec, run.peer
+        emit(rp.PREPARE, f"asking {peer.name}")
+        with run.timer.phase(rp.PREPARE):
+            root = await asyncio.to_thread(self.data_root.get)
+            try:
+                upper = root.local(spec.upper_dir or "")
+            except PathOutsideDataRoot as exc:
+                raise MigrationRefused(f"writable layer not reachable: {exc}") from exc
+            if not upper.is_dir():
+                raise MigrationRefused(
+                    f"writable layer {upper} is not visible to the agent (check docker.data_root)"
+                )
+            memory = await asyncio.to_thread(self.adapter.memory_usage, spec.id)
+            upper_bytes = await asyncio.to_thread(_dir_size, upper)
+            image = await asyncio.to_thread(self.adapter.inspect_image, spec.image_id)
+            image_bytes = int(image.get("Size") or 0)
+            body = {
+                "migration_id": run.mid,
+                "container_id": spec.id,
+                "name": spec.name,
+                "image_id": spec.image_id,
+                "image_ref": spec.image_ref,
+                "image_bytes": image_bytes,
+                "memory_bytes": max(memory, 1),
+                "state_bytes_estimate": memory + upper_bytes,
+                "ports": [{"host_ip": p.host_ip, "host_port": p.host_port} for p in spec.ports],
+                "networks": spec.networks,
+                "volumes": [v.name for v in spec.volumes],
+            }
+            answer = await self._call(peer.post_json(MIGRATIONS_PATH, body))
+            run.staged = True  # from here the target may hold something to clean up
+        if not answer.get("has_image"):
+            mig = self.config.migration
+            if not mig.allow_image_shipping:
+                raise MigrationRefused(
+                    f"{peer.name} lacks image {spec.image_ref or spec.image_id} and "
+                    "migration.allow_image_shipping is off"
+                )
+            if image_bytes > int(mig.max_image_bytes):
+                raise MigrationRefused(
+                    f"image {spec.image_ref} is {image_bytes} bytes, over "
+                    f"migration.max_image_bytes ({int(mig.max_image_bytes)})"
+                )
+            self._phase(run, rp.PRESTAGE, emit, "shipping image")
+            with run.timer.phase("image"):
+                await self._ship_image(run, image, image_bytes, emit)
+        else:
+            self._phase(run, rp.PRESTAGE, emit, "creating the target container")
+        with run.timer.phase(rp.PRESTAGE):
+            staged = await self._call(
+                peer.post_json(migration_path(run.mid, "stage"), {"spec": spec.to_dict()})
+            )
+        run.report.target_container_id = str(staged.get("container_id"))
+        self._save(run)
+
+    async def _ship_image(
+        self, run: _Run, image: dict[str, Any], size: int, emit: Callable[..., None]
+    ) -> None:
+        spec = run.spec
+        tags = [t for t in image.get("RepoTags") or [] if t and t != "<none>:<none>"]
+        # Saving by tag keeps the tag on the target; the ID is kept either way.
+        names = [spec.image_ref] if spec.image_ref in tags else (tags[:1] or [spec.image_id])
+        stream = await asyncio.to_thread(self.adapter.image_save, names)
+        limit = int(self.config.migration.max_image_bytes)
+
+        async def chunks() -> Any:
+            sent = 0
+            async for chunk in aiter_blocking(stream, stream.close):
+                sent += len(chunk)
+                if sent > limit:
+                    raise MigrationRefused(
+                        f"image stream exceeds migration.max_image_bytes ({limit})"
+                    )
+                run.report.bytes_image = sent
+                emit("image", "shipping image", sent, size)
+                yield chunk
+
+        meta = {"image": spec.image_ref, "image_id": spec.image_id, "names": names}
+        await self._call(run.peer.upload_image(run.mid, chunks(), meta))
+        run.report.image_shipped = True
+        log.info("migration.image_shipped", migration=run.mid, bytes=run.report.bytes_image)
+
+    async def _call(self, coro: Any) -> dict[str, Any]:
+        """A peer call before the freeze: any failure refuses the migration."""
+        try:
+            result: dict[str, Any] = await coro
+            return result
+        except PeerRefused as exc:
+            raise MigrationRefused(f"{exc.peer} refused: {exc.reason}") from exc
+        except PeerError as exc:
+            raise MigrationRefused(str(exc)) from exc
+
+    # ------------------------------------------------------------ freeze and move
+
+    async def _freeze_and_move(self, run: _Run, emit: Callable[..., None]) -> None:
+        spec, peer = run.spec, run.peer
+        self._phase(run, rp.FREEZE, emit, "checkpointing")
+        run.frozen_at = self.clock.monotonic()
+        with run.timer.phase(rp.FREEZE):
+            if (spec.restart_policy.get("Name") or "no") != "no":
+                await asyncio.to_thread(self.adapter.update_restart_policy, spec.id, {"Name": "no"})
+            await asyncio.to_thread(self.adapter.checkpoint_create, spec.id, run.checkpoint, True)
+
+        self._phase(run, rp.TRANSFER, emit, "streaming state")
+        root = await asyncio.to_thread(self.data_root.get)
+        sections = {
+            "checkpoint": root.checkpoint_dir(spec.id, run.checkpoint),
+            "upper": root.local(spec.upper_dir or ""),
+        }
+        for i, vol in enumerate(spec.volumes):
+            sections[f"vol{i}"] = root.local(vol.daemon_path)
+        estimate = sum(_dir_size(p) for p in sections.values())
+
+        def on_progress(raw: int, compressed: int) -> None:
+            run.report.bytes_state_raw = raw
+            run.report.bytes_state = compressed
+            emit(rp.TRANSFER, "streaming state", raw, estimate)
+
+        with run.timer.phase(rp.TRANSFER):
+            packer = Packer(sections, progress=on_progress)
+            try:
+                await peer.upload_state(run.mid, packer.aiter())
+            except PeerRefused as exc:
+                raise MigrationFailed(f"{peer.name} refused the state: {exc.reason}") from exc
+            except PeerError as exc:
+                raise MigrationFailed(f"state transfer broke: {exc}") from exc
+            except ArchiveError as exc:
+                raise MigrationFailed(f"cannot pack the state: {exc}") from exc
+            digest = packer.digest
+        run.report.details["digest"] = digest
+
+        run.restore_sent = True
+        self._phase(run, rp.RESTORE, emit, f"restoring on {peer.name}")
+        mig = self.config.migration
+        with run.timer.phase(rp.RESTORE):
+            try:
+                answer = await peer.post_json(
+                    migration_path(run.mid, "restore"),
+                    {"digest": digest, "checkpoint": run.checkpoint},
+                    timeout=mig.restore_timeout + mig.health_timeout + 120,
+                )
+            except PeerRefused as exc:
+                raise MigrationFailed(f"{peer.name} could not restore: {exc.reason}") from exc
+            except PeerUnavailable as exc:
+                answer = await self._ask_outcome(run, str(exc))
+        run.report.downtime_s = round(self.clock.monotonic() - run.frozen_at, 4)
+        run.report.details["target_timings"] = answer.get("timings", {})
+        emit(rp.RESTORE, f"running on {peer.name}")
+
+        self._phase(run, rp.FINISH, emit, "cleaning up the source")
+        with run.timer.phase(rp.FINISH):
+            run.report.details["source_copy"] = await self._dispose_source(run)
+        run.timer.finish()
+        self._end(run, "succeeded", None)
+        log.info(
+            "migration.succeeded",
+            migration=run.mid,
+            container=spec.name,
+            target=peer.name,
+            downtime_s=run.report.downtime_s,
+            bytes=run.report.bytes_moved,
+        )
+        emit("done", "succeeded")
+
+    async def _ask_outcome(self, run: _Run, error: str) -> dict[str, Any]:
+        """The restore call broke: ask the target whether the container runs there."""
+        deadline = self.clock.monotonic() + self.config.migration.restore_timeout
+        while True:
+            try:
+                st = await run.peer.get_json(migration_path(run.mid))
+            except PeerUnavailable:
+                st = None
+            except PeerRefused as exc:
+                raise MigrationFailed(
+                    f"restore call broke ({error}); target: {exc.reason}"
+                ) from exc
+            if st is not None:
+                if st.get("outcome") == "succeeded" and st.get("running"):
+                    return {"running": True, "recovered": True}
+                if st.get("outcome") is not None:
+                    raise MigrationFailed(f"restore failed on the target: {st.get('reason')}")
+            if self.clock.monotonic() > deadline:
+                raise MigrationFailed(f"restore call broke and the target stayed silent: {error}")
+            await asyncio.sleep(1.0)
+
+    async def _dispose_source(self, run: _Run) -> str:
+        spec = run.spec
+        keep = float(self.config.migration.keep_source_copy_for)
+        try:
+            if keep > 0:
+                kept = f"{spec.name}-ferry-{run.mid}"
+                await asyncio.to_thread(self.adapter.rename, spec.id, kept)
+                run.report.details["kept_until"] = self.clock.time() + keep
+                self._schedule_removal(spec.id, keep)
+                return f"kept as {kept} for {keep:.0f}s"
+            await asyncio.to_thread(self.adapter.remove, spec.id, True)
+        except DockerError as exc:
+            log.warning("migration.source_cleanup_failed", migration=run.mid, error=str(exc))
+            return f"cleanup failed: {exc}"
+        return "removed"
+
+    def _schedule_removal(self, container_id: str, delay: float) -> None:
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            with contextlib.suppress(DockerError):
+                await asyncio.to_thread(self.adapter.remove, container_id, True)
+
+        self._spawn(later())
+
+    # ------------------------------------------------------------ rollback
+
+    async def _roll_back(self, run: _Run, reason: str, emit: Callable[..., None]) -> None:
+        log.warning("migration.rolling_back", migration=run.mid, reason=reason)
+        with contextlib.suppress(JournalError):
+            self._phase(run, rp.ROLLBACK, emit, reason)
+        with run.timer.phase(rp.ROLLBACK):
+            if run.restore_sent:
+                # The target may have it running after all (answer lost): then it stays there.
+                try:
+                    st = await run.peer.get_json(migration_path(run.mid))
+                except PeerError:
+                    st = {}
+                if st.get("outcome") == "succeeded" and st.get("running"):
+                    log.warning("migration.target_has_it", migration=run.mid)
+                    run.report.details["source_copy"] = await self._dispose_source(run)
+                    run.timer.finish()
+                    self._end(run, "succeeded", f"confirmed running on target after: {reason}")
+                    return
+            await self._abort_target(run, reason)
+            try:
+                how = await asyncio.to_thread(self._restore_here, run)
+            except Exception as exc:
+                run.timer.finish()
+                why = f"{reason}; AND local restore failed: {exc}"
+                self._end(run, "failed", why)
+                log.error("migration.rollback_failed", migration=run.mid, reason=why)
+                raise MigrationFailed(why, rolled_back=False) from exc
+        run.report.details["rollback"] = how
+        run.timer.finish()
+        self._end(run, "rolled_back", reason)
+        log.warning("migration.rolled_back", migration=run.mid, reason=reason, how=how)
+        emit("done", f"rolled back: {reason}")
+
+    def _restore_here(self, run: _Run) -> str:
+        return restore_locally(
+            self.adapter,
+            self.data_root.get(),
+            run.spec.id,
+            run.checkpoint,
+            run.spec.restart_policy,
+            self.config.migration.restore_timeout,
+        )
+
+    async def _abort_target(self, run: _Run, reason: str) -> None:
+        if not run.staged:
+            return
+        try:
+            await run.peer.post_json(migration_path(run.mid, "abort"), {"reason": reason})
+        except PeerError as exc:
+            # The target also cleans up half-made containers when it restarts.
+            log.warning("migration.abort_unanswered", migration=run.mid, error=str(exc))
+
+    def _end(self, run: _Run, outcome: str, reason: str | None) -> None:
+        run.report.outcome = outcome
+        run.report.reason = reason
+        if not run.report.total_s:
+            run.timer.finish()
+        data = run.report.to_dict()
+        data["checkpoint"] = run.checkpoint
+        try:
+            self.journal.finish(run.mid, outcome, reason=reason, report=data)
+        except JournalError:
+            log.exception("migration.journal_failed", migration=run.mid)
+
+    # ------------------------------------------------------------ reconcile
+
+    async def reconcile_record(self, rec: MigrationRecord) -> str:
+        """Resolve one unfinished source-side migration after a restart."""
+        data = rec.report or {}
+        checkpoint = str(data.get("checkpoint") or f"ferry-{rec.id}")
+        policy = dict(data.get("restart_policy") or {"Name": "no"})
+        peer = self.peers.get(rec.target)
+        info = await asyncio.to_thread(self.adapter.find_container, rec.container_id)
+        status: dict[str, Any] | None = None
+        if peer is not None:
+            with contextlib.suppress(PeerError):
+                status = await peer.get_json(migration_path(rec.id))
+        target_running = bool(
+            status and status.get("outcome") == "succeeded" and status.get("running")
+        )
+
+        if rec.phase not in rp.FROZEN_PHASES:
+            await self._reconcile_abort(peer, rec.id, "source agent restarted before the freeze")
+            self.journal.finish(rec.id, "refused", reason="agent restarted before the freeze")
+            return "untouched: restarted before the freeze"
+        if target_running:
+            if info is not None and not (info.get("State") or {}).get("Running"):
+                await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
+            self.journal.finish(rec.id, "succeeded", reason="target confirmed running at reconcile")
+            return "target runs it; source copy removed"
+        if info is None:
+            self.journal.finish(
+                rec.id, "failed", reason="container gone from the source at reconcile"
+            )
+            return "container missing"
+        if status is None and bool(data.get("restore_sent")):
+            # The target may have started it; restoring here could run it twice.
+            raise MigrationFailed(
+                f"target {rec.target} unreachable after the restore was requested",
+                rolled_back=False,
+            )
+        await self._reconcile_abort(peer, rec.id, "source rolled back at reconcile")
+        root = await asyncio.to_thread(self.data_root.get)
+        how = await asyncio.to_thread(
+            restore_locally,
+            self.adapter,
+            root,
+            rec.container_id,
+            checkpoint,
+            policy,
+            self.config.migration.restore_timeout,
+        )
+        report = dict(data)
+        report["details"] = dict(report.get("details") or {}) | {"rollback": how}
+        self.journal.finish(
+            rec.id,
+            "rolled_back",
+            reason=f"agent restarted during {rec.phase}; {how}",
+            report=report,
+        )
+        log.warning("migration.rolled_back", migration=rec.id, reason="reconcile", how=how)
+        return f"rolled back: {how}"
+
+    async def _reconcile_abort(self, peer: PeerLike | None, mid: str, reason: str) -> None:
+        if peer is None:
+            return
+        with contextlib.suppress(PeerError):
+            await peer.post_json(migration_path(mid, "abort"), {"reason": reason})
+
+
+def remove_checkpoint_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

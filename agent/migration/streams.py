@@ -1,0 +1,84 @@
+"""Bridges between asyncio byte streams and the blocking Docker SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_END = object()
+_PUT_WAIT = 0.5  # seconds; how often a blocked feeder re-checks that the consumer still runs
+
+
+async def aiter_blocking(
+    it: Iterator[bytes], close: Callable[[], None] | None = None
+) -> AsyncIterator[bytes]:
+    """Pull a blocking iterator from a worker thread, one chunk at a time."""
+    try:
+        while True:
+            chunk = await asyncio.to_thread(next, it, None)
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        if close is not None:
+            close()
+
+
+async def feed_blocking_consumer(
+    source: AsyncIterable[bytes],
+    consumer: Callable[[Iterator[bytes]], T],
+    maxsize: int = 8,
+) -> T:
+    """Run `consumer(iterator)` in a thread, feeding it what `source` yields.
+
+    If the source fails, the consumer's iterator raises the same error (so an
+    HTTP upload in the consumer is aborted, not completed short); if the
+    consumer stops early, feeding stops too.
+    """
+    q: queue.Queue[Any] = queue.Queue(maxsize)
+    consumer_done = threading.Event()
+
+    def chunks() -> Iterator[bytes]:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def run() -> T:
+        try:
+            return consumer(chunks())
+        finally:
+            consumer_done.set()
+
+    def put(item: Any) -> bool:
+        while not consumer_done.is_set():
+            try:
+                q.put(item, timeout=_PUT_WAIT)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    task = asyncio.ensure_future(asyncio.to_thread(run))
+    try:
+        try:
+            async for chunk in source:
+                if not await asyncio.to_thread(put, chunk):
+                    break
+        except BaseException as exc:
+            await asyncio.to_thread(put, ConnectionAbortedError(f"upload broke: {exc}"))
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        await asyncio.to_thread(put, _END)
+        return await task
+    finally:
+        if not task.done():
+            await asyncio.gather(task, return_exceptions=True)

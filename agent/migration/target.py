@@ -1,0 +1,592 @@
+"""The target side of a migration: the peer API handlers.
+
+prepare -> (image) -> stage -> state -> restore, or abort at any point. Every
+step is journalled (role "target") so a restarted agent can tell a
+half-made container (removed) from one it restored (kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.archive import ArchiveError, DigestMismatch, UnsafeArchive, spool, unpack_file
+from agent.config import FerryConfig
+from agent.docker_adapter import (
+    CHECKPOINT_NAME_RE,
+    DockerAdapter,
+    DockerError,
+    DockerNotFound,
+    DockerUnavailable,
+)
+from agent.journal import Journal, JournalError
+from agent.migration.paths import DataRootResolver
+from agent.migration.resources import CapacityRefused, Reservations
+from agent.migration.spec import DEFAULT_NETWORKS, ContainerSpec
+from agent.migration.streams import feed_blocking_consumer
+from agent.model import Clock, SystemClock
+from agent.peer.api import ByteStream, HandlerError, valid_migration_id
+
+log = structlog.get_logger(__name__)
+
+RESERVATION_TTL = 600.0
+HOOKS_DIR = "hooks"
+# Fault injection for end-to-end tests: while <state_dir>/hooks/before-restore
+# exists, a restore that has unpacked its state waits (after writing
+# before-restore.reached), so a test can break the host at exactly that point.
+BEFORE_RESTORE_HOOK = "before-restore"
+HOOK_MAX_WAIT = 300.0
+
+# Target-side journal phases.
+T_PREPARED = "prepared"
+T_IMAGE = "image"
+T_STAGED = "staged"
+T_RECEIVED = "received"
+T_RESTORE = "restore"
+
+
+@dataclass
+class Incoming:
+    """What the target knows about one migration it is receiving."""
+
+    migration_id: str
+    peer: str
+    name: str
+    source_container_id: str
+    checkpoint: str = ""
+    container_id: str | None = None
+    spec: dict[str, Any] | None = None
+    upper_dir: str | None = None  # local path
+    volume_dirs: dict[str, str] = field(default_factory=dict)  # section -> local path
+    created_volumes: list[str] = field(default_factory=list)
+    archive: str | None = None
+    archive_digest: str | None = None
+    archive_bytes: int = 0
+    image_bytes: int = 0
+
+    def journal_report(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("spec", None)
+        return {"target": data}
+
+
+def _refuse(reason: str, code: str = "refused", status: int = 409) -> HandlerError:
+    return HandlerError(status, code, reason)
+
+
+class TargetHandlers:
+    """Implements agent.peer.api.PeerHandlers for the target side of migrations."""
+
+    def __init__(
+        self,
+        adapter: DockerAdapter,
+        config: FerryConfig,
+        journal: Journal,
+        draining: Callable[[], bool] = lambda: False,
+        clock: Clock | None = None,
+        peer_status: Callable[[str, str], Awaitable[dict[str, Any] | None]] | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.journal = journal
+        self.draining = draining
+        self.clock = clock or SystemClock()
+        # Asks a source peer about a migration (used by reconcile); None in tests.
+        self.peer_status = peer_status
+        self.data_root = DataRootResolver(adapter.data_root, config.docker.data_root)
+        self.reservations = Reservations(
+            self.clock, config.docker.data_root or Path(config.state_dir)
+        )
+        self.incoming: dict[str, Incoming] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._cleanup_tasks: set[asyncio.Task[None]] = set()
+        self.spool_dir = Path(config.state_dir) / "incoming"
+        self.hooks_dir = Path(config.state_dir) / HOOKS_DIR
+
+    # ------------------------------------------------------------ helpers
+
+    def _lock(self, mid: str) -> asyncio.Lock:
+        return self._locks.setdefault(mid, asyncio.Lock())
+
+    def _get(self, peer: str, mid: str) -> Incoming:
+        inc = self.incoming.get(mid)
+        if inc is None:
+            raise _refuse(f"no migration {mid} in progress here", "unknown_migration", 404)
+        if inc.peer != peer:
+            raise _refuse(f"migration {mid} belongs to another peer", "forbidden", 403)
+        return inc
+
+    def _phase(self, inc: Incoming, phase: str) -> None:
+        self.journal.set_phase(inc.migration_id, phase)
+        self.journal.update_report(inc.migration_id, inc.journal_report())
+
+    async def close(self) -> None:
+        for task in list(self._cleanup_tasks):
+            task.cancel()
+        await asyncio.gather(*self._cleanup_tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------ PeerHandlers
+
+    async def health(self) -> dict[str, Any]:
+        return {
+            "migrations_in_progress": len(self.incoming),
+            "reserved_memory_bytes": sum(r.memory_bytes for r in self.reservations.active()),
+        }
+
+    async def prepare(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        mid = str(body.get("migration_id", ""))
+        name = str(body.get("name", ""))
+        if not valid_migration_id(mid) or not name:
+            raise _refuse("prepare needs migration_id and name", "bad_request", 400)
+        if not CHECKPOINT_NAME_RE.match(f"ferry-{mid}"):
+            raise _refuse(
+                f"migration id {mid!r} makes an invalid checkpoint name", "bad_request", 400
+            )
+        if self.draining():
+            raise _refuse(f"{self.config.name} is draining", "draining", 503)
+        if mid in self.incoming:
+            raise _refuse(f"migration {mid} is already in progress here", "conflict")
+        if len(self.incoming) >= self.config.limits.max_concurrent_migrations:
+            raise _refuse(
+                f"{self.config.name} is already receiving {len(self.incoming)} migration(s)",
+                "busy",
+                503,
+            )
+        image_id = str(body.get("image_id", ""))
+        try:
+            reasons, has_image = await asyncio.to_thread(self._prepare_checks, body, name, image_id)
+        except DockerError as exc:
+            raise _refuse(
+                f"{self.config.name}'s Docker daemon: {exc}", "docker_unavailable", 503
+            ) from exc
+        if reasons:
+            raise _refuse("; ".join(reasons))
+        disk = int(body.get("state_bytes_estimate") or 0)
+        if not has_image:
+            disk += int(body.get("image_bytes") or 0)
+        try:
+            self.reservations.reserve(
+                mid, peer, int(body.get("memory_bytes") or 0), disk, RESERVATION_TTL
+            )
+        except CapacityRefused as exc:
+            raise _refuse(f"{self.config.name}: {exc}", "no_capacity") from exc
+        inc = Incoming(mid, peer, name, str(body.get("container_id", "")))
+        inc.checkpoint = f"ferry-{mid}"
+        try:
+            self.journal.begin(
+                mid,
+                container_id=inc.source_container_id,
+                container_name=name,
+                source=peer,
+                target=self.config.name,
+                role="target",
+                phase=T_PREPARED,
+            )
+        except JournalError as exc:
+            self.reservations.release(mid)
+            raise _refuse(str(exc), "conflict") from exc
+        self.incoming[mid] = inc
+        log.info("migration.target.prepared", migration=mid, peer=peer, container=name)
+        return {"accepted": True, "has_image": has_image, "reservation_ttl_s": RESERVATION_TTL}
+
+    def _prepare_checks(
+        self, body: dict[str, Any], name: str, image_id: str
+    ) -> tuple[list[str], bool]:
+        reasons: list[str] = []
+        here = self.config.name
+        if self.adapter.find_container(name) is not None:
+            reasons.append(f"a container named {name} already exists on {here}")
+        wanted = {(str(p.get("host_ip") or ""), int(p["host_port"])) for p in body.get("ports", [])}
+        if wanted:
+            for c in self.adapter.list_containers():
+                if c.get("State") != "running":
+                    continue
+                for p in c.get("Ports") or []:
+                    if not p.get("PublicPort"):
+                        continue
+                    used_ip = str(p.get("IP") or "")
+                    for ip, port in wanted:
+                        if port == p["PublicPort"] and (
+                            ip in ("", "0.0.0.0", "::") or used_ip in ("", "0.0.0.0", "::", ip)
+                        ):
+                            reasons.append(f"port {port} is already published on {here}")
+        for net in body.get("networks", []):
+            if net not in DEFAULT_NETWORKS and net not in self.adapter.network_names():
+                reasons.append(f"network {net} does not exist on {here}")
+        for vol in body.get("volumes", []):
+            with contextlib.suppress(DockerNotFound):
+                self.adapter.inspect_volume(vol)
+                reasons.append(f"volume {vol} already exists on {here}")
+        has_image = bool(image_id) and self.adapter.has_image(image_id)
+        return sorted(set(reasons)), has_image
+
+    async def status(self, peer: str, migration_id: str) -> dict[str, Any]:
+        try:
+            rec = self.journal.get(migration_id)
+        except JournalError:
+            raise _refuse(f"no migration {migration_id}", "unknown_migration", 404) from None
+        if rec.source != peer and rec.target != peer:
+            raise _refuse(f"migration {migration_id} does not involve {peer}", "forbidden", 403)
+        out: dict[str, Any] = {
+            "migration_id": rec.id,
+            "role": rec.role,
+            "phase": rec.phase,
+            "outcome": rec.outcome,
+            "reason": rec.reason,
+        }
+        cid = (rec.report.get("target") or {}).get("container_id") if rec.role == "target" else None
+        if cid:
+            out["container_id"] = cid
+            try:
+                info = await asyncio.to_thread(self.adapter.find_container, cid)
+                out["running"] = bool(info and (info.get("State") or {}).get("Running"))
+                out["exists"] = info is not None
+            except DockerError as exc:
+                out["running"] = None
+                out["docker_error"] = str(exc)
+        return out
+
+    async def stage(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with self._lock(migration_id):
+            inc = self._get(peer, migration_id)
+            self.reservations.extend(migration_id, RESERVATION_TTL)
+            spec = ContainerSpec.from_dict(body["spec"])
+            try:
+                result = await asyncio.to_thread(self._create, inc, spec)
+            except DockerUnavailable as exc:
+                raise _refuse(
+                    f"{self.config.name}'s Docker daemon: {exc}", "docker_unavailable", 503
+                ) from exc
+            except DockerError as exc:
+                raise _refuse(
+                    f"cannot create the container on {self.config.name}: {exc.message}"
+                ) from exc
+            self._phase(inc, T_STAGED)
+            log.info(
+                "migration.target.staged", migration=migration_id, container_id=inc.container_id
+            )
+            return result
+
+    def _create(self, inc: Incoming, spec: ContainerSpec) -> dict[str, Any]:
+        if not self.adapter.has_image(spec.image_id):
+            raise DockerError("stage", f"image {spec.image_ref or spec.image_id} is not here")
+        body = dict(spec.body)
+        ref_ok = False
+        if spec.image_ref:
+            with contextlib.suppress(DockerNotFound):
+                ref_ok = self.adapter.inspect_image(spec.image_ref).get("Id") == spec.image_id
+        body["Image"] = spec.image_ref if ref_ok else spec.image_id
+        before = {v.name for v in spec.volumes if self._volume_exists(v.name)}
+        try:
+            cid = self.adapter.create_container(body, name=spec.name)
+        except DockerError as exc:
+            if "bind source path does not exist" in exc.message:
+                raise DockerError(
+                    "stage", f"bind mount source missing on {self.config.name}: {exc.message}"
+                ) from exc
+            raise
+        inc.container_id = cid
+        inc.spec = spec.to_dict()
+        inc.created_volumes = [v.name for v in spec.volumes if v.name not in before]
+        # Journal the id right away: a crash from here on must find and remove it.
+        self.journal.update_report(inc.migration_id, inc.journal_report())
+        info = self.adapter.inspect_container(cid)
+        graph = info.get("GraphDriver") or {}
+        if graph.get("Name") != "overlay2":
+            raise DockerError(
+                "stage", f"{self.config.name} uses storage driver {graph.get('Name')}"
+            )
+        root = self.data_root.get()
+        inc.upper_dir = str(root.local(str(graph["Data"]["UpperDir"])))
+        for i, vol in enumerate(spec.volumes):
+            mp = self.adapter.inspect_volume(vol.name).get("Mountpoint")
+            inc.volume_dirs[f"vol{i}"] = str(root.local(str(mp)))
+        if not Path(inc.upper_dir).is_dir():
+            raise DockerError("stage", f"upper dir {inc.upper_dir} is not visible to the agent")
+        return {"container_id": cid, "image": body["Image"]}
+
+    def _volume_exists(self, name: str) -> bool:
+        try:
+            self.adapter.inspect_volume(name)
+        except DockerNotFound:
+            return False
+        return True
+
+    async def receive_image(
+        self, peer: str, migration_id: str, stream: ByteStream, meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        async with self._lock(migration_id):
+            inc = self._get(peer, migration_id)
+            self._phase(inc, T_IMAGE)
+            limit = int(self.config.migration.max_image_bytes)
+            counted = _Counting(stream, limit)
+            try:
+                await feed_blocking_consumer(counted, self.adapter.image_load)
+            except DockerError as exc:
+                raise _refuse(f"docker load failed on {self.config.name}: {exc.message}") from exc
+            except _TooBig as exc:
+                raise _refuse(str(exc), "too_large", 413) from exc
+            inc.image_bytes = counted.count
+            image_id = str(meta.get("image_id") or "")
+            if image_id and not await asyncio.to_thread(self.adapter.has_image, image_id):
+                raise _refuse(f"loaded image does not have ID {image_id}", "image_mismatch")
+            log.info("migration.target.image_loaded", migration=migration_id, bytes=counted.count)
+            return {"loaded": True, "bytes": counted.count}
+
+    async def receive_state(
+        self, peer: str, migration_id: str, stream: ByteStream, digest: str | None
+    ) -> dict[str, Any]:
+        async with self._lock(migration_id):
+            inc = self._get(peer, migration_id)
+            if inc.container_id is None:
+                raise _refuse("state sent before the container was staged", "bad_order")
+            self._phase(inc, T_RECEIVED)
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            dest = self.spool_dir / f"{migration_id}.tar.zst"
+            inc.archive = str(dest)
+            try:
+                result = await spool(
+                    stream,
+                    dest,
+                    expected_digest=digest,
+                    max_bytes=int(self.config.limits.max_request_bytes),
+                )
+            except DigestMismatch as exc:
+                raise _refuse(str(exc), "digest_mismatch", 422) from exc
+            except ArchiveError as exc:
+                raise _refuse(str(exc), "too_large", 413) from exc
+            inc.archive_digest = result.digest
+            inc.archive_bytes = result.size
+            self.journal.update_report(migration_id, inc.journal_report())
+            return {"digest": result.digest, "bytes": result.size}
+
+    async def restore(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with self._lock(migration_id):
+            inc = self._get(peer, migration_id)
+            if inc.container_id is None or inc.archive is None or inc.spec is None:
+                raise _refuse(
+                    "restore before the container was staged and its state sent", "bad_order"
+                )
+            digest = str(body.get("digest") or "")
+            if digest != inc.archive_digest:
+                await self._discard(
+                    inc, f"digest mismatch: got {inc.archive_digest}, source says {digest}"
+                )
+                raise _refuse(
+                    f"state digest {inc.archive_digest} does not match the source's {digest}",
+                    "digest_mismatch",
+                    422,
+                )
+            self._phase(inc, T_RESTORE)
+            t0 = self.clock.monotonic()
+            timings: dict[str, float] = {}
+            try:
+                await self._unpack(inc, digest)
+                timings["unpack_s"] = round(self.clock.monotonic() - t0, 4)
+                await self._hook(BEFORE_RESTORE_HOOK, inc)
+                t1 = self.clock.monotonic()
+                await asyncio.to_thread(self._start_and_wait, inc)
+                timings["start_s"] = round(self.clock.monotonic() - t1, 4)
+            except HandlerError as exc:
+                await self._discard(inc, exc.reason)
+                raise
+            except (DockerError, ArchiveError, OSError) as exc:
+                reason = f"restore on {self.config.name} failed: {exc}"
+                await self._discard(inc, reason)
+                code = "unsafe_archive" if isinstance(exc, UnsafeArchive) else "restore_failed"
+                raise _refuse(reason, code, 422 if code == "unsafe_archive" else 500) from exc
+            # Running here now: this copy is the container from this point on.
+            with contextlib.suppress(OSError):
+                os.unlink(inc.archive)
+            with contextlib.suppress(DockerError):
+                await asyncio.to_thread(
+                    self.adapter.checkpoint_delete, inc.container_id, inc.checkpoint
+                )
+            self.journal.finish(
+                migration_id, "succeeded", report=inc.journal_report() | {"timings": timings}
+            )
+            self._forget(migration_id)
+            log.info(
+                "migration.target.running", migration=migration_id, container_id=inc.container_id
+            )
+            return {"running": True, "container_id": inc.container_id, "timings": timings}
+
+    async def _unpack(self, inc: Incoming, digest: str) -> None:
+        assert inc.container_id and inc.archive and inc.upper_dir
+        root = await asyncio.to_thread(self.data_root.get)
+        ckpt = root.checkpoint_dir(inc.container_id, inc.checkpoint)
+        sections = {"checkpoint": ckpt, "upper": Path(inc.upper_dir)}
+        sections.update({k: Path(v) for k, v in inc.volume_dirs.items()})
+        await asyncio.to_thread(
+            unpack_file,
+            Path(inc.archive),
+            sections,
+            expected_digest=digest,
+            max_raw_bytes=int(self.config.limits.max_request_bytes) * 8,
+        )
+
+    def _start_and_wait(self, inc: Incoming) -> None:
+        assert inc.container_id and inc.spec
+        spec = ContainerSpec.from_dict(inc.spec)
+        mig = self.config.migration
+        self.adapter.start(inc.container_id, checkpoint=inc.checkpoint)
+        self.adapter.wait_running(inc.container_id, timeout=mig.restore_timeout)
+        if spec.has_healthcheck:
+            self.adapter.wait_running(inc.container_id, timeout=mig.health_timeout, healthy=True)
+        policy = spec.restart_policy
+        if (policy.get("Name") or "no") != "no":
+            self.adapter.update_restart_policy(inc.container_id, policy)
+
+    async def _hook(self, name: str, inc: Incoming) -> None:
+        gate = self.hooks_dir / name
+        if not gate.exists():
+            return
+        log.warning("migration.target.hook_waiting", hook=name, migration=inc.migration_id)
+        (self.hooks_dir / f"{name}.reached").write_text(json.dumps(asdict(inc)))
+        deadline = self.clock.monotonic() + HOOK_MAX_WAIT
+        while gate.exists() and self.clock.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    async def abort(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        inc = self.incoming.get(migration_id)
+        if inc is None:
+            # Perhaps from before a restart: the journal still knows what was made.
+            try:
+                rec = self.journal.get(migration_id)
+            except JournalError:
+                return {"aborted": False, "reason": "unknown migration"}
+            if rec.source != peer:
+                raise _refuse(f"migration {migration_id} belongs to another peer", "forbidden", 403)
+            if rec.outcome == "succeeded":
+                raise _refuse(
+                    f"migration {migration_id} already finished: the container runs here",
+                    "already_running",
+                )
+            inc = _incoming_from_record(rec)
+        elif inc.peer != peer:
+            raise _refuse(f"migration {migration_id} belongs to another peer", "forbidden", 403)
+        async with self._lock(migration_id):
+            reason = str(body.get("reason") or "aborted by the source")
+            removed = await self._discard(inc, reason)
+        return {"aborted": True, "removed": removed}
+
+    async def _discard(self, inc: Incoming, reason: str) -> bool:
+        """Remove everything this migration made here; retry later if Docker is away."""
+        try:
+            await asyncio.to_thread(self._remove_made, inc)
+        except DockerError as exc:
+            log.warning(
+                "migration.target.cleanup_deferred", migration=inc.migration_id, error=str(exc)
+            )
+            self._forget(inc.migration_id)
+            self._spawn_cleanup(inc, reason)
+            return False
+        with contextlib.suppress(JournalError):
+            self.journal.finish(
+                inc.migration_id, "aborted", reason=reason, report=inc.journal_report()
+            )
+        self._forget(inc.migration_id)
+        log.info("migration.target.aborted", migration=inc.migration_id, reason=reason)
+        return True
+
+    def _remove_made(self, inc: Incoming) -> None:
+        if inc.archive:
+            with contextlib.suppress(OSError):
+                os.unlink(inc.archive)
+        if inc.container_id:
+            with contextlib.suppress(DockerNotFound):
+                self.adapter.remove(inc.container_id, force=True)
+            # The checkpoint dir goes with the container; nothing else to remove.
+        for vol in inc.created_volumes:
+            with contextlib.suppress(DockerNotFound):
+                self.adapter.remove_volume(vol)
+
+    def _spawn_cleanup(self, inc: Incoming, reason: str) -> None:
+        async def retry() -> None:
+            delay = 1.0
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await asyncio.to_thread(self._remove_made, inc)
+                except DockerError:
+                    delay = min(delay * 2, 30.0)
+                    continue
+                with contextlib.suppress(JournalError):
+                    self.journal.finish(inc.migration_id, "aborted", reason=reason)
+                log.info("migration.target.cleanup_done", migration=inc.migration_id)
+                return
+
+        task = asyncio.get_running_loop().create_task(retry())
+        self._cleanup_tasks.add(task)
+        task.add_done_callback(self._cleanup_tasks.discard)
+
+    def _forget(self, mid: str) -> None:
+        self.incoming.pop(mid, None)
+        self._locks.pop(mid, None)
+        self.reservations.release(mid)
+
+    # ------------------------------------------------------------ reconcile
+
+    async def reconcile_record(self, rec: Any) -> str:
+        """Resolve an unfinished target-side migration after a restart."""
+        inc = _incoming_from_record(rec)
+        info = None
+        if inc.container_id:
+            info = await asyncio.to_thread(self.adapter.find_container, inc.container_id)
+        running = bool(info and (info.get("State") or {}).get("Running"))
+        if running:
+            verdict = None
+            if self.peer_status is not None:
+                verdict = await self.peer_status(rec.source, rec.id)
+            if verdict is not None and verdict.get("outcome") in (
+                "rolled_back",
+                "failed",
+                "refused",
+            ):
+                await self._discard(inc, "source rolled back while this agent was down")
+                return "removed: the source runs it"
+            self.journal.finish(rec.id, "succeeded", reason="restored; confirmed at reconcile")
+            return "kept: running here"
+        await self._discard(inc, "half-made container removed at agent start")
+        return "removed half-made container"
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _Counting:
+    def __init__(self, stream: ByteStream, limit: int) -> None:
+        self._stream = stream
+        self.limit = limit
+        self.count = 0
+
+    async def __aiter__(self) -> Any:
+        async for chunk in self._stream:
+            self.count += len(chunk)
+            if self.count > self.limit:
+                raise _TooBig(f"image exceeds migration.max_image_bytes ({self.limit})")
+            yield chunk
+
+
+def _incoming_from_record(rec: Any) -> Incoming:
+    data = dict((rec.report or {}).get("target") or {})
+    known = {k: v for k, v in data.items() if k in Incoming.__dataclass_fields__}
+    known.setdefault("migration_id", rec.id)
+    known.setdefault("peer", rec.source)
+    known.setdefault("name", rec.container_name)
+    known.setdefault("source_container_id", rec.container_id)
+    return Incoming(**known)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
