@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from agent.config import FerryConfig
 from agent.docker_adapter import DockerAdapter
@@ -34,4 +35,35 @@ def build_service(
         draining,
         clock or SystemClock(),
     )
+    service.owns_adapter = adapter is None
     return service
+
+
+def runtime_parts(owner: Any, journal: Journal) -> Any:
+    """The runtime's MigrationParts for `ferry run` (agent.service.runtime.Agent as owner).
+
+    Uses the agent's own Docker adapter, clock and drain state; the control
+    socket gets POST /v1/migrate.
+    """
+    from agent.migration.control_routes import add_migration_routes
+    from agent.service.runtime import MigrationParts
+
+    service = build_service(
+        owner.config, journal, owner.draining, owner.clock, adapter=owner.docker
+    )
+
+    def routes(app: Any) -> None:
+        add_migration_routes(app, service)
+
+    async def close() -> None:
+        await service.close()
+        journal.close()
+
+    return MigrationParts(
+        migrator=service,
+        handlers=service.handlers,
+        journal=journal,
+        route_hooks=[routes],
+        reconcile=service.reconcile,
+        close=close,
+    )

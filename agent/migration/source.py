@@ -109,6 +109,7 @@ class MigrationService:
         self.draining = draining
         self.clock = clock or SystemClock()
         self.data_root = DataRootResolver(adapter.data_root, config.docker.data_root)
+        self.owns_adapter = False  # set by build_service when it made the adapter
         self.active: dict[str, str] = {}  # container id -> migration id
         self._tasks: set[asyncio.Task[Any]] = set()
         self.handlers = TargetHandlers(
@@ -125,7 +126,8 @@ class MigrationService:
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer()
-        await asyncio.to_thread(self.adapter.close)
+        if self.owns_adapter:
+            await asyncio.to_thread(self.adapter.close)
 
     async def _peer_status(self, peer_name: str, mid: str) -> dict[str, Any] | None:
         peer = self.peers.get(peer_name)
