@@ -172,6 +172,7 @@ class PolicyEngine:
             PolicyStatus(
                 name=st.policy.name,
                 status=st.status(now),
+                active=st.active,
                 since=st.status_since,
                 actions=st.actions,
                 in_flight=st.in_flight,

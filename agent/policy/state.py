@@ -84,6 +84,7 @@ class PolicyStatus:
 
     name: str
     status: Status
+    active: bool  # firing or cooling down: the policy's condition holds (with hysteresis)
     since: float  # clock.monotonic() of the last status change
     actions: int
     in_flight: int

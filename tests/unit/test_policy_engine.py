@@ -434,6 +434,10 @@ def test_states_snapshot() -> None:
         await h.tick(0, psi_cpu_some_avg10=90)
         (state,) = h.engine.states()
         assert state.name == "cpu" and state.status == "pending" and state.since == 0
+        assert not state.active
+        await h.tick(10)
+        (state,) = h.engine.states()
+        assert state.active and state.status == "firing" and state.since == 10  # cooldown 0
         assert "psi.cpu.some.avg10 > 80 for 10s" in state.summary
 
     run_async(scenario())
