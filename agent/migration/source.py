@@ -24,6 +24,7 @@ from agent.archive import ArchiveError, Packer
 from agent.config import FerryConfig
 from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
 from agent.journal import Journal, JournalError, MigrationRecord
+from agent.migration import hooks
 from agent.migration import report as rp
 from agent.migration.errors import MigrationFailed, MigrationRefused
 from agent.migration.paths import DataRootResolver, PathOutsideDataRoot
@@ -286,7 +287,12 @@ class MigrationService:
             if isinstance(exc, asyncio.CancelledError):
                 reason = "migration cancelled"
             await asyncio.shield(self._roll_back(run, str(reason), emit))
-            if isinstance(exc, MigrationFailed | asyncio.CancelledError):
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if run.report.outcome == "succeeded":
+                return run.report  # the target had it running after all
+            if isinstance(exc, MigrationFailed):
+                exc.rolled_back = run.report.outcome == "rolled_back"
                 raise
             raise MigrationFailed(
                 str(reason), rolled_back=run.report.outcome == "rolled_back"
@@ -400,6 +406,9 @@ class MigrationService:
             if (spec.restart_policy.get("Name") or "no") != "no":
                 await asyncio.to_thread(self.adapter.update_restart_policy, spec.id, {"Name": "no"})
             await asyncio.to_thread(self.adapter.checkpoint_create, spec.id, run.checkpoint, True)
+        await hooks.gate(
+            Path(self.config.state_dir), hooks.AFTER_FREEZE, self.clock, {"migration": run.mid}
+        )
 
         self._phase(run, rp.TRANSFER, emit, "streaming state")
         root = await asyncio.to_thread(self.data_root.get)
@@ -526,7 +535,12 @@ class MigrationService:
                     run.timer.finish()
                     self._end(run, "succeeded", f"confirmed running on target after: {reason}")
                     return
-            await self._abort_target(run, reason)
+            if await self._abort_target(run, reason):
+                log.warning("migration.target_has_it", migration=run.mid)
+                run.report.details["source_copy"] = await self._dispose_source(run)
+                run.timer.finish()
+                self._end(run, "succeeded", f"target refused the abort, it runs there: {reason}")
+                return
             try:
                 how = await asyncio.to_thread(self._restore_here, run)
             except Exception as exc:
@@ -551,14 +565,25 @@ class MigrationService:
             self.config.migration.restore_timeout,
         )
 
-    async def _abort_target(self, run: _Run, reason: str) -> None:
+    async def _abort_target(self, run: _Run, reason: str) -> bool:
+        """Tell the target to drop its copy; True if it says the container already runs there."""
         if not run.staged:
-            return
+            return False
+        return await self._send_abort(run.peer, run.mid, reason)
+
+    async def _send_abort(self, peer: PeerLike | None, mid: str, reason: str) -> bool:
+        if peer is None:
+            return False
         try:
-            await run.peer.post_json(migration_path(run.mid, "abort"), {"reason": reason})
+            await peer.post_json(migration_path(mid, "abort"), {"reason": reason})
+        except PeerRefused as exc:
+            if exc.error == "already_running":
+                return True
+            log.warning("migration.abort_refused", migration=mid, error=str(exc))
         except PeerError as exc:
             # The target also cleans up half-made containers when it restarts.
-            log.warning("migration.abort_unanswered", migration=run.mid, error=str(exc))
+            log.warning("migration.abort_unanswered", migration=mid, error=str(exc))
+        return False
 
     def _end(self, run: _Run, outcome: str, reason: str | None) -> None:
         run.report.outcome = outcome
@@ -590,7 +615,7 @@ class MigrationService:
         )
 
         if rec.phase not in rp.FROZEN_PHASES:
-            await self._reconcile_abort(peer, rec.id, "source agent restarted before the freeze")
+            await self._send_abort(peer, rec.id, "source agent restarted before the freeze")
             self.journal.finish(rec.id, "refused", reason="agent restarted before the freeze")
             return "untouched: restarted before the freeze"
         if target_running:
@@ -598,6 +623,13 @@ class MigrationService:
                 await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
             self.journal.finish(rec.id, "succeeded", reason="target confirmed running at reconcile")
             return "target runs it; source copy removed"
+        if (
+            status is not None
+            and status.get("outcome") is None
+            and status.get("phase") == "restore"
+        ):
+            # Mid-restore over there: it ends one way or the other; decide then.
+            raise MigrationFailed(f"target {rec.target} is still restoring", rolled_back=False)
         if info is None:
             self.journal.finish(
                 rec.id, "failed", reason="container gone from the source at reconcile"
@@ -609,7 +641,10 @@ class MigrationService:
                 f"target {rec.target} unreachable after the restore was requested",
                 rolled_back=False,
             )
-        await self._reconcile_abort(peer, rec.id, "source rolled back at reconcile")
+        if await self._send_abort(peer, rec.id, "source rolled back at reconcile"):
+            await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
+            self.journal.finish(rec.id, "succeeded", reason="target runs it (refused the abort)")
+            return "target runs it; source copy removed"
         root = await asyncio.to_thread(self.data_root.get)
         how = await asyncio.to_thread(
             restore_locally,
@@ -630,12 +665,6 @@ class MigrationService:
         )
         log.warning("migration.rolled_back", migration=rec.id, reason="reconcile", how=how)
         return f"rolled back: {how}"
-
-    async def _reconcile_abort(self, peer: PeerLike | None, mid: str, reason: str) -> None:
-        if peer is None:
-            return
-        with contextlib.suppress(PeerError):
-            await peer.post_json(migration_path(mid, "abort"), {"reason": reason})
 
 
 def remove_checkpoint_dir(path: Path) -> None:

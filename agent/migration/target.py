@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ from agent.docker_adapter import (
     DockerUnavailable,
 )
 from agent.journal import Journal, JournalError
+from agent.migration import hooks
 from agent.migration.paths import DataRootResolver
 from agent.migration.resources import CapacityRefused, Reservations
 from agent.migration.spec import DEFAULT_NETWORKS, ContainerSpec
@@ -39,12 +39,6 @@ from agent.peer.api import ByteStream, HandlerError, valid_migration_id
 log = structlog.get_logger(__name__)
 
 RESERVATION_TTL = 600.0
-HOOKS_DIR = "hooks"
-# Fault injection for end-to-end tests: while <state_dir>/hooks/before-restore
-# exists, a restore that has unpacked its state waits (after writing
-# before-restore.reached), so a test can break the host at exactly that point.
-BEFORE_RESTORE_HOOK = "before-restore"
-HOOK_MAX_WAIT = 300.0
 
 # Target-side journal phases.
 T_PREPARED = "prepared"
@@ -72,6 +66,7 @@ class Incoming:
     archive_digest: str | None = None
     archive_bytes: int = 0
     image_bytes: int = 0
+    aborted: bool = False  # set by abort at once, even while a restore holds the lock
 
     def journal_report(self) -> dict[str, Any]:
         data = asdict(self)
@@ -110,7 +105,6 @@ class TargetHandlers:
         self._locks: dict[str, asyncio.Lock] = {}
         self._cleanup_tasks: set[asyncio.Task[None]] = set()
         self.spool_dir = Path(config.state_dir) / "incoming"
-        self.hooks_dir = Path(config.state_dir) / HOOKS_DIR
 
     # ------------------------------------------------------------ helpers
 
@@ -392,7 +386,11 @@ class TargetHandlers:
             try:
                 await self._unpack(inc, digest)
                 timings["unpack_s"] = round(self.clock.monotonic() - t0, 4)
-                await self._hook(BEFORE_RESTORE_HOOK, inc)
+                await hooks.gate(
+                    Path(self.config.state_dir), hooks.BEFORE_RESTORE, self.clock, asdict(inc)
+                )
+                if inc.aborted:
+                    raise _refuse("the source aborted this migration", "aborted")
                 t1 = self.clock.monotonic()
                 await asyncio.to_thread(self._start_and_wait, inc)
                 timings["start_s"] = round(self.clock.monotonic() - t1, 4)
@@ -446,16 +444,6 @@ class TargetHandlers:
         if (policy.get("Name") or "no") != "no":
             self.adapter.update_restart_policy(inc.container_id, policy)
 
-    async def _hook(self, name: str, inc: Incoming) -> None:
-        gate = self.hooks_dir / name
-        if not gate.exists():
-            return
-        log.warning("migration.target.hook_waiting", hook=name, migration=inc.migration_id)
-        (self.hooks_dir / f"{name}.reached").write_text(json.dumps(asdict(inc)))
-        deadline = self.clock.monotonic() + HOOK_MAX_WAIT
-        while gate.exists() and self.clock.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-
     async def abort(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
         inc = self.incoming.get(migration_id)
         if inc is None:
@@ -474,7 +462,14 @@ class TargetHandlers:
             inc = _incoming_from_record(rec)
         elif inc.peer != peer:
             raise _refuse(f"migration {migration_id} belongs to another peer", "forbidden", 403)
+        inc.aborted = True
         async with self._lock(migration_id):
+            rec = self.journal.get(migration_id)
+            if rec.outcome == "succeeded":
+                raise _refuse(
+                    f"migration {migration_id} already finished: the container runs here",
+                    "already_running",
+                )
             reason = str(body.get("reason") or "aborted by the source")
             removed = await self._discard(inc, reason)
         return {"aborted": True, "removed": removed}

@@ -1,0 +1,38 @@
+"""Fault-injection gates for end-to-end tests.
+
+While `<state_dir>/hooks/<name>` exists, the engine stops at that point of a
+migration after writing `<name>.reached`, until the file is removed (or
+HOOK_MAX_WAIT passes). Tests use this to break a host, or kill an agent, at
+an exact moment. Only root can create files in the state dir, and nothing
+waits when the directory is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.model import Clock
+
+log = structlog.get_logger(__name__)
+
+HOOKS_DIR = "hooks"
+HOOK_MAX_WAIT = 300.0
+AFTER_FREEZE = "after-freeze"  # source: checkpoint taken, nothing sent yet
+BEFORE_RESTORE = "before-restore"  # target: state unpacked, container not started
+
+
+async def gate(state_dir: Path, name: str, clock: Clock, info: dict[str, Any]) -> None:
+    hooks = Path(state_dir) / HOOKS_DIR
+    path = hooks / name
+    if not path.exists():
+        return
+    log.warning("migration.hook_waiting", hook=name, **{k: str(v) for k, v in info.items()})
+    (hooks / f"{name}.reached").write_text(json.dumps(info, default=str))
+    deadline = clock.monotonic() + HOOK_MAX_WAIT
+    while path.exists() and clock.monotonic() < deadline:
+        await asyncio.sleep(0.05)

@@ -1,0 +1,116 @@
+"""Agents and helpers for the migration end-to-end tests.
+
+`engine_agents(hosts)` starts one agent per testbed host with the real
+runtime (`agent.service.runtime`) and this checkout's migration engine wired
+in through the runtime's `Overrides.migration` hook, so the tests exercise
+the engine whether or not `ferry run` already builds it by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.testbed import procs
+from tests.testbed.agents import REPO, _agent_answers, _ensure_certs, write_config
+from tests.testbed.layout import Host
+
+
+def _launch_argv(config: str) -> list[str]:
+    return [sys.executable, "-m", "tests.e2e.migration_support", config]
+
+
+def start_engine_agent(host: Host, timeout: float = 60.0) -> subprocess.Popen[bytes]:
+    assert host.agent_config
+    log = open(host.agent_log, "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        procs.netns_argv(host, _launch_argv(host.agent_config)),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO,
+    )
+    log.close()
+    host.agent_pid = proc.pid
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            tail = Path(host.agent_log).read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{host.name}: agent exited ({proc.returncode}):\n{tail}")
+        return _agent_answers(host)
+
+    procs.wait_until(ready, timeout, f"{host.name} agent to answer", 0.2)
+    return proc
+
+
+def stop_engine_agent(host: Host, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    host.agent_pid = 0
+
+
+@contextmanager
+def engine_agents(
+    hosts: list[Host], **overrides: Any
+) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    _ensure_certs(hosts)
+    for h in hosts:
+        write_config(h, hosts, policies={}, **overrides)
+    running: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for h in hosts:
+            running[h.name] = start_engine_agent(h)
+        yield running
+    finally:
+        for h in hosts:
+            if h.name in running:
+                stop_engine_agent(h, running[h.name])
+
+
+def ferry_migrate(
+    host: Host, container: str, target: str, timeout: float = 300
+) -> tuple[int, list[dict[str, Any]], str]:
+    """Run `ferry migrate --json` on `host`; (exit code, JSON lines, stderr)."""
+    assert host.agent_config
+    argv = [
+        sys.executable, "-m", "agent", "migrate", container,
+        "--to", target, "--config", host.agent_config, "--json",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        procs.netns_argv(host, argv), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip().startswith("{")]
+    return proc.returncode, lines, proc.stderr
+
+
+def _main(config_path: str) -> int:
+    from agent.config import load_config
+    from agent.journal import Journal
+    from agent.logging import configure_logging
+    from agent.migration.factory import runtime_parts
+    from agent.service.runtime import Agent, Overrides, serve
+
+    config = load_config(config_path)
+    configure_logging(config.logging.level, config.logging.format)
+
+    def parts(owner: Any) -> Any:
+        return runtime_parts(owner, Journal(owner.config.state_dir))
+
+    return asyncio.run(serve(Agent(config, Overrides(migration=parts))))
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1]))
