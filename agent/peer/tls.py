@@ -98,6 +98,9 @@ def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     name hosts. So that check is off, and instead the server's CN/DNS SAN must
     equal the configured peer *name*, checked in code right after the handshake
     (see _PeerNameCheckingSSLObject). Chain verification against the CA stays on.
+
+    That check lives in the SSLObject asyncio uses, so use this context with
+    asyncio/aiohttp (PeerClient), not with blocking sockets.
     """
     ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT, ca, cert, key)
     ctx.check_hostname = False
