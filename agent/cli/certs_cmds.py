@@ -64,6 +64,30 @@ def issue_cmd(
     click.echo(f"key:         {paths.key} (0600)")
 
 
+@certs.command("install")
+@click.argument("host")
+@_DIR
+@click.option(
+    "--to",
+    "dest",
+    default=Path("/var/lib/ferry/tls"),
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The agent's <state_dir>/tls, where it looks for ca.pem, cert.pem and key.pem.",
+)
+@_FORCE
+def install_cmd(host: str, directory: Path, dest: Path, force: bool) -> None:
+    """Copy the CA and HOST's certificate and key to where the agent looks by default."""
+    try:
+        written = certlib.install_host_files(directory, host, dest, force=force)
+    except certlib.CaMissingError as exc:
+        _fail(str(exc), EXIT_UNAVAILABLE)
+    except certlib.CertError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
 @certs.command("check")
 @click.option("--ca", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--cert", required=True, type=click.Path(dir_okay=False, path_type=Path))

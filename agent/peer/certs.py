@@ -225,6 +225,32 @@ def issue_host_cert(
     return paths
 
 
+# Where an agent looks by default: <state_dir>/tls/ (see agent.config.TLSConfig).
+INSTALLED_NAMES = CertPaths(Path("cert.pem"), Path("key.pem"))
+INSTALLED_CA = Path("ca.pem")
+
+
+def install_host_files(
+    directory: Path, host: str, dest: Path, *, force: bool = False
+) -> list[Path]:
+    """Copy the CA cert and `host`'s pair to dest/{ca,cert,key}.pem, the agent's defaults."""
+    validate_host_name(host)
+    src = host_paths(directory, host)
+    ca = ca_paths(directory).cert
+    missing = [str(p) for p in (ca, src.cert, src.key) if not p.exists()]
+    if missing:
+        raise CaMissingError(f"missing {', '.join(missing)}; run `ferry certs init/issue` first")
+    targets = [dest / INSTALLED_CA, dest / INSTALLED_NAMES.cert, dest / INSTALLED_NAMES.key]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not force:
+        raise CertExistsError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+    dest.mkdir(parents=True, exist_ok=True)
+    _write_public(targets[0], ca.read_bytes())
+    _write_public(targets[1], src.cert.read_bytes())
+    _write_private(targets[2], src.key.read_bytes())
+    return targets
+
+
 def cert_names(cert: x509.Certificate) -> set[str]:
     """The identities a certificate claims: its CN(s) and DNS SANs."""
     names = {str(attr.value) for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}

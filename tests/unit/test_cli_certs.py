@@ -61,3 +61,24 @@ def test_check_reports_problems(tmp_path: Path) -> None:
     )  # fmt: skip
     assert code == EXIT_UNAVAILABLE
     assert "does not exist" in out
+
+
+def test_install_copies_to_agent_default_names(tmp_path: Path) -> None:
+    d, dest = str(tmp_path / "pki"), tmp_path / "state" / "tls"
+    code, out = _run("certs", "install", "n1", "--dir", d, "--to", str(dest))
+    assert code == EXIT_UNAVAILABLE and "ferry certs init/issue" in out
+    _run("certs", "init", "--dir", d)
+    _run("certs", "issue", "n1", "--dir", d)
+    code, out = _run("certs", "install", "n1", "--dir", d, "--to", str(dest))
+    assert code == 0, out
+    assert (dest / "cert.pem").read_bytes() == (tmp_path / "pki" / "n1.crt").read_bytes()
+    assert (dest / "ca.pem").read_bytes() == (tmp_path / "pki" / "ca.crt").read_bytes()
+    assert stat.S_IMODE((dest / "key.pem").stat().st_mode) == 0o600
+    code, out = _run("certs", "install", "n1", "--dir", d, "--to", str(dest))
+    assert code == EXIT_BAD_INPUT and "--force" in out
+    assert _run("certs", "install", "n1", "--dir", d, "--to", str(dest), "--force")[0] == 0
+    code, out = _run(
+        "certs", "check", "--ca", str(dest / "ca.pem"), "--cert", str(dest / "cert.pem"),
+        "--key", str(dest / "key.pem"), "--name", "n1",
+    )  # fmt: skip
+    assert code == 0, out
