@@ -141,7 +141,7 @@ def test_cpu_pressure_moves_one_then_cools_down(three, docker_clients, clean_con
             # Pressure holds; the engine says it is cooling down and skips, and nothing else moves.
             wait_for(
                 lambda: [
-                    e for e in log_events(h1, "policy.skipped") if e.get("reason") == "cooldown"
+                    e for e in log_events(h1, "policy.skipped") if e.get("skip_reason") == "cooldown"
                 ],
                 timeout=60,
                 what="a cooldown skip while pressure holds",
@@ -174,7 +174,7 @@ def test_dry_run_policy_logs_and_moves_nothing(three, docker_clients, clean_cont
         counter_state(h1, h1, 8111, at_least=2)
         assert ferry(h1, "drain", "--reason", "dry run").returncode == 0
         skipped = wait_for(
-            lambda: [e for e in log_events(h1, "policy.skipped") if e.get("reason") == "dry_run"],
+            lambda: [e for e in log_events(h1, "policy.skipped") if e.get("skip_reason") == "dry_run"],
             timeout=60,
             what="the dry-run policy to log what it would do",
         )
