@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MigrationError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.report: Any = None  # the MigrationReport, once a migration was under way
 
 
 class MigrationRefused(MigrationError):

@@ -26,7 +26,7 @@ from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
 from agent.journal import Journal, JournalError, MigrationRecord
 from agent.migration import hooks
 from agent.migration import report as rp
-from agent.migration.errors import MigrationFailed, MigrationRefused
+from agent.migration.errors import MigrationError, MigrationFailed, MigrationRefused
 from agent.migration.paths import DataRootResolver, PathOutsideDataRoot
 from agent.migration.report import MigrationReport, PhaseTimer, ProgressEvent, ProgressFn
 from agent.migration.rollback import restore_locally
@@ -230,6 +230,9 @@ class MigrationService:
         emit = self._emitter(run, progress)
         try:
             return await self._run(run, inspect, emit)
+        except MigrationError as exc:
+            exc.report = run.report
+            raise
         finally:
             self.active.pop(spec.id, None)
 

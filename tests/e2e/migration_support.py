@@ -114,3 +114,55 @@ def _main(config_path: str) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1]))
+
+
+COUNTER = "ferry-test/counter:1"
+MEMHOG = "ferry-test/memhog:1"
+ONLY_ON_FIRST = "ferry-test/only-on-first:1"
+
+
+def result_of(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    results = [x for x in lines if x.get("type") == "result"]
+    assert results, f"no result line in {lines!r}"
+    return results[-1]
+
+
+def history(host: Host, migration_id: str | None = None) -> list[Any]:
+    """The host's journal, read directly (WAL: safe beside the running agent)."""
+    from agent.journal import Journal
+
+    with Journal(Path(host.state_dir)) as journal:
+        records = journal.history(200)
+    return [r for r in records if migration_id is None or r.id == migration_id]
+
+
+def container_or_none(client: Any, name: str) -> Any:
+    import docker.errors
+
+    try:
+        return client.containers.get(name)
+    except docker.errors.NotFound:
+        return None
+
+
+def hook_path(host: Host, name: str) -> Path:
+    from agent.migration.hooks import HOOKS_DIR
+
+    path = Path(host.state_dir) / HOOKS_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def migrate_in_background(host: Host, container: str, target: str) -> subprocess.Popen[str]:
+    assert host.agent_config
+    argv = [
+        sys.executable, "-m", "agent", "migrate", container,
+        "--to", target, "--config", host.agent_config, "--json",
+    ]  # fmt: skip
+    return subprocess.Popen(
+        procs.netns_argv(host, argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
