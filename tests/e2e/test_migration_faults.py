@@ -1,0 +1,189 @@
+"""Failures on the testbed: the container ends up running exactly once, with its state."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import pytest
+
+from tests.e2e.migration_support import (
+    COUNTER,
+    container_or_none,
+    engine_agents,
+    ferry_migrate,
+    history,
+    hook_path,
+    migrate_in_background,
+    result_of,
+    start_engine_agent,
+    stop_engine_agent,
+)
+from tests.helpers import wait_for
+from tests.testbed import host_run, http_get_json, start_dockerd, stop_dockerd
+from tests.testbed.layout import Host
+
+pytestmark = [pytest.mark.testbed, pytest.mark.e2e]
+
+PORT = 18081
+NAME = "mig-fault"
+
+
+@pytest.fixture(scope="module")
+def cluster(testbed_hosts: list[Host]) -> Iterator[tuple[list[Host], dict[str, Any]]]:
+    hosts = testbed_hosts[:2]
+    with engine_agents(hosts) as procs:
+        yield hosts, procs
+
+
+@pytest.fixture
+def counter(
+    cluster: tuple[list[Host], dict[str, Any]], docker_clients: dict[str, docker.DockerClient]
+) -> Iterator[dict[str, Any]]:
+    (h1, _), _ = cluster
+    docker_clients[h1.name].containers.run(
+        COUNTER,
+        name=NAME,
+        detach=True,
+        ports={"8080/tcp": PORT},
+        restart_policy={"Name": "always"},
+    )
+    yield _state(h1, 3)
+    for client in docker_clients.values():
+        c = container_or_none(client, NAME)
+        if c is not None:
+            c.remove(force=True)
+
+
+def _state(host: Host, floor: int) -> dict[str, Any]:
+    url = f"http://{host.ip}:{PORT}/"
+
+    def ready() -> dict[str, Any] | None:
+        s: dict[str, Any] = http_get_json(host, url)
+        return s if s["counter"] >= floor else None
+
+    return wait_for(ready, timeout=60, what=f"counter on {host.name} reaching {floor}")
+
+
+def _runs_only_on(
+    host: Host, before: dict[str, Any], clients: dict[str, docker.DockerClient]
+) -> None:
+    after = _state(host, before["counter"] + 2)
+    assert after["nonce"] == before["nonce"], "not the original process"
+    assert abs(after["lines"] - after["counter"]) <= 1, after
+    running = [
+        name
+        for name, client in clients.items()
+        if (c := container_or_none(client, NAME)) is not None and c.status == "running"
+    ]
+    assert running == [host.name]
+    # Restored with its policy back in place.
+    c = clients[host.name].containers.get(NAME)
+    assert c.attrs["HostConfig"]["RestartPolicy"]["Name"] == "always"
+
+
+def test_restore_failure_on_target_rolls_back(
+    cluster: tuple[list[Host], dict[str, Any]],
+    docker_clients: dict[str, docker.DockerClient],
+    counter: dict[str, Any],
+) -> None:
+    (h1, h2), _ = cluster
+    gate = hook_path(h2, "before-restore")
+    reached = gate.with_name("before-restore.reached")
+    reached.unlink(missing_ok=True)
+    gate.write_text("e2e")
+    try:
+        proc = migrate_in_background(h1, NAME, h2.name)
+        wait_for(reached.exists, timeout=60, what="target to reach the restore gate")
+        stop_dockerd(h2)  # the target's daemon goes away between transfer and restore
+        gate.unlink()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        gate.unlink(missing_ok=True)
+        start_dockerd(h2)
+    assert proc.returncode == 1, err
+    result = result_of([json.loads(x) for x in out.splitlines() if x.startswith("{")])
+    assert result["kind"] == "failed" and result["rolled_back"], result
+    assert "restore" in result["reason"], result["reason"]
+    _runs_only_on(h1, counter, docker_clients)
+    # The target removes its half-made container once its daemon is back.
+    wait_for(
+        lambda: container_or_none(docker_clients[h2.name], NAME) is None,
+        timeout=90,
+        what="the target's leftover to be removed",
+    )
+    (rec,) = history(h1, result["report"]["migration_id"])
+    assert rec.outcome == "rolled_back" and "restore" in (rec.reason or "")
+    print(f"\nrolled back: {rec.reason}; {rec.report['details'].get('rollback')}")
+
+
+def test_source_agent_killed_after_freeze_reconciles(
+    cluster: tuple[list[Host], dict[str, Any]],
+    docker_clients: dict[str, docker.DockerClient],
+    counter: dict[str, Any],
+) -> None:
+    (h1, h2), procs = cluster
+    gate = hook_path(h1, "after-freeze")
+    reached = gate.with_name("after-freeze.reached")
+    reached.unlink(missing_ok=True)
+    gate.write_text("e2e")
+    try:
+        cli = migrate_in_background(h1, NAME, h2.name)
+        wait_for(reached.exists, timeout=60, what="source to freeze")
+        assert docker_clients[h1.name].containers.get(NAME).status == "exited"
+        stop_engine_agent(h1, procs[h1.name], signal.SIGKILL)
+        cli.communicate(timeout=60)
+        assert cli.returncode == 3  # the agent went away under it
+    finally:
+        gate.unlink(missing_ok=True)
+    mid = json.loads(reached.read_text())["migration"]
+    (rec,) = history(h1, mid)
+    assert rec.outcome is None and rec.phase == "freeze"
+
+    procs[h1.name] = start_engine_agent(h1)  # reconcile runs before it answers
+    _runs_only_on(h1, counter, docker_clients)
+    assert container_or_none(docker_clients[h2.name], NAME) is None
+    (rec,) = history(h1, mid)
+    assert rec.outcome == "rolled_back", rec
+    assert "restarted" in (rec.reason or ""), rec.reason
+    (trec,) = history(h2, mid)
+    assert trec.outcome == "aborted"
+
+
+def test_missing_bind_mount_is_refused_before_the_freeze(
+    cluster: tuple[list[Host], dict[str, Any]],
+    docker_clients: dict[str, docker.DockerClient],
+) -> None:
+    (h1, h2), _ = cluster
+    assert host_run(h1, ["mkdir", "-p", "/tmp/ferry-e2e-bind"]).returncode == 0
+    c1 = docker_clients[h1.name]
+    c1.containers.run(
+        COUNTER,
+        name=NAME,
+        detach=True,
+        ports={"8080/tcp": PORT},
+        volumes={"/tmp/ferry-e2e-bind": {"bind": "/bound", "mode": "rw"}},
+    )
+    try:
+        before = _state(h1, 3)
+        rc, lines, err = ferry_migrate(h1, NAME, h2.name)
+        assert rc == 1, err
+        result = result_of(lines)
+        assert result["kind"] == "refused", result
+        assert "bind mount source missing on host2" in result["reason"], result["reason"]
+        assert "/tmp/ferry-e2e-bind" in result["reason"]
+        assert "refused" in err
+        after = _state(h1, before["counter"] + 1)
+        assert after["nonce"] == before["nonce"]
+        assert c1.containers.get(NAME).attrs["State"]["Running"]
+        assert container_or_none(docker_clients[h2.name], NAME) is None
+        (rec,) = history(h1, result["report"]["migration_id"])
+        assert rec.outcome == "refused" and rec.phase == "prestage"
+    finally:
+        for client in docker_clients.values():
+            c = container_or_none(client, NAME)
+            if c is not None:
+                c.remove(force=True)
