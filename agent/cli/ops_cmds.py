@@ -1,3 +1,371 @@
-"""Placeholder: commands are added by their owning work item."""
+"""`ferry run`, `ferry drain`, `ferry undrain`, `ferry status`, `ferry history`.
 
-from agent.cli import main  # noqa: F401
+Everything but `run` talks to the running agent over its control socket.
+`drain`/`undrain` fall back to the marker file when no agent answers (the
+agent reads the marker when it starts); `history` falls back to the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
+from agent.config import FerryConfig, load_config
+from agent.errors import InputError
+from agent.service.control import AgentUnreachable, ControlClient, ControlRequestFailed
+
+T = TypeVar("T")
+DEFAULT_CONFIG = "/etc/ferry/config.yaml"
+
+_EXIT_CODES = """
+\b
+Exit codes:
+  0  ok
+  1  the operation ran and failed
+  2  bad input (config or arguments); one line per problem on stderr
+  3  the agent is unreachable or its prerequisites are missing
+"""
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    envvar="FERRY_CONFIG",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Agent config file (env FERRY_CONFIG).",
+)
+
+
+def _load(path: Path) -> FerryConfig:
+    try:
+        return load_config(path)
+    except InputError as exc:
+        for line in exc.lines():
+            click.echo(line, err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    click.echo(f"ferry: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------------------- run
+
+
+@main.command("run", epilog=_EXIT_CODES)
+@config_option
+def run_cmd(config_path: Path) -> None:
+    """Run the agent in the foreground (what the systemd unit starts).
+
+    Loads the config and policies, checks prerequisites (Docker in experimental
+    mode, CRIU >= 4.2, data root, TLS files; unreachable peers are warnings),
+    then serves the peer API, the control socket and (if configured) metrics,
+    and evaluates policies until SIGTERM or SIGINT. Under systemd it reports
+    READY, STATUS and watchdog pings over $NOTIFY_SOCKET.
+    """
+    from agent.service.runtime import run_agent
+
+    sys.exit(run_agent(config_path))
+
+
+# ---------------------------------------------------------------------------- drain
+
+
+def _write_marker(path: Path, reason: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole then renamed, so the marker source never reads half a reason.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(reason + "\n" if reason else "")
+    tmp.replace(path)
+
+
+@main.command("drain", epilog=_EXIT_CODES)
+@click.option("--reason", default="", help="Why; shown in `ferry status` and the log.")
+@config_option
+def drain_cmd(reason: str, config_path: Path) -> None:
+    """Drain this host: evacuate opted-in containers and refuse incoming ones.
+
+    Creates the drain marker through the agent. If no agent is running, the
+    marker file is written directly and the agent acts on it when it starts.
+    """
+    cfg = _load(config_path)
+    try:
+        result = _run(ControlClient(cfg.control_socket).drain(reason))
+    except AgentUnreachable as exc:
+        marker = cfg.marker_paths()["drain"]
+        try:
+            _write_marker(marker, reason)
+        except OSError as err:
+            _fail(EXIT_FAILED, f"{exc}; and writing {marker} failed: {err}")
+        click.echo(f"agent not running ({exc}); wrote the drain marker {marker} directly.")
+        click.echo("The agent will evacuate this host when it starts.")
+        return
+    except ControlRequestFailed as exc:
+        _fail(EXIT_FAILED, str(exc))
+    click.echo(f"draining {cfg.name}: {result.get('message', 'drain marker set')}")
+    click.echo("Watch progress with `ferry status`.")
+
+
+@main.command("undrain", epilog=_EXIT_CODES)
+@config_option
+def undrain_cmd(config_path: Path) -> None:
+    """End a drain: remove the drain marker and accept incoming migrations again.
+
+    Containers already moved away are not moved back.
+    """
+    cfg = _load(config_path)
+    try:
+        result = _run(ControlClient(cfg.control_socket).undrain())
+    except AgentUnreachable as exc:
+        marker = cfg.marker_paths()["drain"]
+        try:
+            marker.unlink(missing_ok=True)
+        except OSError as err:
+            _fail(EXIT_FAILED, f"{exc}; and removing {marker} failed: {err}")
+        click.echo(f"agent not running ({exc}); removed the drain marker {marker} directly.")
+        return
+    except ControlRequestFailed as exc:
+        _fail(EXIT_FAILED, str(exc))
+    click.echo(f"{cfg.name}: {result.get('message', 'drain marker removed')}")
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    secs = max(time.time() - float(ts), 0)
+    if secs < 90:
+        return f"{secs:.0f}s ago"
+    if secs < 5400:
+        return f"{secs / 60:.0f}m ago"
+    return f"{secs / 3600:.1f}h ago"
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _bytes(value: Any) -> str:
+    n = float(value or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(value)
+
+
+def render_status(status: dict[str, Any], console: Console) -> None:
+    """Human view of /v1/status: one table per concern."""
+    host = status.get("host", "?")
+    mode = []
+    if status.get("draining"):
+        why = status.get("drain_reason")
+        mode.append(f"[bold yellow]DRAINING[/]{f' ({why})' if why else ''}")
+    if status.get("dry_run"):
+        mode.append("[cyan]dry run[/]")
+    console.print(f"[bold]{host}[/] {' '.join(mode) or '[green]accepting[/]'}")
+    if status.get("status_line"):
+        console.print(status["status_line"])
+
+    signals = status.get("signals") or {}
+    t = Table(title="Signals", title_justify="left")
+    t.add_column("signal")
+    t.add_column("value", justify="right")
+    for name, value in sorted(signals.items()):
+        t.add_row(name, _num(value))
+    console.print(t)
+
+    t = Table(title="Policies", title_justify="left")
+    for col in ("policy", "state", "since", "action", "last result"):
+        t.add_column(col)
+    styles = {"firing": "red", "pending": "yellow", "cooling_down": "cyan", "ok": "green"}
+    for p in status.get("policies") or []:
+        state = str(p.get("status", "?"))
+        t.add_row(
+            str(p.get("name")),
+            f"[{styles.get(state, 'white')}]{state}[/]",
+            _ago(p.get("since_wall")),
+            str(p.get("summary", "")),
+            str(p.get("last_result") or "-"),
+        )
+    console.print(t)
+
+    migrations = status.get("migrations") or []
+    evac = status.get("evacuation") or {}
+    moving = migrations or evac.get("in_progress") or []
+    if moving:
+        t = Table(title="Migrations in flight", title_justify="left")
+        for col in ("container", "target", "phase", "started"):
+            t.add_column(col)
+        for m in moving:
+            t.add_row(
+                str(m.get("container")),
+                str(m.get("target") or "-"),
+                str(m.get("phase") or m.get("state") or "-"),
+                _ago(m.get("started_at")),
+            )
+        console.print(t)
+    stuck = evac.get("stuck") or []
+    if stuck:
+        t = Table(title="Could not move (still running here)", title_justify="left")
+        for col in ("container", "why", "attempts", "next retry"):
+            t.add_column(col)
+        for s in stuck:
+            retry = s.get("retry_in_s")
+            t.add_row(
+                str(s.get("container")),
+                str(s.get("reason")),
+                str(s.get("attempts", 0)),
+                "not retried" if retry is None else f"in {retry:.0f}s",
+            )
+        console.print(t)
+    if evac.get("state") not in (None, "idle"):
+        done = len(evac.get("done") or [])
+        console.print(
+            f"Evacuation: {evac.get('state')}: {done} moved, "
+            f"{len(evac.get('in_progress') or [])} moving, {len(stuck)} stuck"
+        )
+
+    t = Table(title="Peers", title_justify="left")
+    for col in ("peer", "health", "load1", "cpu", "mem free", "containers", "error"):
+        t.add_column(col)
+    for peer in status.get("peers") or []:
+        if not peer.get("reachable"):
+            health = "[red]unreachable[/]"
+        elif peer.get("draining"):
+            health = "[yellow]draining[/]"
+        elif peer.get("overloaded"):
+            health = "[yellow]overloaded[/]"
+        else:
+            health = "[green]ok[/]"
+        t.add_row(
+            str(peer.get("name")),
+            health,
+            _num(peer.get("load1", 0.0)),
+            _num(peer.get("cpu_pressure", 0.0)),
+            _bytes(peer.get("mem_available_bytes", 0)),
+            str(peer.get("running_containers", 0)),
+            str(peer.get("error") or ""),
+        )
+    console.print(t)
+
+
+@main.command("status", epilog=_EXIT_CODES)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@config_option
+def status_cmd(as_json: bool, config_path: Path) -> None:
+    """This host's signals, policy states, migrations in flight, stuck evacuees and peers."""
+    cfg = _load(config_path)
+    try:
+        status = _run(ControlClient(cfg.control_socket).status())
+    except AgentUnreachable as exc:
+        _fail(EXIT_UNAVAILABLE, str(exc))
+    except ControlRequestFailed as exc:
+        _fail(EXIT_FAILED, str(exc))
+    if as_json:
+        click.echo(json.dumps(status, indent=2, sort_keys=True))
+        return
+    render_status(status, Console())
+
+
+# ---------------------------------------------------------------------------- history
+
+
+def _history_from_journal(cfg: FerryConfig, limit: int) -> list[dict[str, Any]]:
+    from agent.journal import Journal
+
+    if not cfg.state_dir.is_dir():
+        return []
+    journal = Journal(cfg.state_dir)
+    try:
+        return [_record_dict(r) for r in journal.history(limit)]
+    finally:
+        journal.close()
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(record) and not isinstance(record, type):
+        return asdict(record)
+    return dict(record)
+
+
+def _when(ts: Any) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def render_history(items: list[dict[str, Any]], console: Console) -> None:
+    t = Table(title="Migrations", title_justify="left")
+    for col in ("started", "container", "from", "to", "outcome", "downtime", "reason"):
+        t.add_column(col)
+    for m in items:
+        report = m.get("report") or {}
+        downtime = report.get("downtime_s") or report.get("downtime")
+        outcome = m.get("outcome") or f"running ({m.get('phase', '?')})"
+        t.add_row(
+            _when(m.get("started")),
+            str(m.get("container_name") or m.get("container")),
+            str(m.get("source", "-")),
+            str(m.get("target", "-")),
+            str(outcome),
+            f"{float(downtime):.3f}s" if isinstance(downtime, int | float) else "-",
+            str(m.get("reason") or ""),
+        )
+    console.print(t)
+
+
+@main.command("history", epilog=_EXIT_CODES)
+@click.option("--json", "as_json", is_flag=True, help="Print the records with full reports.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
+@config_option
+def history_cmd(as_json: bool, limit: int, config_path: Path) -> None:
+    """Past migrations (newest first) with their outcome and report.
+
+    Reads from the agent, or straight from the journal in state_dir when the
+    agent is not running.
+    """
+    cfg = _load(config_path)
+    try:
+        items = _run(ControlClient(cfg.control_socket).history(limit))
+    except AgentUnreachable as exc:
+        try:
+            items = _history_from_journal(cfg, limit)
+        except Exception as err:  # any journal problem: report both causes
+            _fail(EXIT_UNAVAILABLE, f"{exc}; and reading the journal failed: {err}")
+        click.echo(f"(agent not running; read from the journal in {cfg.state_dir})", err=True)
+    except ControlRequestFailed as exc:
+        _fail(EXIT_FAILED, str(exc))
+    if as_json:
+        click.echo(json.dumps(items, indent=2, sort_keys=True, default=str))
+        return
+    if not items:
+        click.echo("no migrations yet")
+        return
+    render_history(items, Console())
+
+
+__all__ = ["EXIT_OK", "render_history", "render_status"]
