@@ -245,7 +245,9 @@ class DockerAdapter:
 
     def memory_usage(self, container: str) -> int:
         """Current memory use in bytes (cgroup usage minus page cache when reported)."""
-        stats = self._call(f"stats of {container}", lambda api: api.stats(container, stream=False, one_shot=True))
+        stats = self._call(
+            f"stats of {container}", lambda api: api.stats(container, stream=False, one_shot=True)
+        )
         mem = stats.get("memory_stats") or {}
         usage = int(mem.get("usage") or 0)
         detail = mem.get("stats") or {}

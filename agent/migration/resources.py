@@ -33,10 +33,13 @@ def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int:
 
 
 def disk_free(path: Path) -> int:
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return 0
+    # The data root may not exist yet on a fresh host; its filesystem is its nearest parent's.
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return 0
 
 
 class Reservations:

@@ -1,0 +1,470 @@
+"""The migration engine end to end in one process: two fake daemons, peers wired directly.
+
+The fakes keep real directories for checkpoints and writable layers, so the
+archive really streams, verifies and unpacks; what they fake is Docker itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import FerryConfig
+from agent.docker_adapter import CheckpointError, DockerError, DockerNotFound
+from agent.journal import Journal
+from agent.migration import MigrationFailed, MigrationRefused, MigrationService
+from agent.migration.report import ProgressEvent
+from agent.peer.api import HandlerError
+from agent.peer.client import PeerRefused, PeerUnavailable
+from tests.helpers import run_async
+
+DAEMON_ROOT = "/var/lib/docker"
+IMAGE_ID = "sha256:" + "1" * 64
+_ids = itertools.count(1)
+
+
+class FakeDocker:
+    """Just enough of DockerAdapter, with real directories under `root`."""
+
+    def __init__(self, root: Path, images: tuple[str, ...] = (IMAGE_ID,)) -> None:
+        self.root = root
+        self.containers: dict[str, dict[str, Any]] = {}
+        self.images = {i: {"Id": i, "Size": 1000, "RepoTags": ["app:1"]} for i in images}
+        self.calls: list[tuple[str, ...]] = []
+        self.fail_restore: str | None = None
+        self.dumped: dict[str, set[str]] = {}
+
+    # helpers
+    def add_running(self, name: str, policy: str = "always") -> str:
+        cid = f"{next(_ids):064x}"
+        upper = self.root / "overlay2" / cid / "diff"
+        (upper / "data").mkdir(parents=True)
+        (upper / "data" / "ticks.log").write_text("1\n2\n3\n")
+        self.containers[cid] = {
+            "Id": cid,
+            "Name": f"/{name}",
+            "Image": IMAGE_ID,
+            "State": {"Status": "running", "Running": True},
+            "Config": {"Image": "app:1", "Cmd": ["/app"], "Env": ["X=1"]},
+            "HostConfig": {
+                "RestartPolicy": {"Name": policy, "MaximumRetryCount": 0},
+                "NetworkMode": "bridge",
+                "PortBindings": {"8080/tcp": [{"HostIp": "", "HostPort": "18080"}]},
+            },
+            "Mounts": [],
+            "NetworkSettings": {"Networks": {"bridge": {}}},
+            "GraphDriver": {
+                "Name": "overlay2",
+                "Data": {"UpperDir": f"{DAEMON_ROOT}/overlay2/{cid}/diff"},
+            },
+        }
+        return cid
+
+    def _get(self, ref: str) -> dict[str, Any]:
+        for c in self.containers.values():
+            if ref in (c["Id"], c["Name"].lstrip("/")):
+                return c
+        raise DockerNotFound("inspect", f"No such container: {ref}", 404)
+
+    def local_upper(self, cid: str) -> Path:
+        return self.root / "overlay2" / cid / "diff"
+
+    # DockerAdapter surface
+    def data_root(self) -> str:
+        return DAEMON_ROOT
+
+    def close(self) -> None:
+        pass
+
+    def inspect_container(self, ref: str) -> dict[str, Any]:
+        return self._get(ref)
+
+    def find_container(self, ref: str) -> dict[str, Any] | None:
+        try:
+            return self._get(ref)
+        except DockerNotFound:
+            return None
+
+    def list_containers(self) -> list[dict[str, Any]]:
+        out = []
+        for c in self.containers.values():
+            ports = [
+                {"PublicPort": int(b["HostPort"]), "IP": "0.0.0.0"}
+                for bs in (c["HostConfig"].get("PortBindings") or {}).values()
+                for b in bs
+            ]
+            out.append({"Id": c["Id"], "State": c["State"]["Status"], "Ports": ports})
+        return out
+
+    def memory_usage(self, ref: str) -> int:
+        return 1 << 20
+
+    def inspect_image(self, ref: str) -> dict[str, Any]:
+        for i in self.images.values():
+            if ref == i["Id"] or ref in i["RepoTags"]:
+                return i
+        raise DockerNotFound("inspect image", f"No such image: {ref}", 404)
+
+    def has_image(self, ref: str) -> bool:
+        try:
+            self.inspect_image(ref)
+        except DockerNotFound:
+            return False
+        return True
+
+    def image_save(self, names: list[str]) -> Any:
+        class Stream:
+            closed = False
+
+            def __init__(self) -> None:
+                self._it = iter([b"image:", IMAGE_ID.encode()])
+
+            def __iter__(self) -> Any:
+                return self
+
+            def __next__(self) -> bytes:
+                return next(self._it)
+
+            def close(self) -> None:
+                self.closed = True
+
+        return Stream()
+
+    def image_load(self, stream: Any) -> list[str]:
+        data = b"".join(stream)
+        image_id = data.removeprefix(b"image:").decode()
+        self.images[image_id] = {"Id": image_id, "Size": len(data), "RepoTags": ["app:1"]}
+        return [f"Loaded image ID: {image_id}"]
+
+    def network_names(self) -> set[str]:
+        return {"bridge", "host", "none"}
+
+    def inspect_volume(self, name: str) -> dict[str, Any]:
+        raise DockerNotFound("inspect volume", name, 404)
+
+    def create_container(self, body: dict[str, Any], name: str | None = None) -> str:
+        self.calls.append(("create", str(name)))
+        if self.find_container(str(name)) is not None:
+            raise DockerError("create", f"Conflict. The container name /{name} is already in use")
+        cid = f"{next(_ids):064x}"
+        self.local_upper(cid).mkdir(parents=True)
+        self.containers[cid] = {
+            "Id": cid,
+            "Name": f"/{name}",
+            "Image": IMAGE_ID,
+            "State": {"Status": "created", "Running": False},
+            "Config": {k: v for k, v in body.items() if k != "HostConfig"},
+            "HostConfig": dict(body["HostConfig"]),
+            "Mounts": [],
+            "NetworkSettings": {"Networks": {"bridge": {}}},
+            "GraphDriver": {
+                "Name": "overlay2",
+                "Data": {"UpperDir": f"{DAEMON_ROOT}/overlay2/{cid}/diff"},
+            },
+        }
+        return cid
+
+    def checkpoint_create(self, ref: str, name: str, exit: bool = True) -> None:
+        c = self._get(ref)
+        self.calls.append(("checkpoint", c["Id"], name))
+        d = self.root / "containers" / c["Id"] / "checkpoints" / name
+        d.mkdir(parents=True)
+        (d / "pages-1.img").write_bytes(os.urandom(4096))
+        (d / "inventory.img").write_bytes(b"inv")
+        self.dumped.setdefault(c["Id"], set()).add(name)
+        c["State"] = {"Status": "exited", "Running": False, "ExitCode": 137}
+
+    def checkpoint_delete(self, ref: str, name: str) -> None:
+        self.calls.append(("checkpoint_delete", name))
+
+    def start(self, ref: str, checkpoint: str | None = None) -> None:
+        c = self._get(ref)
+        self.calls.append(("start", c["Id"], str(checkpoint)))
+        if checkpoint is not None:
+            if self.fail_restore:
+                raise CheckpointError("restore", self.fail_restore)
+            if checkpoint in self.dumped.get(c["Id"], set()):
+                raise CheckpointError("restore", "failed to upload checkpoint: already exists")
+            d = self.root / "containers" / c["Id"] / "checkpoints" / checkpoint
+            if not (d / "inventory.img").exists():
+                raise CheckpointError("restore", f"no images in {d}")
+            c["restored_from"] = checkpoint
+        c["State"] = {"Status": "running", "Running": True}
+
+    def wait_running(self, ref: str, timeout: float, healthy: bool = False) -> dict[str, Any]:
+        c = self._get(ref)
+        if not c["State"]["Running"]:
+            raise DockerError("wait", "not running")
+        return c
+
+    def update_restart_policy(self, ref: str, policy: dict[str, Any]) -> None:
+        self._get(ref)["HostConfig"]["RestartPolicy"] = dict(policy)
+        self.calls.append(("policy", str(policy.get("Name"))))
+
+    def remove(self, ref: str, force: bool = False) -> None:
+        c = self._get(ref)
+        del self.containers[c["Id"]]
+        self.calls.append(("remove", c["Id"]))
+
+    def rename(self, ref: str, new: str) -> None:
+        self._get(ref)["Name"] = f"/{new}"
+
+
+class Upload:
+    """What the peer server hands a handler: async chunks with a byte count."""
+
+    def __init__(self, chunks: Any) -> None:
+        self._chunks = chunks
+        self.bytes_read = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks:
+            self.bytes_read += len(chunk)
+            yield chunk
+
+
+class DirectPeer:
+    """A PeerClient stand-in that calls the target's handlers in-process."""
+
+    def __init__(self, name: str, handlers: Any, caller: str) -> None:
+        self.name = name
+        self.handlers = handlers
+        self.caller = caller
+        self.break_upload = False
+        self.down = False
+
+    async def _call(self, coro: Any) -> dict[str, Any]:
+        if self.down:
+            coro.close()
+            raise PeerUnavailable(self.name, "connection refused")
+        try:
+            result: dict[str, Any] = await coro
+            return result
+        except HandlerError as exc:
+            raise PeerRefused(self.name, exc.status, exc.error, exc.reason) from None
+
+    async def post_json(
+        self, path: str, body: dict[str, Any], *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        parts = path.strip("/").split("/")  # v1 migrations [id [action]]
+        if len(parts) == 2:
+            return await self._call(self.handlers.prepare(self.caller, body))
+        method = getattr(self.handlers, parts[3])
+        return await self._call(method(self.caller, parts[2], body))
+
+    async def get_json(self, path: str) -> dict[str, Any]:
+        return await self._call(self.handlers.status(self.caller, path.strip("/").split("/")[2]))
+
+    async def upload_state(self, mid: str, chunks: Any, digest: str | None = None) -> Any:
+        if self.break_upload:
+            async for _ in chunks:
+                raise PeerUnavailable(self.name, "connection reset during upload")
+        call = self.handlers.receive_state(self.caller, mid, Upload(chunks), digest)
+        return await self._call(call)
+
+    async def upload_image(self, mid: str, chunks: Any, meta: dict[str, Any]) -> Any:
+        return await self._call(self.handlers.receive_image(self.caller, mid, Upload(chunks), meta))
+
+
+class Host:
+    def __init__(self, tmp: Path, name: str, other: str, images: tuple[str, ...]) -> None:
+        self.name = name
+        self.docker = FakeDocker(tmp / name / "docker", images)
+        self.config = FerryConfig.model_validate(
+            {
+                "name": name,
+                "state_dir": str(tmp / name / "state"),
+                "docker": {"data_root": str(tmp / name / "docker")},
+                "peers": [{"name": other, "address": "127.0.0.1:9"}],
+            }
+        )
+        self.journal = Journal(self.config.state_dir)
+        self.peers: dict[str, DirectPeer] = {}
+        self.service = MigrationService(
+            self.docker,  # type: ignore[arg-type]
+            self.config,
+            self.journal,
+            self.peers,
+        )
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[tuple[Host, Host]]:
+    a = Host(tmp_path, "a", "b", (IMAGE_ID,))
+    b = Host(tmp_path, "b", "a", (IMAGE_ID,))
+    a.peers["b"] = DirectPeer("b", b.service.handlers, "a")
+    b.peers["a"] = DirectPeer("a", a.service.handlers, "b")
+    yield a, b
+    a.journal.close()
+    b.journal.close()
+
+
+def test_successful_migration_moves_state_and_writable_layer(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    cid = a.docker.add_running("web")
+    events: list[ProgressEvent] = []
+    report = run_async(a.service.migrate("web", "b", progress=events.append))
+
+    assert report.outcome == "succeeded" and report.downtime_s is not None
+    assert report.bytes_state > 0 and report.bytes_image == 0
+    assert {e.phase for e in events} >= {"prepare", "freeze", "transfer", "restore", "done"}
+    moved = b.docker._get("web")
+    assert moved["State"]["Running"] and moved["restored_from"] == f"ferry-{report.migration_id}"
+    assert moved["HostConfig"]["RestartPolicy"]["Name"] == "always"
+    log = b.docker.local_upper(moved["Id"]) / "data" / "ticks.log"
+    assert log.read_text() == "1\n2\n3\n"
+    assert cid not in a.docker.containers, "source copy not removed"
+    # Restart policy to "no" before the checkpoint, never the other way round.
+    names = [c[0] for c in a.docker.calls]
+    assert names.index("policy") < names.index("checkpoint")
+    assert a.journal.get(report.migration_id).outcome == "succeeded"
+    assert b.journal.get(report.migration_id).outcome == "succeeded"
+    assert a.journal.get(report.migration_id).report["downtime_s"] == report.downtime_s
+
+
+def test_refusal_before_the_freeze_leaves_the_source_untouched(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    cid = a.docker.add_running("web")
+    b.docker.add_running("web")  # name clash on the target
+    with pytest.raises(MigrationRefused, match="named web already exists on b"):
+        run_async(a.service.migrate("web", "b"))
+    c = a.docker.containers[cid]
+    assert c["State"]["Running"] and c["HostConfig"]["RestartPolicy"]["Name"] == "always"
+    assert not any(call[0] in ("checkpoint", "policy") for call in a.docker.calls)
+    (rec,) = a.journal.history()
+    assert rec.outcome == "refused" and "already exists" in (rec.reason or "")
+
+
+def test_unknown_peer_and_container_are_bad_input(hosts: tuple[Host, Host]) -> None:
+    a, _ = hosts
+    with pytest.raises(MigrationRefused, match="unknown peer") as e1:
+        run_async(a.service.migrate("web", "zzz"))
+    with pytest.raises(MigrationRefused, match="no container") as e2:
+        run_async(a.service.migrate("nope", "b"))
+    assert e1.value.bad_input and e2.value.bad_input
+
+
+def test_restore_failure_rolls_back_under_a_fresh_checkpoint_name(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    cid = a.docker.add_running("web", policy="unless-stopped")
+    b.docker.fail_restore = "criu: restore failed"
+    with pytest.raises(MigrationFailed, match="criu: restore failed") as err:
+        run_async(a.service.migrate("web", "b"))
+    assert err.value.rolled_back
+    mid = err.value.report.migration_id
+    c = a.docker.containers[cid]
+    assert c["State"]["Running"]
+    assert c["restored_from"] == f"ferry-{mid}-rb1"  # not the dumped name (moby#42900)
+    assert c["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    assert b.docker.find_container("web") is None, "half-made target container left behind"
+    assert a.journal.get(mid).outcome == "rolled_back"
+    assert b.journal.get(mid).outcome == "aborted"
+
+
+def test_broken_transfer_rolls_back(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    cid = a.docker.add_running("web")
+    a.peers["b"].break_upload = True
+    with pytest.raises(MigrationFailed, match="transfer broke") as err:
+        run_async(a.service.migrate("web", "b"))
+    assert err.value.rolled_back and a.docker.containers[cid]["State"]["Running"]
+    assert b.docker.find_container("web") is None
+
+
+def test_image_is_shipped_when_the_target_lacks_it(tmp_path: Path) -> None:
+    a = Host(tmp_path, "a", "b", (IMAGE_ID,))
+    b = Host(tmp_path, "b", "a", ())
+    a.peers["b"] = DirectPeer("b", b.service.handlers, "a")
+    try:
+        a.docker.add_running("web")
+        report = run_async(a.service.migrate("web", "b"))
+        assert report.image_shipped and report.bytes_image > 0
+        assert b.docker.has_image(IMAGE_ID)
+    finally:
+        a.journal.close()
+        b.journal.close()
+
+
+def test_image_shipping_can_be_forbidden(tmp_path: Path) -> None:
+    a = Host(tmp_path, "a", "b", (IMAGE_ID,))
+    b = Host(tmp_path, "b", "a", ())
+    a.config = a.config.model_copy(
+        update={"migration": a.config.migration.model_copy(update={"allow_image_shipping": False})}
+    )
+    a.service.config = a.config
+    a.peers["b"] = DirectPeer("b", b.service.handlers, "a")
+    try:
+        cid = a.docker.add_running("web")
+        with pytest.raises(MigrationRefused, match="allow_image_shipping is off"):
+            run_async(a.service.migrate("web", "b"))
+        assert a.docker.containers[cid]["State"]["Running"]
+        assert b.docker.find_container("web") is None  # the target was told to drop its part
+        assert not b.service.handlers.incoming
+    finally:
+        a.journal.close()
+        b.journal.close()
+
+
+def _crash_after_freeze(a: Host, b: Host) -> tuple[str, str]:
+    """Leave a migration as a SIGKILL right after the checkpoint would."""
+    cid = a.docker.add_running("web")
+    a.peers["b"].break_upload = True
+
+    async def crash(*args: Any, **kwargs: Any) -> None:
+        raise asyncio.CancelledError  # the process dies here: no rollback runs
+
+    a.service._roll_back = crash  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        run_async(a.service.migrate("web", "b"))
+    (rec,) = a.journal.unfinished()
+    return cid, rec.id
+
+
+def test_reconcile_restores_a_frozen_container_exactly_once(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    cid, mid = _crash_after_freeze(a, b)
+    assert not a.docker.containers[cid]["State"]["Running"]
+    assert b.docker.find_container("web") is not None  # half-made on the target
+
+    restarted = MigrationService(a.docker, a.config, a.journal, a.peers)  # type: ignore[arg-type]
+    results = run_async(restarted.reconcile())
+    assert results[0]["outcome"].startswith("rolled back")
+    assert a.docker.containers[cid]["State"]["Running"]
+    assert b.docker.find_container("web") is None
+    assert a.journal.get(mid).outcome == "rolled_back"
+    assert a.journal.unfinished() == []
+
+
+def test_reconcile_keeps_the_target_copy_when_it_runs_there(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    cid, mid = _crash_after_freeze(a, b)
+    # Pretend the target finished the restore before the source died.
+    inc = b.service.handlers.incoming[mid]
+    b.docker.containers[str(inc.container_id)]["State"] = {"Status": "running", "Running": True}
+    b.journal.finish(mid, "succeeded", report=inc.journal_report())
+
+    restarted = MigrationService(a.docker, a.config, a.journal, a.peers)  # type: ignore[arg-type]
+    run_async(restarted.reconcile())
+    assert cid not in a.docker.containers
+    assert b.docker._get("web")["State"]["Running"]
+    assert a.journal.get(mid).outcome == "succeeded"
+
+
+def test_reconcile_removes_half_made_target_containers(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    _, mid = _crash_after_freeze(a, b)
+    b.peers["a"].down = True  # the source is away; a created-only container is garbage anyway
+    restarted_b = MigrationService(b.docker, b.config, b.journal, b.peers)  # type: ignore[arg-type]
+    results = run_async(restarted_b.reconcile())
+    assert results == [
+        {"migration_id": mid, "role": "target", "outcome": "removed half-made container"}
+    ]
+    assert b.docker.find_container("web") is None
