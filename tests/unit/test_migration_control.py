@@ -1,0 +1,153 @@
+"""POST /v1/migrate on the control socket, and `ferry migrate`'s output and exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+
+from agent.cli import main, migrate_cmds
+from agent.migration import MigrationFailed, MigrationRefused, MigrationReport, ProgressEvent
+from agent.migration.control_routes import add_migration_routes
+from tests.helpers import run_async
+
+
+class FakeService:
+    def __init__(self, outcome: Any) -> None:
+        self.outcome = outcome
+        self.calls: list[tuple[str, str]] = []
+
+    async def migrate(self, container: str, target: str, progress: Any = None) -> Any:
+        self.calls.append((container, target))
+        progress(ProgressEvent("m1", "freeze", "checkpointing"))
+        await asyncio.sleep(0)
+        progress(ProgressEvent("m1", "transfer", "streaming state", 10, 20))
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+def _report() -> MigrationReport:
+    return MigrationReport(
+        "m1", "web", "a", "b", outcome="succeeded", downtime_s=0.5, total_s=1.5, bytes_state=42,
+        phases={"freeze": 0.2, "transfer": 0.1},
+    )  # fmt: skip
+
+
+async def _serve_and_ask(sock: Path, service: FakeService, body: Any = None) -> Any:
+    app = web.Application()
+    add_migration_routes(app, service)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(sock)).start()
+    lines: list[dict[str, Any]] = []
+    try:
+        result = await migrate_cmds.stream_migration(sock, "web", "b", lines.append)
+    finally:
+        await runner.cleanup()
+    return lines, result
+
+
+def test_progress_lines_then_the_report(tmp_path: Path) -> None:
+    service = FakeService(_report())
+    lines, result = run_async(_serve_and_ask(tmp_path / "s.sock", service))
+    assert service.calls == [("web", "b")]
+    assert [x["phase"] for x in lines] == ["freeze", "transfer"]
+    assert lines[1]["bytes_done"] == 10 and lines[1]["bytes_total"] == 20
+    assert result["ok"] and result["report"]["downtime_s"] == 0.5
+    assert result["report"]["bytes_moved"] == 42
+
+
+def test_failures_carry_kind_reason_and_rollback(tmp_path: Path) -> None:
+    failed = MigrationFailed("restore failed on b", rolled_back=True)
+    failed.report = _report()
+    _, result = run_async(_serve_and_ask(tmp_path / "s.sock", FakeService(failed)))
+    assert result["ok"] is False and result["kind"] == "failed"
+    assert result["rolled_back"] and result["reason"] == "restore failed on b"
+    assert result["report"]["migration_id"] == "m1"
+
+    refused = MigrationRefused("unknown peer 'x'", bad_input=True)
+    _, result = run_async(_serve_and_ask(tmp_path / "t.sock", FakeService(refused)))
+    assert (result["kind"], result["bad_input"]) == ("refused", True)
+
+
+def test_bad_request_body_is_400(tmp_path: Path) -> None:
+    async def scenario() -> int:
+        app = web.Application()
+        add_migration_routes(app, FakeService(_report()))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = tmp_path / "s.sock"
+        await web.UnixSite(runner, str(sock)).start()
+        try:
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as s,
+                s.post("http://x/v1/migrate", json={"container": ""}) as resp,
+            ):
+                return resp.status
+        finally:
+            await runner.cleanup()
+
+    assert run_async(scenario()) == 400
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "ferry.yaml"
+    path.write_text(f"name: a\nstate_dir: {tmp_path}/state\ncontrol_socket: {tmp_path}/c.sock\n")
+    return path
+
+
+def _cli(monkeypatch: pytest.MonkeyPatch, config: Path, result: Any) -> Any:
+    async def fake(sock: Path, container: str, target: str, on_line: Any) -> Any:
+        on_line({"type": "progress", "phase": "freeze", "message": "x", "elapsed_s": 0.1})
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    monkeypatch.setattr(migrate_cmds, "stream_migration", fake)
+    return CliRunner().invoke(main, ["migrate", "web", "--to", "b", "--config", str(config)])
+
+
+def test_cli_exit_codes(monkeypatch: pytest.MonkeyPatch, config: Path) -> None:
+    ok = _cli(monkeypatch, config, {"ok": True, "report": _report().to_dict()})
+    assert ok.exit_code == 0, ok.output
+    assert "downtime" in ok.output and "0.500 s" in ok.output and "now runs on b" in ok.output
+
+    failed = _cli(
+        monkeypatch,
+        config,
+        {"ok": False, "kind": "failed", "reason": "criu said no", "rolled_back": True},
+    )
+    assert failed.exit_code == 1
+    assert "rolled back" in failed.output and "criu said no" in failed.output
+
+    refused = _cli(monkeypatch, config, {"ok": False, "kind": "refused", "reason": "busy"})
+    assert refused.exit_code == 1 and "untouched" in refused.output
+
+    bad = _cli(
+        monkeypatch,
+        config,
+        {"ok": False, "kind": "refused", "reason": "unknown peer", "bad_input": True},
+    )
+    assert bad.exit_code == 2
+
+    away = _cli(monkeypatch, config, migrate_cmds.Unreachable("no agent socket"))
+    assert away.exit_code == 3 and "no agent socket" in away.output
+
+
+def test_cli_bad_config_is_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nonsense_key: 1\n")
+    result = CliRunner().invoke(main, ["migrate", "web", "--to", "b", "--config", str(bad)])
+    assert result.exit_code == 2 and "nonsense_key" in result.output
+
+
+def test_cli_without_agent_is_3(config: Path) -> None:
+    result = CliRunner().invoke(main, ["migrate", "web", "--to", "b", "--config", str(config)])
+    assert result.exit_code == 3 and "no agent socket" in result.output
