@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from agent.migration.errors import MigrationFailed, MigrationRefused
 from agent.model import ActionResult, Clock, ContainerInfo, Decision, PeerDirectory, SystemClock
 from agent.policy.placement import peer_rejection, place
 
@@ -106,13 +107,18 @@ def _report_dict(report: Any) -> dict[str, Any] | None:
 def _classify(exc: Exception) -> tuple[str, bool]:
     """(reason, retry): a refused or rolled-back migration left the container here, running."""
     reason = str(getattr(exc, "reason", "") or exc) or type(exc).__name__
-    if type(exc).__name__ == "MigrationRefused":
+    if isinstance(exc, MigrationRefused):
+        if exc.bad_input:
+            # Unknown container or peer: asking again will not change the answer.
+            return f"refused: {reason}", False
         return f"refused: {reason}", True
-    if getattr(exc, "rolled_back", False):
-        return f"failed, rolled back: {reason}", True
-    if type(exc).__name__ == "MigrationFailed":
+    if isinstance(exc, MigrationFailed):
+        if exc.rolled_back:
+            return f"failed, rolled back: {reason}", True
         # Not rolled back: the container's state needs a human; retrying could make it worse.
         return f"failed, NOT rolled back (see `ferry history`): {reason}", False
+    if type(exc).__name__ == "MigrationUnavailable":
+        return f"refused: {reason}", True
     return f"error: {type(exc).__name__}: {reason}", True
 
 

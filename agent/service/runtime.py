@@ -147,9 +147,30 @@ def build_migration(owner: Agent) -> MigrationParts:
 
 
 def _build_real_migration(owner: Agent, journal: Any) -> MigrationParts:
-    # Filled in as the migration engine's API lands; see the module docstring.
-    stand_in = _NoMigrations()
-    return MigrationParts(stand_in, stand_in, journal, close=journal.close)
+    # Not agent.migration.factory.runtime_parts: its control route would call the
+    # engine directly, and `ferry migrate` runs must be counted in the metrics too.
+    from agent.migration.control_routes import add_migration_routes
+    from agent.migration.factory import build_service
+
+    service = build_service(
+        owner.config, journal, owner.draining, owner.clock, adapter=owner.docker
+    )
+
+    def routes(app: Any) -> None:
+        add_migration_routes(app, owner.migrator or service)
+
+    async def close() -> None:
+        await service.close()
+        journal.close()
+
+    return MigrationParts(
+        migrator=service,
+        handlers=service.handlers,
+        journal=journal,
+        route_hooks=[routes],
+        reconcile=service.reconcile,
+        close=close,
+    )
 
 
 class DrainAwareHandlers:
@@ -177,6 +198,10 @@ class DrainAwareHandlers:
         inner = getattr(type(self._inner), "health", None)
         if inner is not None:
             health.update(await self._inner.health())
+        # Memory already promised to incoming migrations is not available to placement.
+        reserved = health.get("reserved_memory_bytes")
+        if isinstance(reserved, int) and reserved > 0 and health.get("mem_available_bytes"):
+            health["mem_available_bytes"] = max(int(health["mem_available_bytes"]) - reserved, 0)
         health["draining"] = self._draining()
         return health
 
@@ -244,7 +269,12 @@ class MeteredMigrator:
             self._metrics.migration_failed(rolled_back=False)
             raise
         except Exception as exc:
-            self._metrics.migration_failed(rolled_back=bool(getattr(exc, "rolled_back", False)))
+            report = getattr(exc, "report", None)
+            moved = _report_number(report, "bytes_moved") if report is not None else None
+            self._metrics.migration_failed(
+                rolled_back=bool(getattr(exc, "rolled_back", False)),
+                bytes_moved=int(moved) if moved is not None else None,
+            )
             raise
         downtime = _report_number(report, "downtime_s", "downtime_seconds", "downtime")
         moved = _report_number(report, "bytes_sent", "bytes_moved", "bytes_total", "bytes")
@@ -368,6 +398,7 @@ class Agent:
         self.evacuator: Evacuator | None = None
         self.peers: PeerDirectory | None = None
         self.migration: MigrationParts | None = None
+        self.migrator: MeteredMigrator | None = None
         self.metrics: FerryMetrics | None = None
         self.control: ControlServer | None = None
 
@@ -463,9 +494,9 @@ class Agent:
             self.notifier.status("starting: reconciling unfinished migrations")
             await self.migration.reconcile()
 
-        migrator = MeteredMigrator(self.migration.migrator, self.metrics)
+        self.migrator = MeteredMigrator(self.migration.migrator, self.metrics)
         self.evacuator = Evacuator(
-            migrator,
+            self.migrator,
             self.peers,
             cfg.limits.max_concurrent_migrations,
             host=cfg.name,

@@ -10,22 +10,10 @@ from typing import Any
 
 import pytest
 
+from agent.migration.errors import MigrationFailed, MigrationRefused
 from agent.model import ContainerInfo, Decision, PeerHealth
 from agent.service.evacuation import EvacuateAction, Evacuator, MoveAction
 from tests.helpers import run_async
-
-
-class MigrationRefused(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class MigrationFailed(Exception):
-    def __init__(self, reason: str, rolled_back: bool = True) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.rolled_back = rolled_back
 
 
 @dataclass
@@ -204,6 +192,19 @@ def test_stuck_containers_are_reported_with_reason_and_retried_with_backoff() ->
         assert await ev.retry_due() == {"db": "moved to b"}
         assert ev.status()["state"] == "done"
         assert [c for c, _ in mig.calls] == ["db", "web", "db", "db"]
+
+    run_async(scenario())
+
+
+def test_refusal_for_bad_input_is_not_retried() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        mig = FakeMigrator()
+        mig.failures["ghost"] = [MigrationRefused("no container ghost", bad_input=True)]
+        ev = Evacuator(mig, FakePeers(peer("b")), host="a", clock=clock)
+        result = await EvacuateAction(ev).execute(decision(["ghost"], ["b"]))
+        assert result.per_container["ghost"] == "stuck: refused: no container ghost"
+        assert ev.status()["stuck"][0]["retry_in_s"] is None
 
     run_async(scenario())
 

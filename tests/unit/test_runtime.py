@@ -4,6 +4,7 @@ socket and the peer API, a policy firing an evacuation, and a clean shutdown."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import subprocess
@@ -310,3 +311,37 @@ def test_ferry_run_bad_config_exits_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "limits.max_concurrent_migrations" in proc.stderr
+
+
+def test_real_migration_engine_is_wired_with_metered_control_route(env: Env) -> None:
+    import aiohttp
+    from prometheus_client import CollectorRegistry
+
+    agent = make_agent(env, FakeMigrator())
+    agent._o.migration = None  # the real engine, on the fake Docker adapter
+    registry = CollectorRegistry()
+    agent._o.metrics_registry = registry
+
+    async def scenario() -> list[dict[str, Any]]:
+        stop = asyncio.Event()
+        serving = asyncio.create_task(serve(agent, stop))
+        try:
+            await asyncio.wait_for(next_notify(env.notify, "READY=1"), 20)
+            connector = aiohttp.UnixConnector(path=str(agent.config.control_socket))
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.post(
+                    "http://ferry/v1/migrate", json={"container": "web", "target": "nope"}
+                ) as resp,
+            ):
+                lines = [json.loads(ln) for ln in (await resp.text()).splitlines()]
+        finally:
+            stop.set()
+            assert await asyncio.wait_for(serving, 30) == 0
+        return lines
+
+    lines = run_async(scenario(), timeout=60)
+    assert lines[-1]["type"] == "result" and lines[-1]["ok"] is False
+    assert lines[-1]["kind"] == "refused" and lines[-1]["bad_input"] is True
+    assert registry.get_sample_value("ferry_migrations_started_total") == 1
+    assert registry.get_sample_value("ferry_migrations_failed_total") == 1
