@@ -147,6 +147,7 @@ class TargetHandlers:
             )
         if self.draining():
             raise _refuse(f"{self.config.name} is draining", "draining", 503)
+        await self._drop_stale()
         if mid in self.incoming:
             raise _refuse(f"migration {mid} is already in progress here", "conflict")
         if len(self.incoming) >= self.config.limits.max_concurrent_migrations:
@@ -191,6 +192,15 @@ class TargetHandlers:
         self.incoming[mid] = inc
         log.info("migration.target.prepared", migration=mid, peer=peer, container=name)
         return {"accepted": True, "has_image": has_image, "reservation_ttl_s": RESERVATION_TTL}
+
+    async def _drop_stale(self) -> None:
+        """Forget migrations whose source went quiet until their reservation expired."""
+        live = {r.migration_id for r in self.reservations.active()}
+        for mid, inc in list(self.incoming.items()):
+            lock = self._locks.get(mid)
+            if mid not in live and not (lock is not None and lock.locked()):
+                log.warning("migration.target.stale", migration=mid, peer=inc.peer)
+                await self._discard(inc, "the source went quiet; reservation expired")
 
     def _prepare_checks(
         self, body: dict[str, Any], name: str, image_id: str
@@ -341,6 +351,7 @@ class TargetHandlers:
     ) -> dict[str, Any]:
         async with self._lock(migration_id):
             inc = self._get(peer, migration_id)
+            self.reservations.extend(migration_id, RESERVATION_TTL)
             if inc.container_id is None:
                 raise _refuse("state sent before the container was staged", "bad_order")
             self._phase(inc, T_RECEIVED)

@@ -468,3 +468,33 @@ def test_reconcile_removes_half_made_target_containers(hosts: tuple[Host, Host])
         {"migration_id": mid, "role": "target", "outcome": "removed half-made container"}
     ]
     assert b.docker.find_container("web") is None
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1.7e9 + self.now
+
+
+def test_target_forgets_a_source_that_went_quiet(hosts: tuple[Host, Host]) -> None:
+    _, b = hosts
+    clock = StepClock()
+    handlers = b.service.handlers
+    handlers.clock = clock
+    handlers.reservations.clock = clock
+    body = {"migration_id": "m-quiet", "container_id": "c", "name": "web", "image_id": IMAGE_ID}
+
+    async def scenario() -> None:
+        await handlers.prepare("a", body)
+        assert "m-quiet" in handlers.incoming
+        clock.now += 3600  # the source never came back
+        await handlers.prepare("a", body | {"migration_id": "m-next", "name": "web2"})
+
+    run_async(scenario())
+    assert set(handlers.incoming) == {"m-next"}
+    assert b.journal.get("m-quiet").outcome == "aborted"
