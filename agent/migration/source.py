@@ -111,6 +111,8 @@ class MigrationService:
         self.clock = clock or SystemClock()
         self.data_root = DataRootResolver(adapter.data_root, config.docker.data_root)
         self.owns_adapter = False  # set by build_service when it made the adapter
+        # Policy evacuations and `ferry migrate` share this host's limit; extra ones wait.
+        self._slots = asyncio.Semaphore(config.limits.max_concurrent_migrations)
         self.active: dict[str, str] = {}  # container id -> migration id
         self._tasks: set[asyncio.Task[Any]] = set()
         self.handlers = TargetHandlers(
@@ -190,6 +192,14 @@ class MigrationService:
         self, container: str, target: str, progress: ProgressFn | None = None
     ) -> MigrationReport:
         """Move `container` to peer `target`. Raises MigrationRefused / MigrationFailed."""
+        if self._slots.locked() and progress is not None:
+            progress(ProgressEvent("", rp.PREPARE, "waiting for a free migration slot"))
+        async with self._slots:
+            return await self._migrate(container, target, progress)
+
+    async def _migrate(
+        self, container: str, target: str, progress: ProgressFn | None
+    ) -> MigrationReport:
         peer = self.peers.get(target)
         if peer is None:
             known = ", ".join(sorted(self.peers)) or "none configured"
