@@ -320,7 +320,7 @@ def _when(ts: Any) -> str:
 
 def render_history(items: list[dict[str, Any]], console: Console) -> None:
     t = Table(title="Migrations", title_justify="left")
-    for col in ("started", "container", "from", "to", "outcome", "downtime", "reason"):
+    for col in ("started", "container", "from", "to", "outcome", "downtime", "moved", "reason"):
         t.add_column(col)
     for m in items:
         report = m.get("report") or {}
@@ -333,6 +333,7 @@ def render_history(items: list[dict[str, Any]], console: Console) -> None:
             str(m.get("target", "-")),
             str(outcome),
             f"{float(downtime):.3f}s" if isinstance(downtime, int | float) else "-",
+            _bytes(report["bytes_moved"]) if "bytes_moved" in report else "-",
             str(m.get("reason") or ""),
         )
     console.print(t)

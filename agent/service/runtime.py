@@ -420,14 +420,14 @@ class Agent:
             return None
 
     def overloaded(self) -> bool:
-        """Shedding load: a migrating policy other than the drain is firing."""
+        """Shedding load: a migrating policy is active while the host is not draining."""
         if self.engine is None or self.draining():
             return False
         by_name = {p.name: p for p in self.engine.policies}
+        # `active` includes cooling down: a host that just shed load should not
+        # be handed containers again while its condition still holds.
         return any(
-            s.status == "firing"
-            and (p := by_name.get(s.name)) is not None
-            and p.action in MIGRATING_ACTIONS
+            s.active and (p := by_name.get(s.name)) is not None and p.action in MIGRATING_ACTIONS
             for s in self.engine.states()
         )
 
@@ -652,9 +652,9 @@ class Agent:
         else:
             parts.append("serving")
         if self.engine is not None:
-            firing = [s.name for s in self.engine.states() if s.status == "firing"]
-            if firing:
-                parts.append(f"firing: {', '.join(firing)}")
+            active = [s.name for s in self.engine.states() if s.active]
+            if active:
+                parts.append(f"active: {', '.join(active)}")
         if self.evacuator is not None and self.evacuator.summary() != "idle":
             parts.append(self.evacuator.summary())
         line = "; ".join(parts)
