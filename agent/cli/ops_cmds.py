@@ -193,7 +193,7 @@ def render_status(status: dict[str, Any], console: Console) -> None:
     t.add_column("signal")
     t.add_column("value", justify="right")
     for name, value in sorted(signals.items()):
-        t.add_row(name, _num(value))
+        t.add_row(name, _bytes(value) if name.endswith("_bytes") else _num(value))
     console.print(t)
 
     t = Table(title="Policies", title_justify="left")
