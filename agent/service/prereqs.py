@@ -157,15 +157,9 @@ def check_data_root(info: dict[str, Any], configured: Path | None) -> list[Prere
         return []  # Docker unreachable: already reported
     problems: list[PrereqProblem] = []
     if configured and daemon_root and Path(daemon_root) != configured:
-        problems.append(
-            PrereqProblem(
-                "data_root",
-                f"docker.data_root is {configured} but the daemon uses {daemon_root}",
-                "remove docker.data_root from the ferry config (the daemon's value is used) "
-                "or correct it",
-                fatal=False,
-            )
-        )
+        # Normal when the agent sees the daemon's files at another path (the daemon
+        # in its own mount namespace or container): that is what the key is for.
+        log.info("prereqs.data_root_mapped", configured=str(configured), daemon=daemon_root)
     if not root.is_dir():
         problems.append(
             PrereqProblem(

@@ -282,6 +282,26 @@ class MeteredMigrator:
         return report
 
 
+def _short_error(exc: BaseException) -> str:
+    """A one-line reason for `ferry status`, not a repr of aiohttp's connection key."""
+    import ssl
+
+    import aiohttp
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientConnectorCertificateError):
+            return f"TLS verification failed: {seen.certificate_error}"
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS: {seen}"
+        if isinstance(seen, aiohttp.ClientConnectorError):
+            return f"cannot connect: {seen.os_error.strerror or seen.os_error}"
+        if isinstance(seen, TimeoutError | asyncio.TimeoutError):
+            return "timed out"
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__
+
+
 class PeerHealthPoller:
     """The PeerDirectory: polls each configured peer's health endpoint over mTLS.
 
@@ -337,7 +357,7 @@ class PeerHealthPoller:
         try:
             data = await asyncio.wait_for(client.health(), self._timeout)
         except Exception as exc:  # any failure means "not usable now", with why
-            error = str(exc) or type(exc).__name__
+            error = _short_error(exc)
             if self._health[cfg.name].reachable:
                 log.warning("peers.unreachable", peer=cfg.name, error=error)
             self._health[cfg.name] = PeerHealth(reachable=False, error=error, **base)
