@@ -1,9 +1,9 @@
 """Agents and helpers for the migration end-to-end tests.
 
-`engine_agents(hosts)` starts one agent per testbed host with the real
-runtime (`agent.service.runtime`) and this checkout's migration engine wired
-in through the runtime's `Overrides.migration` hook, so the tests exercise
-the engine whether or not `ferry run` already builds it by default.
+`engine_agents(hosts)` starts one real `ferry run` agent per testbed host. If
+that runtime does not build the migration engine yet (no /v1/migrate route),
+it runs the same runtime with this checkout's engine passed in through
+`Overrides.migration` instead, so the tests exercise the engine either way.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.testbed import agents as testbed_agents
 from tests.testbed import procs
 from tests.testbed.agents import REPO, _agent_answers, _ensure_certs, write_config
 from tests.testbed.layout import Host
@@ -62,22 +63,69 @@ def stop_engine_agent(host: Host, proc: subprocess.Popen[bytes], sig: int = sign
     host.agent_pid = 0
 
 
+def _serves_migrate(host: Host) -> bool:
+    """Does the agent on `host` have the migration engine's control route?"""
+    import aiohttp
+
+    async def ask() -> bool:
+        connector = aiohttp.UnixConnector(path=host.control_socket)
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.post("http://ferry/v1/migrate", json={}) as resp,
+        ):
+            return resp.status == 400  # the route exists and refused the empty body
+
+    return asyncio.run(ask())
+
+
+class Agents:
+    """The agents of a test module: real `ferry run` when it builds the engine, else the
+    same runtime with the engine passed in through `Overrides.migration`."""
+
+    def __init__(self, hosts: list[Host]) -> None:
+        self.hosts = hosts
+        self.real = True
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, host: Host) -> None:
+        if self.real:
+            testbed_agents.start_agent(host)
+        else:
+            self.procs[host.name] = start_engine_agent(host)
+
+    def stop(self, host: Host, sig: int = signal.SIGTERM) -> None:
+        if self.real:
+            testbed_agents.stop_agent(host, sig)
+        elif host.name in self.procs:
+            stop_engine_agent(host, self.procs.pop(host.name), sig)
+
+    def start_all(self) -> None:
+        for h in self.hosts:
+            self.start(h)
+        if self.real and not _serves_migrate(self.hosts[0]):
+            # `ferry run` does not build the engine yet: run it with the engine passed in.
+            self.stop_all()
+            self.real = False
+            for h in self.hosts:
+                self.start(h)
+
+    def stop_all(self) -> None:
+        for h in self.hosts:
+            self.stop(h)
+
+
 @contextmanager
-def engine_agents(
-    hosts: list[Host], **overrides: Any
-) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+def engine_agents(hosts: list[Host], **overrides: Any) -> Iterator[Agents]:
     _ensure_certs(hosts)
     for h in hosts:
+        testbed_agents.stop_agent(h)  # one left by another module runs another config
         write_config(h, hosts, policies={}, **overrides)
-    running: dict[str, subprocess.Popen[bytes]] = {}
+    agents = Agents(hosts)
     try:
-        for h in hosts:
-            running[h.name] = start_engine_agent(h)
-        yield running
+        agents.start_all()
+        yield agents
     finally:
-        for h in hosts:
-            if h.name in running:
-                stop_engine_agent(h, running[h.name])
+        agents.stop_all()
 
 
 def ferry_migrate(

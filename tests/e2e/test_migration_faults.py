@@ -12,6 +12,7 @@ import pytest
 
 from tests.e2e.migration_support import (
     COUNTER,
+    Agents,
     container_or_none,
     engine_agents,
     ferry_migrate,
@@ -19,8 +20,6 @@ from tests.e2e.migration_support import (
     hook_path,
     migrate_in_background,
     result_of,
-    start_engine_agent,
-    stop_engine_agent,
 )
 from tests.helpers import wait_for
 from tests.testbed import host_run, http_get_json, start_dockerd, stop_dockerd
@@ -33,15 +32,15 @@ NAME = "mig-fault"
 
 
 @pytest.fixture(scope="module")
-def cluster(testbed_hosts: list[Host]) -> Iterator[tuple[list[Host], dict[str, Any]]]:
+def cluster(testbed_hosts: list[Host]) -> Iterator[tuple[list[Host], Agents]]:
     hosts = testbed_hosts[:2]
-    with engine_agents(hosts) as procs:
-        yield hosts, procs
+    with engine_agents(hosts) as agents:
+        yield hosts, agents
 
 
 @pytest.fixture
 def counter(
-    cluster: tuple[list[Host], dict[str, Any]], docker_clients: dict[str, docker.DockerClient]
+    cluster: tuple[list[Host], Agents], docker_clients: dict[str, docker.DockerClient]
 ) -> Iterator[dict[str, Any]]:
     (h1, _), _ = cluster
     docker_clients[h1.name].containers.run(
@@ -86,7 +85,7 @@ def _runs_only_on(
 
 
 def test_restore_failure_on_target_rolls_back(
-    cluster: tuple[list[Host], dict[str, Any]],
+    cluster: tuple[list[Host], Agents],
     docker_clients: dict[str, docker.DockerClient],
     counter: dict[str, Any],
 ) -> None:
@@ -121,11 +120,11 @@ def test_restore_failure_on_target_rolls_back(
 
 
 def test_source_agent_killed_after_freeze_reconciles(
-    cluster: tuple[list[Host], dict[str, Any]],
+    cluster: tuple[list[Host], Agents],
     docker_clients: dict[str, docker.DockerClient],
     counter: dict[str, Any],
 ) -> None:
-    (h1, h2), procs = cluster
+    (h1, h2), agents = cluster
     gate = hook_path(h1, "after-freeze")
     reached = gate.with_name("after-freeze.reached")
     reached.unlink(missing_ok=True)
@@ -134,7 +133,7 @@ def test_source_agent_killed_after_freeze_reconciles(
         cli = migrate_in_background(h1, NAME, h2.name)
         wait_for(reached.exists, timeout=60, what="source to freeze")
         assert docker_clients[h1.name].containers.get(NAME).status == "exited"
-        stop_engine_agent(h1, procs[h1.name], signal.SIGKILL)
+        agents.stop(h1, signal.SIGKILL)
         cli.communicate(timeout=60)
         assert cli.returncode == 3  # the agent went away under it
     finally:
@@ -143,7 +142,7 @@ def test_source_agent_killed_after_freeze_reconciles(
     (rec,) = history(h1, mid)
     assert rec.outcome is None and rec.phase == "freeze"
 
-    procs[h1.name] = start_engine_agent(h1)  # reconcile runs before it answers
+    agents.start(h1)  # reconcile runs before it answers
     _runs_only_on(h1, counter, docker_clients)
     assert container_or_none(docker_clients[h2.name], NAME) is None
     (rec,) = history(h1, mid)
@@ -154,7 +153,7 @@ def test_source_agent_killed_after_freeze_reconciles(
 
 
 def test_missing_bind_mount_is_refused_before_the_freeze(
-    cluster: tuple[list[Host], dict[str, Any]],
+    cluster: tuple[list[Host], Agents],
     docker_clients: dict[str, docker.DockerClient],
 ) -> None:
     (h1, h2), _ = cluster
