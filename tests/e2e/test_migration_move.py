@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -172,3 +173,30 @@ def test_memhog_keeps_its_memory(
     # The restored process goes on from where it was (no restart at iter 0) with the same memory.
     assert after[0][0] >= before[-1][0], (before, after)
     assert all(c == before[0][1] for _, c in before + after)
+
+
+def test_named_volume_is_copied(
+    agents: list[Host], docker_clients: dict[str, docker.DockerClient], cleanup: None
+) -> None:
+    h1, h2 = agents
+    c1, c2 = docker_clients[h1.name], docker_clients[h2.name]
+    vol = "mig-vol-data"
+    for c in (c1, c2):
+        with contextlib.suppress(docker.errors.NotFound):
+            c.volumes.get(vol).remove(force=True)
+    c1.containers.run(COUNTER, name="mig-counter", detach=True, volumes={vol: {"bind": "/vol"}})
+    # The volume's content, written where the daemon keeps it (as the agent sees it).
+    data = Path(h1.data_root) / "volumes" / vol / "_data"
+    (data / "kept.txt").write_text("volume content\n")
+    try:
+        rc, _, err = ferry_migrate(h1, "mig-counter", h2.name)
+        assert rc == 0, err
+        moved = Path(h2.data_root) / "volumes" / vol / "_data" / "kept.txt"
+        assert moved.read_text() == "volume content\n"
+        assert c2.containers.get("mig-counter").status == "running"
+    finally:
+        for c in (c1, c2):
+            with contextlib.suppress(docker.errors.NotFound):
+                c.containers.get("mig-counter").remove(force=True)
+            with contextlib.suppress(docker.errors.NotFound):
+                c.volumes.get(vol).remove(force=True)

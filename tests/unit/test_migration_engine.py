@@ -498,3 +498,27 @@ def test_target_forgets_a_source_that_went_quiet(hosts: tuple[Host, Host]) -> No
     run_async(scenario())
     assert set(handlers.incoming) == {"m-next"}
     assert b.journal.get("m-quiet").outcome == "aborted"
+
+
+def test_source_copy_can_be_kept_renamed_for_a_while(tmp_path: Path) -> None:
+    a = Host(tmp_path, "a", "b", (IMAGE_ID,))
+    b = Host(tmp_path, "b", "a", (IMAGE_ID,))
+    mig = a.config.migration.model_copy(update={"keep_source_copy_for": 3600.0})
+    a.service.config = a.config.model_copy(update={"migration": mig})
+    a.peers["b"] = DirectPeer("b", b.service.handlers, "a")
+
+    async def scenario() -> Any:
+        report = await a.service.migrate("web", "b")
+        await a.service.close()  # cancels the pending removal: nothing outlives the service
+        return report
+
+    try:
+        cid = a.docker.add_running("web")
+        report = run_async(scenario())
+        kept = a.docker.containers[cid]
+        assert kept["Name"] == f"/web-ferry-{report.migration_id}"
+        assert not kept["State"]["Running"]
+        assert report.details["source_copy"].startswith("kept as")
+    finally:
+        a.journal.close()
+        b.journal.close()
