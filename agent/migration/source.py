@@ -286,6 +286,11 @@ class MigrationService:
             self._end(run, "refused", exc.reason)
             log.info("migration.refused", migration=run.mid, reason=exc.reason)
             raise
+        except asyncio.CancelledError:
+            # Nothing here was touched yet; only the target may hold a staged copy.
+            await asyncio.shield(self._abort_target(run, "migration cancelled"))
+            self._end(run, "refused", "migration cancelled before the freeze")
+            raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             await self._abort_target(run, reason)
