@@ -568,6 +568,11 @@ class MigrationService:
                 log.error("migration.rollback_failed", migration=run.mid, reason=why)
                 raise MigrationFailed(why, rolled_back=False) from exc
         run.report.details["rollback"] = how
+        if run.frozen_at is not None:
+            # Not "downtime" (that means running on the target); how long it was down here.
+            run.report.details["down_until_rollback_s"] = round(
+                self.clock.monotonic() - run.frozen_at, 4
+            )
         run.timer.finish()
         self._end(run, "rolled_back", reason)
         log.warning("migration.rolled_back", migration=run.mid, reason=reason, how=how)

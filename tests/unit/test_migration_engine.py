@@ -365,7 +365,9 @@ def test_restore_failure_rolls_back_under_a_fresh_checkpoint_name(
     assert c["restored_from"] == f"ferry-{mid}-rb1"  # not the dumped name (moby#42900)
     assert c["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
     assert b.docker.find_container("web") is None, "half-made target container left behind"
-    assert a.journal.get(mid).outcome == "rolled_back"
+    rec = a.journal.get(mid)
+    assert rec.outcome == "rolled_back" and "criu: restore failed" in (rec.reason or "")
+    assert rec.report["details"]["down_until_rollback_s"] >= 0
     assert b.journal.get(mid).outcome == "aborted"
 
 
