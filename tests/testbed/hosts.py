@@ -217,25 +217,30 @@ def healthy(host: Host) -> bool:
 def up(count: int, rootfs: Path) -> list[Host]:
     if not 1 <= count <= MAX_HOSTS:
         raise ValueError(f"hosts must be between 1 and {MAX_HOSTS}, not {count}")
-    existing, _ = load_state()
-    if existing and len(existing) == count and all(healthy(h) for h in existing):
-        step(f"{count} hosts already up")
-        return existing
-    if existing or _leftovers():
-        step("tearing down a previous, different or broken testbed first")
-        down()
-    hosts = [make_host(i) for i in range(1, count + 1)]
-    step(f"creating network: bridge {BRIDGE} in netns {SWITCH_NETNS}, {count} hosts")
+    existing, old_rootfs = load_state()
+    if existing and old_rootfs == rootfs and all(healthy(h) for h in existing):
+        if len(existing) >= count:
+            step(f"{len(existing)} hosts already up")
+            return existing
+        # Growing a healthy testbed keeps the running hosts (and whatever runs on them).
+        new = [make_host(i) for i in range(len(existing) + 1, count + 1)]
+    else:
+        if existing or _leftovers():
+            step("tearing down a previous or broken testbed first")
+            down()
+        existing, new = [], [make_host(i) for i in range(1, count + 1)]
+    step(f"creating network: bridge {BRIDGE} in netns {SWITCH_NETNS}, {len(new)} new host(s)")
     _setup_switch()
-    for host in hosts:
+    for host in new:
         _prepare_dirs(host)
         _setup_network(host)
         _start_init(host, rootfs)
-    step("starting dockerd on every host")
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        list(pool.map(start_dockerd, hosts))
+    step("starting dockerd on the new hosts")
+    with ThreadPoolExecutor(max_workers=len(new)) as pool:
+        list(pool.map(start_dockerd, new))
+    hosts = existing + new
     save_state(hosts, rootfs)
-    for host in hosts:
+    for host in new:
         step(f"{host.name} up: {host.ip}, {host.docker_host}")
     return hosts
 
