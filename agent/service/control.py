@@ -121,7 +121,7 @@ def _prepare_directory(directory: Path) -> None:
     os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
 
 
-def _remove_stale(path: Path) -> None:
+def remove_stale_socket(path: Path) -> None:
     """Remove a leftover socket from a crashed agent, but never steal a live one."""
     try:
         st = path.lstat()
@@ -175,7 +175,7 @@ class ControlServer:
 
     async def start(self) -> None:
         _prepare_directory(self.path.parent)
-        _remove_stale(self.path)
+        remove_stale_socket(self.path)
         sock = _bind_private(self.path)
         self._runner = web.AppRunner(self._app, access_log=None)
         await self._runner.setup()

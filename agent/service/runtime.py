@@ -36,7 +36,12 @@ from agent.policy.actions import ActionRegistry
 from agent.policy.engine import EngineLimits, PolicyEngine
 from agent.policy.loader import load_policies
 from agent.policy.models import MIGRATING_ACTIONS
-from agent.service.control import ControlServer, RouteHook
+from agent.service.control import (
+    AlreadyServing,
+    ControlServer,
+    RouteHook,
+    remove_stale_socket,
+)
 from agent.service.evacuation import EvacuateAction, Evacuator, MoveAction
 from agent.service.metrics import FerryMetrics, MetricsServer
 from agent.service.notify import Notifier
@@ -466,6 +471,10 @@ class Agent:
         self._on_close("docker", self.docker.close)
 
         policies = self._load_policies()
+        # Before anything touches the journal or Docker: a second agent must not
+        # reconcile the first one's migrations.
+        if cfg.control_socket.parent.exists():
+            remove_stale_socket(cfg.control_socket)
 
         self.peers = self._o.peers or self._build_peer_poller()
         problems = await (self._o.prereqs or _default_prereqs)(self)
@@ -897,6 +906,10 @@ def run_agent(config_path: Path, environ: dict[str, str] | None = None) -> int:
         print(f"ferry: not starting, {len(exc.lines)} problem(s):", file=sys.stderr)
         for line in exc.lines:
             print(line, file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (AlreadyServing, OSError) as exc:
+        # Another agent on the socket, the peer port taken, a directory not writable.
+        print(f"ferry: not starting: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
 
 

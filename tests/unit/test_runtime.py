@@ -345,3 +345,26 @@ def test_real_migration_engine_is_wired_with_metered_control_route(env: Env) -> 
     assert lines[-1]["kind"] == "refused" and lines[-1]["bad_input"] is True
     assert registry.get_sample_value("ferry_migrations_started_total") == 1
     assert registry.get_sample_value("ferry_migrations_failed_total") == 1
+
+
+def test_second_agent_on_the_same_socket_refuses_and_first_keeps_serving(env: Env) -> None:
+    from agent.service.control import AlreadyServing
+
+    first = make_agent(env, FakeMigrator())
+    second = make_agent(env, FakeMigrator())
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        serving = asyncio.create_task(serve(first, stop))
+        try:
+            await asyncio.wait_for(next_notify(env.notify, "READY=1"), 20)
+            with pytest.raises(AlreadyServing):
+                await serve(second)
+            assert second.migration is None  # stopped before the journal or Docker
+            status = await ControlClient(first.config.control_socket).status()
+            assert status["host"] == "node-a"
+        finally:
+            stop.set()
+            assert await asyncio.wait_for(serving, 30) == 0
+
+    run_async(scenario(), timeout=60)
