@@ -49,15 +49,19 @@ def status(host: Host) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
-def log_events(host: Host, name: str) -> list[dict[str, Any]]:
-    """The agent's JSON log events with this event name."""
+def log_events(host: Host, name: str, policy: str | None = None) -> list[dict[str, Any]]:
+    """The agent's JSON log events with this event name (and policy, when given).
+
+    The log spans every agent started on the host in this run, so tests name
+    their own policy to ignore what earlier tests' agents logged.
+    """
     found = []
     for line in Path(host.agent_log).read_text(errors="replace").splitlines():
         try:
             ev = json.loads(line)
         except ValueError:
             continue
-        if ev.get("event") == name:
+        if ev.get("event") == name and (policy is None or ev.get("policy") == policy):
             found.append(ev)
     return found
 

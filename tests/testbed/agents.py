@@ -152,6 +152,8 @@ def agents_up(hosts: list[Host], policies: dict[str, dict[str, str]] | None = No
     step(f"starting ferry agents on {', '.join(h.name for h in hosts)}")
     _ensure_certs(hosts)
     for h in hosts:
+        # Each start is a clean slate: a drain left by an earlier test must not leak in.
+        (Path(h.state_dir) / "drain").unlink(missing_ok=True)
         write_config(h, hosts, (policies or {}).get(h.name))
     try:
         for h in hosts:
