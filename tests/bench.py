@@ -98,9 +98,10 @@ def ferry_move(h1: Host, h2: Host, clients: dict, name: str, image: str, env: di
     total = time.monotonic() - start
     if proc.returncode != 0:
         raise SystemExit(f"bench: ferry migrate failed:\n{proc.stdout}\n{proc.stderr}")
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip()]
+    report = next(x for x in reversed(lines) if x.get("type") == "result")["report"]
     _wait_running(clients[h2.name], name)
-    return Result(float(report["downtime"]), total, int(report.get("bytes_moved", 0)))
+    return Result(float(report["downtime_s"]), total, int(report["bytes_moved"]))
 
 
 def _cpu_seconds(pid: int) -> float:

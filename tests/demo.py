@@ -32,13 +32,14 @@ def say(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
-def ferry(host: Host, *args: str, check: bool = True) -> str:
+def ferry(host: Host, *args: str, check: bool = True, quiet: bool = False) -> str:
     assert host.agent_config
     cmd = netns_argv(host, ["ferry", *args], {"FERRY_CONFIG": host.agent_config})
     print(f"[{host.name}]$ ferry {' '.join(args)}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    out = proc.stdout + proc.stderr
-    print("   " + out.strip().replace("\n", "\n   "), flush=True)
+    out = proc.stderr if quiet else proc.stdout + proc.stderr
+    if out.strip():
+        print("   " + out.strip().replace("\n", "\n   "), flush=True)
     if check and proc.returncode != 0:
         raise SystemExit(f"ferry {args[0]} failed on {host.name} (exit {proc.returncode})")
     return proc.stdout
@@ -64,24 +65,28 @@ def follow_log(host: Host, offset: int) -> int:
     return offset + len(data)
 
 
+def _remove_everywhere(clients: dict[str, docker.DockerClient]) -> None:
+    for c in clients.values():
+        for old in c.containers.list(all=True, filters={"name": NAME}):
+            old.remove(force=True)
+
+
 def main() -> int:
     started_testbed = not load_hosts()
     if started_testbed:
         say("bringing up the two-host testbed")
         subprocess.run([sys.executable, "-m", "tests.testbed", "up", "--hosts", "2"], check=True)
     hosts = load_hosts()
-    h1, h2 = hosts[0], hosts[1]
+    h1, peers = hosts[0], hosts[1:]
     started_agents = not all(alive(h.agent_pid) for h in hosts)
-    c1 = docker.DockerClient(base_url=h1.docker_host)
-    c2 = docker.DockerClient(base_url=h2.docker_host)
+    clients = {h.name: docker.DockerClient(base_url=h.docker_host) for h in hosts}
+    c1 = clients[h1.name]
     try:
         if started_agents:
             say("starting a ferry agent on each host (mutual TLS, testbed CA)")
             agents_up(hosts)
         say(f"running {COUNTER} on {h1.name}, opted in with ferry.migrate=true")
-        for c in (c1, c2):
-            for old in c.containers.list(all=True, filters={"name": NAME}):
-                old.remove(force=True)
+        _remove_everywhere(clients)
         c1.containers.run(
             COUNTER,
             name=NAME,
@@ -109,14 +114,18 @@ def main() -> int:
 
         say(f"the {h1.name} agent evacuates every opted-in container")
         deadline = time.monotonic() + 120
-        moved = None
-        while moved is None:
+        h2 = None
+        while h2 is None:
             offset = follow_log(h1, offset)
-            running = c2.containers.list(filters={"name": NAME, "status": "running"})
-            if running:
-                moved = running[0]
+            arrived = [
+                p
+                for p in peers
+                if clients[p.name].containers.list(filters={"name": NAME, "status": "running"})
+            ]
+            if arrived:
+                h2 = arrived[0]
             elif time.monotonic() > deadline:
-                raise SystemExit(f"{NAME} did not arrive on {h2.name} within 120 s")
+                raise SystemExit(f"{NAME} did not arrive on any peer within 120 s")
             else:
                 time.sleep(0.3)
         follow_log(h1, offset)
@@ -135,14 +144,22 @@ def main() -> int:
         left = c1.containers.list(all=True, filters={"name": NAME})
         print(f"   {h1.name} still has {NAME}: {bool(left)}")
 
-        say("the migration report, as recorded on the source")
-        ferry(h1, "history", "--limit", "1")
+        say("the migration report, as recorded on the source (`ferry history`)")
+        record = json.loads(ferry(h1, "history", "--limit", "1", "--json", quiet=True))[0]
+        rep = record["report"]
+        print(f"   {rep['container']}: {rep['source']} -> {rep['target']}, {rep['outcome']}")
+        print(f"   downtime {rep['downtime_s']:.2f} s (freeze -> running on {rep['target']})")
+        print(f"   total    {rep['total_s']:.2f} s")
+        print(
+            f"   moved    {rep['bytes_moved']} bytes ({rep['bytes_state_raw']} before compression)"
+        )
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in rep["phases"].items())
+        print(f"   phases   {phases}")
         ferry(h1, "undrain")
         return 0 if same and not left else 1
     finally:
-        for c in (c1, c2):
-            for old in c.containers.list(all=True, filters={"name": NAME}):
-                old.remove(force=True)
+        _remove_everywhere(clients)
+        for c in clients.values():
             c.close()
         if started_agents:
             agents_down(hosts)
