@@ -48,7 +48,6 @@ from agent.service.notify import Notifier
 from agent.service.prereqs import fatal, run_prereqs
 from agent.signals import SignalStore, build_default_sources
 from agent.signals.command import CommandMonitorSpec
-from agent.signals.markers import MarkerSource
 from agent.signals.runner import run_sources
 
 log = structlog.get_logger(__name__)
@@ -67,37 +66,6 @@ class StartupRefused(Exception):
 
 # ---------------------------------------------------------------------- glue
 # Adapters between parts written separately. Each says which gap it covers.
-
-
-def change_only_observer() -> Any:
-    """An inotify observer that reports only changes, not opens and closes.
-
-    Gap in agent.signals.markers: its handler re-reads a marker on *any*
-    event, and watchdog >= 4 reports the read itself (opened, closed-no-write),
-    so a present marker re-triggers its own check forever (100% CPU while
-    draining). Filtering events at the observer breaks that loop without
-    touching the source.
-    """
-    from watchdog import events as ev
-    from watchdog.observers.inotify import InotifyObserver
-
-    wanted: list[type[ev.FileSystemEvent]] = [
-        ev.FileCreatedEvent,
-        ev.FileDeletedEvent,
-        ev.FileModifiedEvent,
-        ev.FileMovedEvent,
-        ev.FileClosedEvent,
-        ev.DirCreatedEvent,
-        ev.DirDeletedEvent,
-        ev.DirMovedEvent,
-    ]
-
-    class ChangeOnlyObserver(InotifyObserver):
-        def schedule(self, event_handler: Any, path: Any, **kwargs: Any) -> Any:
-            kwargs["event_filter"] = kwargs.get("event_filter") or wanted
-            return super().schedule(event_handler, path, **kwargs)
-
-    return ChangeOnlyObserver()
 
 
 @dataclass
@@ -490,7 +458,7 @@ class Agent:
             sources = build_default_sources(
                 proc_root=self._o.proc_root,
                 data_root=data_root,
-                markers={},  # added below with an observer that ignores our own reads
+                markers=cfg.marker_paths(),
                 command_monitors=[
                     CommandMonitorSpec(c.name, c.command, c.interval, c.timeout)
                     for c in cfg.signals.commands
@@ -498,14 +466,6 @@ class Agent:
                 docker_adapter=self.docker,
                 clock=self.clock,
                 interval=cfg.signals.poll_interval,
-            )
-            sources.append(
-                MarkerSource(
-                    cfg.marker_paths(),
-                    self.clock,
-                    rescan_interval=cfg.signals.poll_interval,
-                    observer_factory=change_only_observer,
-                )
             )
         self.store.adopt_hints(sources)
         self._spawn("signal-sources", run_sources(sources, self.store), critical=False)

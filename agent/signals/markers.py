@@ -9,7 +9,10 @@ are watched with watchdog's inotify observer. Watching the parent directory,
 not the file, is what lets us see creation, removal, rename in and out, and
 content changes alike. watchdog calls back on its own thread; the handler
 only hands the name over to the event loop, which re-reads the file, so
-ordering and publishing stay on one thread. A periodic re-scan republishes
+ordering and publishing stay on one thread. Only events that can change a
+marker's presence or content count: watchdog also reports opens and
+no-write closes, and our own re-read causes exactly those, so reacting to
+them would re-read a present marker forever. A periodic re-scan republishes
 everything as a safety net (a deleted-and-recreated parent directory silently
 loses its inotify watch) and keeps the signals fresh in the store.
 """
@@ -23,6 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import structlog
+from watchdog import events as ev
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -34,6 +38,33 @@ log = structlog.get_logger(__name__)
 
 MAX_CONTENT_BYTES = 4096
 ObserverFactory = Callable[[], BaseObserver]
+
+# Opened and closed-without-write are deliberately absent (see the module doc).
+CHANGE_EVENT_TYPES = frozenset(
+    {
+        ev.EVENT_TYPE_CREATED,
+        ev.EVENT_TYPE_DELETED,
+        ev.EVENT_TYPE_MOVED,
+        ev.EVENT_TYPE_MODIFIED,
+        ev.EVENT_TYPE_ATTRIB,  # chmod can make a marker unreadable, which changes its content
+        ev.EVENT_TYPE_CLOSED,  # closed after a write
+    }
+)
+# The same, as classes for the observer's event_filter, so the kernel is not even
+# asked for the open/close events of every read in the watched directories.
+_CHANGE_EVENT_CLASSES: list[type[FileSystemEvent]] = [
+    ev.FileCreatedEvent,
+    ev.FileDeletedEvent,
+    ev.FileMovedEvent,
+    ev.FileModifiedEvent,
+    ev.FileAttribEvent,
+    ev.FileClosedEvent,
+    ev.DirCreatedEvent,  # a directory at the marker path still counts as present
+    ev.DirDeletedEvent,
+    ev.DirMovedEvent,
+    ev.DirModifiedEvent,
+    ev.DirAttribEvent,
+]
 
 
 def _inotify_observer() -> BaseObserver:
@@ -49,6 +80,8 @@ class _Handler(FileSystemEventHandler):
         self._hand_over = hand_over
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in CHANGE_EVENT_TYPES:
+            return
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             if not raw:
                 continue
@@ -163,7 +196,12 @@ class MarkerSource:
     ) -> BaseObserver:
         try:
             for directory in directories:
-                observer.schedule(handler, str(directory), recursive=False)
+                observer.schedule(
+                    handler,
+                    str(directory),
+                    recursive=False,
+                    event_filter=_CHANGE_EVENT_CLASSES,
+                )
             observer.start()
         except BaseException:
             # A half-built inotify observer already owns a reader thread.

@@ -31,7 +31,6 @@ from agent.service.runtime import (
     MigrationParts,
     Overrides,
     StartupRefused,
-    change_only_observer,
     serve,
 )
 from agent.signals.markers import MarkerSource
@@ -169,11 +168,7 @@ def make_agent(env: Env, migrator: FakeMigrator) -> Agent:
         Overrides(
             docker=FakeDocker(env.state),
             notifier=Notifier(env.notify_path, watchdog_interval=0.05),
-            sources=[
-                MarkerSource(
-                    {"drain": marker}, rescan_interval=0.5, observer_factory=change_only_observer
-                )
-            ],
+            sources=[MarkerSource({"drain": marker}, rescan_interval=0.5)],
             peers=FakePeers(),
             migration=migration,
             prereqs=no_problems,

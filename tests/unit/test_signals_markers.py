@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
+from watchdog import events as ev
 from watchdog.observers.api import BaseObserver
 
-from agent.signals.markers import MarkerSource
+from agent.signals.markers import MarkerSource, _Handler
 from agent.signals.store import SignalStore
 from tests.helpers import run_async
 
@@ -168,3 +170,60 @@ def test_rescan_catches_what_the_watch_cannot_see(tmp_path: Path) -> None:
             await stop(task)
 
     run_async(main())
+
+
+def test_handler_reacts_to_changes_only_not_to_opens_and_plain_closes(tmp_path: Path) -> None:
+    marker = str(tmp_path / "drain")
+    handed: list[str] = []
+    handler = _Handler({marker: "drain"}, handed.append)
+
+    # What reading the marker makes watchdog report: must not trigger another read.
+    handler.dispatch(ev.FileOpenedEvent(marker))
+    handler.dispatch(ev.FileClosedNoWriteEvent(marker))
+    assert handed == []
+
+    for event in (
+        ev.FileCreatedEvent(marker),
+        ev.FileModifiedEvent(marker),
+        ev.FileAttribEvent(marker),
+        ev.FileClosedEvent(marker),  # closed after a write
+        ev.FileDeletedEvent(marker),
+        ev.FileMovedEvent(str(tmp_path / ".drain.tmp"), marker),
+        ev.FileMovedEvent(marker, str(tmp_path / "elsewhere")),
+        ev.DirCreatedEvent(marker),
+    ):
+        handler.dispatch(event)
+    assert handed == ["drain"] * 8
+
+    handler.dispatch(ev.FileCreatedEvent(str(tmp_path / "unrelated")))
+    assert len(handed) == 8
+
+
+def test_reading_a_present_marker_does_not_hand_it_over_again(tmp_path: Path) -> None:
+    """Each re-read must not cause the next one (that loop spun at 100% CPU while draining).
+
+    Both markers live in one directory, so their events come through one inotify
+    queue in order: once `hold` is handed over, everything the reads of `drain`
+    caused before it has been handed over too.
+    """
+    drain = tmp_path / "drain"
+    hold = tmp_path / "hold"
+    drain.write_text("kernel upgrade")
+    source = MarkerSource({"drain": drain, "hold": hold}, rescan_interval=3600)
+    handed: queue.SimpleQueue[str] = queue.SimpleQueue()
+    handler = _Handler({str(p): m for m, p in source.markers.items()}, handed.put)
+    observer = source._start_observer(handler, [tmp_path])
+    assert observer is not None and source.backend == "inotify"
+    try:
+        store = SignalStore(default_max_age=None)
+        for _ in range(3):
+            source.check("drain", store)  # what the event loop does on each hand-over
+        assert store.marker_content("drain") == "kernel upgrade"
+        hold.write_text("x")
+        before_hold = []
+        while (name := handed.get(timeout=5)) != "hold":
+            before_hold.append(name)
+        assert before_hold == []
+    finally:
+        observer.stop()
+        observer.join(timeout=10)
