@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -109,38 +110,44 @@ def _burn_cpu() -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(3)]
 
 
+def _ts(event: dict) -> float:
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
 def test_cpu_pressure_moves_one_then_cools_down(three, docker_clients, clean_containers):
     h1 = three[0]
     c1 = docker_clients[h1.name]
-    # A low threshold that sustained burners exceed; the 5 s hold must pass first.
+    # The containers exist and the burners run before the agent starts: load is
+    # machine-wide, so on a busy machine the condition may already hold, and the
+    # test must not depend on catching the moment it first becomes true.
+    run_counter(c1, "cpu-a", 8101, **{"ferry.priority": "1"})
+    run_counter(c1, "cpu-b", 8102, **{"ferry.priority": "5"})
+    counter_state(h1, h1, 8101, at_least=3)
+    counter_state(h1, h1, 8102, at_least=3)
+    burners = _burn_cpu()
     policies = {h1.name: {"cpu.yaml": CPU_POLICY % {"threshold": "0.5"}}}
     policies.update({h.name: {} for h in three[1:]})
-    with running_agents(three, policies):
-        run_counter(c1, "cpu-a", 8101, **{"ferry.priority": "1"})
-        run_counter(c1, "cpu-b", 8102, **{"ferry.priority": "5"})
-        counter_state(h1, h1, 8101, at_least=3)
-        burners = _burn_cpu()
-        try:
-            wait_for(
+    try:
+        with running_agents(three, policies):
+            pending = wait_for(
                 lambda: log_events(h1, "policy.pending", "e2e-cpu"),
                 timeout=120,
                 what="the policy to go pending",
-            )
+            )[0]
             firing = wait_for(
                 lambda: log_events(h1, "policy.firing", "e2e-cpu"),
                 timeout=120,
                 what="the policy to fire",
-            )
-            pending = log_events(h1, "policy.pending", "e2e-cpu")[0]
-            assert firing[0]["timestamp"] >= pending["timestamp"]
-            moved = wait_for(
-                lambda: [
-                    n for n in ("cpu-a", "cpu-b") if h1.name not in where_running(docker_clients, n)
-                ],
+            )[0]
+            # `for: 5s`: it fires only once the pressure has held for the hold time.
+            assert _ts(firing) - _ts(pending) >= 5.0 - 0.1
+            # The lowest-priority container goes, and runs exactly once, elsewhere.
+            placed = wait_for(
+                lambda: (w := where_running(docker_clients, "cpu-a")) and h1.name not in w and w,
                 timeout=120,
-                what="one container to move off host1",
+                what="cpu-a to run on another host",
             )
-            assert moved == ["cpu-a"], "the lowest-priority container should go first"
+            assert len(placed) == 1
             # Pressure holds; the engine says it is cooling down and skips, and nothing else moves.
             wait_for(
                 lambda: [
@@ -151,11 +158,12 @@ def test_cpu_pressure_moves_one_then_cools_down(three, docker_clients, clean_con
                 timeout=60,
                 what="a cooldown skip while pressure holds",
             )
-            assert h1.name in where_running(docker_clients, "cpu-b")
-        finally:
-            for b in burners:
-                b.kill()
-                b.wait()
+            assert where_running(docker_clients, "cpu-b") == [h1.name]
+            assert len(log_events(h1, "policy.acting", "e2e-cpu")) == 1
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
 
 
 DRY_RUN_POLICY = """

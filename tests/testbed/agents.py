@@ -152,8 +152,12 @@ def agents_up(hosts: list[Host], policies: dict[str, dict[str, str]] | None = No
     step(f"starting ferry agents on {', '.join(h.name for h in hosts)}")
     _ensure_certs(hosts)
     for h in hosts:
-        # Each start is a clean slate: a drain left by an earlier test must not leak in.
+        # Each start is a clean slate: a drain left by an earlier test must not leak in,
+        # and the log starts empty (the previous one is kept as agent.log.1).
         (Path(h.state_dir) / "drain").unlink(missing_ok=True)
+        log = Path(h.agent_log)
+        if log.exists():
+            log.replace(log.with_name("agent.log.1"))
         write_config(h, hosts, (policies or {}).get(h.name))
     try:
         for h in hosts:
