@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Protocol
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
+import aiohttp
 import structlog
 
 from agent.model import Clock, PeerHealth, SystemClock
+from agent.peer.client import PeerClient, PeerTimeouts
+
+if TYPE_CHECKING:
+    from agent.config import PeerConfig
 
 log = structlog.get_logger(__name__)
 
@@ -54,12 +60,44 @@ def health_from_answer(name: str, answer: Mapping[str, Any]) -> PeerHealth:
     return PeerHealth(name=name, reachable=True, **values)
 
 
+def short_error(exc: BaseException) -> str:
+    """A one-line reason for `ferry status`, not a repr of aiohttp's connection key.
+
+    The client wraps transport errors, so the useful one is found down the
+    cause chain.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientConnectorCertificateError):
+            return f"TLS verification failed: {seen.certificate_error}"
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS: {seen}"
+        if isinstance(seen, aiohttp.ClientConnectorError):
+            return f"cannot connect: {seen.os_error.strerror or seen.os_error}"
+        if isinstance(seen, TimeoutError):
+            return "timed out"
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__
+
+
+class _WithoutTLS:
+    """Stands in for a peer's client when this host's TLS files could not be loaded,
+    so the peer is listed with the reason instead of vanishing from `ferry status`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def health(self) -> dict[str, Any]:
+        raise RuntimeError("no TLS client (check tls.* files)")
+
+
 class PeerHealthMonitor:
     """Polls every peer every `interval` seconds; `peers()` is the current view.
 
     A peer whose last good answer is older than `stale_after` counts as
     unreachable even if the poller itself is stuck, so placement never trusts
-    an old "healthy".
+    an old "healthy". `weights` and `tags` are this host's configuration for
+    the peers they name and win over what those peers answer.
     """
 
     def __init__(
@@ -70,6 +108,7 @@ class PeerHealthMonitor:
         timeout: float | None = None,
         stale_after: float | None = None,
         weights: Mapping[str, float] | None = None,
+        tags: Mapping[str, Sequence[str]] | None = None,
         clock: Clock | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -78,6 +117,7 @@ class PeerHealthMonitor:
         self.timeout = timeout if timeout is not None else interval
         self.stale_after = stale_after if stale_after is not None else 3 * interval
         self._weights = dict(weights or {})
+        self._tags = {name: tuple(t) for name, t in (tags or {}).items()}
         self._clock = clock or SystemClock()
         self._sleep = sleep
         self._state: dict[str, PeerHealth] = {
@@ -85,6 +125,40 @@ class PeerHealthMonitor:
             for s in self._sources
         }
         self._last_ok: dict[str, float] = {}
+        self._owned: list[PeerClient] = []
+
+    @classmethod
+    def for_peers(
+        cls,
+        peers: Sequence[PeerConfig],
+        ssl_ctx: ssl.SSLContext | None,
+        *,
+        interval: float = 5.0,
+        timeout: float = 3.0,
+        clock: Clock | None = None,
+    ) -> PeerHealthMonitor:
+        """The agent's monitor: one mTLS client per configured peer, closed by `close()`."""
+        clients = []
+        sources: list[HealthSource] = []
+        for peer in peers:
+            if ssl_ctx is None:
+                sources.append(_WithoutTLS(peer.name))
+                continue
+            client = PeerClient(
+                peer.name, peer.address, ssl_ctx, PeerTimeouts(connect=timeout, request=timeout)
+            )
+            clients.append(client)
+            sources.append(client)
+        monitor = cls(
+            sources,
+            interval=interval,
+            timeout=timeout,
+            weights={p.name: p.weight for p in peers},
+            tags={p.name: p.tags for p in peers},
+            clock=clock,
+        )
+        monitor._owned = clients
+        return monitor
 
     def peers(self) -> list[PeerHealth]:
         now = self._clock.monotonic()
@@ -98,11 +172,14 @@ class PeerHealthMonitor:
                 )
             if source.name in self._weights:
                 health = dataclasses.replace(health, weight=self._weights[source.name])
+            if source.name in self._tags:
+                health = dataclasses.replace(health, tags=self._tags[source.name])
             out.append(health)
         return out
 
-    async def poll_once(self) -> None:
+    async def poll_once(self) -> list[PeerHealth]:
         await asyncio.gather(*(self._poll(s) for s in self._sources))
+        return self.peers()
 
     async def run(self) -> None:
         """Poll until cancelled."""
@@ -110,18 +187,23 @@ class PeerHealthMonitor:
             await self.poll_once()
             await self._sleep(self.interval)
 
+    async def close(self) -> None:
+        """Close the clients `for_peers` made; sources passed in belong to the caller."""
+        for client in self._owned:
+            await client.close()
+
     async def _poll(self, source: HealthSource) -> None:
         try:
             answer = await asyncio.wait_for(source.health(), self.timeout)
             health = health_from_answer(source.name, answer)
-        except Exception as exc:
-            error = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+        except Exception as exc:  # any failure means "not usable now", with why
+            error = short_error(exc)
             previous = self._state[source.name]
             if previous.reachable:
                 log.warning("peer.unreachable", peer=source.name, error=error)
             self._state[source.name] = dataclasses.replace(previous, reachable=False, error=error)
             return
         if not self._state[source.name].reachable:
-            log.info("peer.reachable", peer=source.name)
+            log.info("peer.reachable", peer=source.name, draining=health.draining)
         self._state[source.name] = health
         self._last_ok[source.name] = self._clock.monotonic()

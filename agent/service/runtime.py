@@ -31,7 +31,8 @@ from prometheus_client import CollectorRegistry
 from agent.config import FerryConfig, load_config
 from agent.errors import InputError
 from agent.logging import configure_logging
-from agent.model import Clock, PeerDirectory, PeerHealth, SignalSource, SystemClock
+from agent.model import Clock, PeerDirectory, SignalSource, SystemClock
+from agent.peer.health import PeerHealthMonitor
 from agent.policy.actions import ActionRegistry
 from agent.policy.engine import EngineLimits, PolicyEngine
 from agent.policy.loader import load_policies
@@ -255,105 +256,6 @@ class MeteredMigrator:
         return report
 
 
-def _short_error(exc: BaseException) -> str:
-    """A one-line reason for `ferry status`, not a repr of aiohttp's connection key."""
-    import ssl
-
-    import aiohttp
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, aiohttp.ClientConnectorCertificateError):
-            return f"TLS verification failed: {seen.certificate_error}"
-        if isinstance(seen, ssl.SSLError):
-            return f"TLS: {seen}"
-        if isinstance(seen, aiohttp.ClientConnectorError):
-            return f"cannot connect: {seen.os_error.strerror or seen.os_error}"
-        if isinstance(seen, TimeoutError | asyncio.TimeoutError):
-            return "timed out"
-        seen = seen.__cause__ or seen.__context__
-    return str(exc) or type(exc).__name__
-
-
-class PeerHealthPoller:
-    """The PeerDirectory: polls each configured peer's health endpoint over mTLS.
-
-    A peer that does not answer, or presents the wrong certificate, is listed
-    as unreachable with the error, so placement skips it and `ferry status`
-    says why.
-    """
-
-    def __init__(
-        self,
-        peers: Sequence[Any],  # agent.config.PeerConfig
-        ssl_ctx: Any,
-        interval: float = 5.0,
-        timeout: float = 3.0,
-    ) -> None:
-        from agent.peer.client import PeerClient, PeerTimeouts
-
-        self._configs = list(peers)
-        self._interval = interval
-        self._timeout = timeout
-        self._clients: dict[str, Any] = {}
-        if ssl_ctx is not None:
-            timeouts = PeerTimeouts(connect=timeout, request=timeout)
-            self._clients = {
-                p.name: PeerClient(p.name, p.address, ssl_ctx, timeouts) for p in self._configs
-            }
-        self._health: dict[str, PeerHealth] = {
-            p.name: PeerHealth(
-                name=p.name,
-                reachable=False,
-                weight=p.weight,
-                tags=tuple(p.tags),
-                error="not polled yet",
-            )
-            for p in self._configs
-        }
-
-    def peers(self) -> list[PeerHealth]:
-        return list(self._health.values())
-
-    async def poll_once(self) -> list[PeerHealth]:
-        await asyncio.gather(*(self._poll(p) for p in self._configs))
-        return self.peers()
-
-    async def _poll(self, cfg: Any) -> None:
-        client = self._clients.get(cfg.name)
-        base = {"name": cfg.name, "weight": cfg.weight, "tags": tuple(cfg.tags)}
-        if client is None:
-            self._health[cfg.name] = PeerHealth(
-                reachable=False, error="no TLS client (check tls.* files)", **base
-            )
-            return
-        try:
-            data = await asyncio.wait_for(client.health(), self._timeout)
-        except Exception as exc:  # any failure means "not usable now", with why
-            error = _short_error(exc)
-            if self._health[cfg.name].reachable:
-                log.warning("peers.unreachable", peer=cfg.name, error=error)
-            self._health[cfg.name] = PeerHealth(reachable=False, error=error, **base)
-            return
-        known = {f for f in PeerHealth.__dataclass_fields__ if f not in base}
-        fields = {k: v for k, v in data.items() if k in known and k != "reachable"}
-        if not self._health[cfg.name].reachable:
-            log.info("peers.reachable", peer=cfg.name, draining=fields.get("draining", False))
-        try:
-            self._health[cfg.name] = PeerHealth(reachable=True, **base, **fields)
-        except TypeError as exc:
-            self._health[cfg.name] = PeerHealth(reachable=False, error=f"bad health: {exc}", **base)
-
-    async def run(self) -> None:
-        while True:
-            await self.poll_once()
-            await asyncio.sleep(self._interval)
-
-    async def close(self) -> None:
-        for client in self._clients.values():
-            await client.close()
-
-
 @dataclass
 class Overrides:
     """Parts a test (or an embedder) supplies instead of the real ones."""
@@ -444,7 +346,7 @@ class Agent:
         if cfg.control_socket.parent.exists():
             remove_stale_socket(cfg.control_socket)
 
-        self.peers = self._o.peers or self._build_peer_poller()
+        self.peers = self._o.peers or self._build_peer_monitor()
         problems = await (self._o.prereqs or _default_prereqs)(self)
         if problems:
             raise StartupRefused(problems)
@@ -510,7 +412,7 @@ class Agent:
         )
         self._on_close("policy engine", self.engine.aclose)
 
-        if isinstance(self.peers, PeerHealthPoller):
+        if isinstance(self.peers, PeerHealthMonitor):
             self._spawn("peers", self.peers.run())
             self._on_close("peer clients", self.peers.close)
         self._spawn("evacuation-retries", self.evacuator.run_retries())
@@ -556,7 +458,7 @@ class Agent:
         assert tls.ca and tls.cert and tls.key  # filled from state_dir by the config
         return tls.ca, tls.cert, tls.key
 
-    def _build_peer_poller(self) -> PeerHealthPoller:
+    def _build_peer_monitor(self) -> PeerHealthMonitor:
         from agent.peer.tls import client_context
 
         try:
@@ -564,7 +466,7 @@ class Agent:
         except (OSError, ValueError) as exc:
             log.warning("agent.tls_client_unavailable", error=str(exc))
             ctx = None
-        return PeerHealthPoller(self.config.peers, ctx)
+        return PeerHealthMonitor.for_peers(self.config.peers, ctx)
 
     async def _start_peer_server(self) -> None:
         from agent.peer.server import make_peer_app, start_peer_server
@@ -796,7 +698,7 @@ def _version() -> str:
 async def _default_prereqs(agent: Agent) -> list[str]:
     cfg = agent.config
     probe = None
-    if isinstance(agent.peers, PeerHealthPoller) and cfg.peers:
+    if isinstance(agent.peers, PeerHealthMonitor) and cfg.peers:
         probe = agent.peers.poll_once
     problems = await run_prereqs(
         docker=agent.docker,
