@@ -112,6 +112,12 @@ class DockerConfig(_Model):
     # Start-up check that dockerd's CRIU is >= 4.2 (`criu check` also accepted). CRIU
     # runs where dockerd runs, e.g. ["nsenter", "-t", "<dockerd pid>", "-m", "criu", "--version"].
     criu_check: list[str] = Field(default=["criu", "--version"], min_length=1)
+    # How to run dockerd's runc when migration.checkpoint_via is "runc": an argv prefix
+    # that `checkpoint ...` is appended to. It must run in dockerd's mount and PID
+    # namespaces with dockerd's runc state root (moby's default shown).
+    runc_command: list[str] = Field(
+        default=["runc", "--root", "/run/docker/runtime-runc/moby"], min_length=1
+    )
 
 
 class TLSConfig(_Model):
@@ -133,6 +139,10 @@ class MigrationConfig(_Model):
     max_image_bytes: ByteSize = ByteSize(4 * 1024**3)
     copy_named_volumes: bool = True
     keep_source_copy_for: Duration = 0.0
+    # "engine": Docker's checkpoint API (images go through containerd's content store).
+    # "runc": run dockerd's runc directly, writing the images straight where
+    # `docker start --checkpoint` reads them (much faster for large memory).
+    checkpoint_via: Annotated[Literal["engine", "runc"], BeforeValidator(_lower)] = "engine"
     checkpoint_timeout: Duration = Field(default=120.0, gt=0)
     restore_timeout: Duration = Field(default=120.0, gt=0)
     health_timeout: Duration = Field(default=60.0, gt=0)

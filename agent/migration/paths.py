@@ -39,6 +39,14 @@ class DataRoot:
     def checkpoint_dir(self, container_id: str, name: str) -> Path:
         return self.checkpoints_dir(container_id) / name
 
+    def daemon_path(self, *parts: str) -> str:
+        """A path under the data root as the daemon (and its runc) sees it."""
+        return posixpath.join(self.daemon_root, *parts)
+
+    def daemon_checkpoint_dir(self, container_id: str, name: str) -> str:
+        """Where `docker start --checkpoint NAME` reads images from, in the daemon's view."""
+        return self.daemon_path("containers", container_id, "checkpoints", name)
+
 
 class DataRootResolver:
     """Asks the daemon for its DockerRootDir once, and pairs it with our view of it."""

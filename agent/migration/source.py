@@ -26,6 +26,7 @@ from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
 from agent.journal import Journal, JournalError, MigrationRecord
 from agent.migration import hooks
 from agent.migration import report as rp
+from agent.migration.checkpointers import Checkpointer, make_checkpointer
 from agent.migration.errors import MigrationError, MigrationFailed, MigrationRefused
 from agent.migration.paths import DataRootResolver, PathOutsideDataRoot
 from agent.migration.report import MigrationReport, PhaseTimer, ProgressEvent, ProgressFn
@@ -110,6 +111,8 @@ class MigrationService:
         self.draining = draining
         self.clock = clock or SystemClock()
         self.data_root = DataRootResolver(adapter.data_root, config.docker.data_root)
+        # migration.checkpoint_via: Docker's checkpoint API, or dockerd's runc directly.
+        self.checkpointer: Checkpointer = make_checkpointer(config, adapter, self.data_root.get)
         self.owns_adapter = False  # set by build_service when it made the adapter
         # Policy evacuations and `ferry migrate` share this host's limit; extra ones wait.
         self._slots = asyncio.Semaphore(config.limits.max_concurrent_migrations)
@@ -423,7 +426,8 @@ class MigrationService:
         with run.timer.phase(rp.FREEZE):
             if (spec.restart_policy.get("Name") or "no") != "no":
                 await asyncio.to_thread(self.adapter.update_restart_policy, spec.id, {"Name": "no"})
-            await asyncio.to_thread(self.adapter.checkpoint_create, spec.id, run.checkpoint, True)
+            run.report.details["checkpoint_via"] = self.checkpointer.via
+            await asyncio.to_thread(self.checkpointer.checkpoint, spec.id, run.checkpoint)
         await hooks.gate(
             Path(self.config.state_dir), hooks.AFTER_FREEZE, self.clock, {"migration": run.mid}
         )

@@ -149,6 +149,27 @@ def check_criu(
     return []
 
 
+def check_runc(
+    argv: Sequence[str], run: Runner | None = None, timeout: float = 20.0
+) -> list[PrereqProblem]:
+    """migration.checkpoint_via: runc needs docker.runc_command to answer `--version`."""
+    shown = " ".join([*argv, "--version"])
+    fix = (
+        "point docker.runc_command at dockerd's runc, run in dockerd's mount and PID "
+        "namespaces (e.g. [nsenter, -t, <dockerd pid>, -m, -p, runc, --root, "
+        "/run/docker/runtime-runc/moby]), or set migration.checkpoint_via: engine"
+    )
+    try:
+        proc = (run or _run)([*argv, "--version"], timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [PrereqProblem("runc", f"`{shown}` could not run: {exc}", fix)]
+    said = f"{proc.stdout}\n{proc.stderr}".strip()
+    if proc.returncode != 0 or "runc version" not in said:
+        last = said.splitlines()[-1] if said else "no output"
+        return [PrereqProblem("runc", f"`{shown}` exited {proc.returncode}: {last}", fix)]
+    return []
+
+
 def check_data_root(info: dict[str, Any], configured: Path | None) -> list[PrereqProblem]:
     """The agent reads container filesystems and volumes under the Docker data root."""
     daemon_root = info.get("DockerRootDir")
@@ -232,11 +253,14 @@ async def run_prereqs(
     tls_files: tuple[Path, Path, Path],
     host: str,
     peer_probe: PeerProbe | None = None,
+    runc_command: Sequence[str] | None = None,  # checked when checkpoints go through runc
 ) -> list[PrereqProblem]:
     """Every check, fatal problems first. Blocking checks run in a worker thread."""
     docker_problems, info = await asyncio.to_thread(check_docker, docker, docker_url)
     problems = [*docker_problems]
     problems += await asyncio.to_thread(check_criu, criu_command)
+    if runc_command is not None:
+        problems += await asyncio.to_thread(check_runc, runc_command)
     problems += check_data_root(info, data_root)
     problems += check_tls(*tls_files, host=host)
     if peer_probe is not None:

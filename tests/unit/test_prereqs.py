@@ -21,6 +21,7 @@ from agent.service.prereqs import (
     check_data_root,
     check_docker,
     check_peers,
+    check_runc,
     parse_criu_version,
     run_prereqs,
 )
@@ -194,3 +195,37 @@ def test_run_prereqs_orders_fatal_first(tmp_path: Path, monkeypatch: pytest.Monk
         )
     )
     assert [(p.check, p.fatal) for p in problems] == [("docker", True), ("peer:b", False)]
+
+
+def test_runc_command_must_answer_version() -> None:
+    cmd = ["nsenter", "-t", "1", "-m", "-p", "runc", "--root", "/run/docker/runtime-runc/moby"]
+    ok = fake_run("runc version 1.1.15\ncommit: x\n")
+    assert check_runc(cmd, run=ok) == []
+    assert ok.calls == [[*cmd, "--version"]]
+
+    (missing,) = check_runc(["runc"], run=fake_run(exc=FileNotFoundError("runc")))
+    assert missing.check == "runc" and missing.fatal
+    assert "docker.runc_command" in missing.fix and "checkpoint_via: engine" in missing.fix
+    (failed,) = check_runc(cmd, run=fake_run("nsenter: reassociate to namespace failed", rc=1))
+    assert "exited 1: nsenter: reassociate" in failed.message
+    (timeout,) = check_runc(["runc"], run=fake_run(exc=subprocess.TimeoutExpired("runc", 20)))
+    assert "could not run" in timeout.message
+
+
+def test_run_prereqs_checks_runc_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = fake_run("Version: 4.2\n")  # no "runc version" in it: runc would fail
+    monkeypatch.setattr(prereqs, "_run", run)
+    tls = _write_cert(tmp_path, days=30)
+    common: dict[str, Any] = {
+        "docker": FakeDocker(root=str(tmp_path)),
+        "docker_url": "u",
+        "data_root": None,
+        "criu_command": ["criu", "--version"],
+        "tls_files": tls,
+        "host": "node-a",
+    }
+    assert run_async(run_prereqs(**common)) == []
+    problems = run_async(run_prereqs(**common, runc_command=["runc"]))
+    assert [(p.check, p.fatal) for p in problems] == [("runc", True)]
