@@ -40,13 +40,13 @@ def build_service(
 
 
 def runtime_parts(owner: Any, journal: Journal) -> Any:
-    """The runtime's MigrationParts for `ferry run` (agent.service.runtime.Agent as owner).
+    """The runtime's MigrationParts for `ferry run` (an agent.service.runtime.Agent as owner).
 
     Uses the agent's own Docker adapter, clock and drain state; the control
     socket gets POST /v1/migrate.
     """
     from agent.migration.control_routes import add_migration_routes
-    from agent.service.runtime import MigrationParts
+    from agent.service.migrations import MigrationParts
 
     service = build_service(
         owner.config, journal, owner.draining, owner.clock, adapter=owner.docker

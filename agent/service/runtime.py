@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
-import inspect
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +34,20 @@ from agent.peer.health import PeerHealthMonitor
 from agent.policy.actions import ActionRegistry
 from agent.policy.engine import EngineLimits, PolicyEngine
 from agent.policy.loader import load_policies
-from agent.policy.models import MIGRATING_ACTIONS
 from agent.service.control import (
     AlreadyServing,
     ControlServer,
     RouteHook,
     remove_stale_socket,
 )
+from agent.service.control_service import AgentControl
+from agent.service.drain import DrainMarker
 from agent.service.evacuation import EvacuateAction, Evacuator, MoveAction
 from agent.service.metrics import FerryMetrics, MetricsServer
+from agent.service.migrations import MeteredMigrator, MigrationParts, build_migration
 from agent.service.notify import Notifier
+from agent.service.peer_endpoint import DrainAwareHandlers, local_health
+from agent.service.policy_loop import PolicyLoop, shedding_load
 from agent.service.prereqs import fatal, run_prereqs
 from agent.signals import SignalStore, build_default_sources
 from agent.signals.command import CommandMonitorSpec
@@ -54,7 +56,6 @@ from agent.signals.runner import run_sources
 log = structlog.get_logger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 0, 1, 2, 3
-TICK_SECONDS = 1.0
 
 
 class StartupRefused(Exception):
@@ -63,197 +64,6 @@ class StartupRefused(Exception):
     def __init__(self, lines: Sequence[str]) -> None:
         super().__init__("\n".join(lines))
         self.lines = list(lines)
-
-
-# ---------------------------------------------------------------------- glue
-# Adapters between parts written separately. Each says which gap it covers.
-
-
-@dataclass
-class MigrationParts:
-    """What the runtime needs from the migration engine, however it is built."""
-
-    migrator: Any  # .migrate(container, target, progress=None) -> report
-    handlers: Any  # agent.peer.api.PeerHandlers for the target side, or None
-    journal: Any = None  # agent.journal.Journal
-    route_hooks: list[RouteHook] = field(default_factory=list)
-    reconcile: Callable[[], Awaitable[Any]] | None = None
-    close: Callable[[], Awaitable[None] | None] | None = None
-
-
-class MigrationUnavailable(Exception):
-    """Raised by the stand-in migrator when no migration engine is installed."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _NoMigrations:
-    """Stand-in used when agent.migration is not importable: health works, moves are refused."""
-
-    def migrate(self, container: str, target: str, progress: Any = None) -> Any:
-        raise MigrationUnavailable("the migration engine (agent.migration) is not installed")
-
-    async def prepare(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        from agent.peer.api import HandlerError
-
-        raise HandlerError(503, "unavailable", "this agent has no migration engine")
-
-    def __getattr__(self, name: str) -> Any:
-        async def refuse(*args: Any, **kwargs: Any) -> dict[str, Any]:
-            from agent.peer.api import HandlerError
-
-            raise HandlerError(503, "unavailable", "this agent has no migration engine")
-
-        return refuse
-
-
-def build_migration(owner: Agent) -> MigrationParts:
-    from agent.journal import Journal
-
-    journal = Journal(owner.config.state_dir)
-    if importlib.util.find_spec("agent.migration") is None:
-        log.warning("agent.migration_engine_missing")
-        stand_in = _NoMigrations()
-        return MigrationParts(stand_in, stand_in, journal, close=journal.close)
-    return _build_real_migration(owner, journal)
-
-
-def _build_real_migration(owner: Agent, journal: Any) -> MigrationParts:
-    # Not agent.migration.factory.runtime_parts: its control route would call the
-    # engine directly, and `ferry migrate` runs must be counted in the metrics too.
-    from agent.migration.control_routes import add_migration_routes
-    from agent.migration.factory import build_service
-
-    service = build_service(
-        owner.config, journal, owner.draining, owner.clock, adapter=owner.docker
-    )
-
-    def routes(app: Any) -> None:
-        add_migration_routes(app, owner.migrator or service)
-
-    async def close() -> None:
-        await service.close()
-        journal.close()
-
-    return MigrationParts(
-        migrator=service,
-        handlers=service.handlers,
-        journal=journal,
-        route_hooks=[routes],
-        reconcile=service.reconcile,
-        close=close,
-    )
-
-
-class DrainAwareHandlers:
-    """Wraps the target-side peer handlers: report `draining`, refuse work while draining.
-
-    The migration engine answers the peer API; whether this host is draining
-    is the runtime's knowledge (the marker file), so it is added here instead
-    of teaching the engine about markers.
-    """
-
-    def __init__(
-        self,
-        inner: Any,
-        draining: Callable[[], bool],
-        drain_reason: Callable[[], str | None],
-        base_health: Callable[[], dict[str, Any]],
-    ) -> None:
-        self._inner = inner
-        self._draining = draining
-        self._drain_reason = drain_reason
-        self._base_health = base_health
-
-    async def health(self) -> dict[str, Any]:
-        health = dict(self._base_health())
-        inner = getattr(type(self._inner), "health", None)
-        if inner is not None:
-            health.update(await self._inner.health())
-        # Memory already promised to incoming migrations is not available to placement.
-        reserved = health.get("reserved_memory_bytes")
-        if isinstance(reserved, int) and reserved > 0 and health.get("mem_available_bytes"):
-            health["mem_available_bytes"] = max(int(health["mem_available_bytes"]) - reserved, 0)
-        health["draining"] = self._draining()
-        return health
-
-    async def prepare(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        if self._draining():
-            from agent.peer.api import HandlerError
-
-            why = self._drain_reason()
-            raise HandlerError(
-                503, "draining", f"this host is draining{f' ({why})' if why else ''}"
-            )
-        result: dict[str, Any] = await self._inner.prepare(peer, body)
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-def local_health(agent: Agent) -> dict[str, Any]:
-    """This host's health document for peers, from the signal store."""
-    store = agent.store
-
-    def val(name: str, default: float = 0.0) -> float:
-        v = store.value(name) if store is not None else None
-        return default if v is None else float(v)
-
-    cpu = store.value("psi.cpu.some.avg10") if store is not None else None
-    if cpu is None:
-        cpu = val("load.per_core.1")
-    return {
-        "name": agent.config.name,
-        "draining": agent.draining(),
-        "overloaded": agent.overloaded(),
-        "load1": val("load.1"),
-        "cpu_pressure": float(cpu),
-        "mem_available_bytes": int(val("mem.available_bytes")),
-        "disk_free_bytes": int(val("disk.docker.free_bytes")),
-        "running_containers": int(val("containers.running")),
-    }
-
-
-def _report_number(report: Any, *names: str) -> float | None:
-    for name in names:
-        value = report.get(name) if isinstance(report, dict) else getattr(report, name, None)
-        if isinstance(value, int | float):
-            return float(value)
-    return None
-
-
-class MeteredMigrator:
-    """Counts every migration the evacuator starts, whatever the engine's report looks like."""
-
-    def __init__(self, inner: Any, metrics: FerryMetrics) -> None:
-        self._inner = inner
-        self._metrics = metrics
-
-    async def migrate(self, container: str, target: str, progress: Any = None) -> Any:
-        self._metrics.migration_started()
-        try:
-            if inspect.iscoroutinefunction(self._inner.migrate):
-                report = await self._inner.migrate(container, target, progress=progress)
-            else:
-                report = await asyncio.to_thread(self._inner.migrate, container, target, progress)
-        except asyncio.CancelledError:
-            self._metrics.migration_failed(rolled_back=False)
-            raise
-        except Exception as exc:
-            report = getattr(exc, "report", None)
-            moved = _report_number(report, "bytes_moved") if report is not None else None
-            self._metrics.migration_failed(
-                rolled_back=bool(getattr(exc, "rolled_back", False)),
-                bytes_moved=int(moved) if moved is not None else None,
-            )
-            raise
-        downtime = _report_number(report, "downtime_s", "downtime_seconds", "downtime")
-        moved = _report_number(report, "bytes_sent", "bytes_moved", "bytes_total", "bytes")
-        self._metrics.migration_succeeded(downtime, int(moved) if moved is not None else None)
-        return report
 
 
 @dataclass
@@ -273,7 +83,7 @@ class Overrides:
 
 
 class Agent:
-    """One running Ferry agent. Also the `ControlService` the control socket serves."""
+    """One running Ferry agent: its parts, how they are started, and how they are stopped."""
 
     def __init__(self, config: FerryConfig, overrides: Overrides | None = None) -> None:
         self.config = config
@@ -285,8 +95,7 @@ class Agent:
         self.exit_code = EXIT_OK
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._closers: list[tuple[str, Callable[[], Awaitable[None] | None]]] = []
-        self._last_status = ""
-        self._was_draining: bool | None = None
+        self.drain = DrainMarker(config.marker_paths()["drain"])
         self.docker: Any = None
         self.store: SignalStore | None = None
         self.engine: PolicyEngine | None = None
@@ -296,35 +105,18 @@ class Agent:
         self.migrator: MeteredMigrator | None = None
         self.metrics: FerryMetrics | None = None
         self.control: ControlServer | None = None
+        self.policy_loop: PolicyLoop | None = None
 
     # ------------------------------------------------------------------ drain state
 
-    @property
-    def drain_marker(self) -> Path:
-        return self.config.marker_paths()["drain"]
-
     def draining(self) -> bool:
-        # The file is the truth: it may be created by `ferry drain`, by hand, or
-        # before the agent started.
-        return self.drain_marker.exists()
+        return self.drain.active()
 
     def drain_reason(self) -> str | None:
-        try:
-            return self.drain_marker.read_text(errors="replace").strip() or None
-        except OSError:
-            return None
+        return self.drain.reason()
 
     def overloaded(self) -> bool:
-        """Shedding load: a migrating policy is active while the host is not draining."""
-        if self.engine is None or self.draining():
-            return False
-        by_name = {p.name: p for p in self.engine.policies}
-        # `active` includes cooling down: a host that just shed load should not
-        # be handed containers again while its condition still holds.
-        return any(
-            s.active and (p := by_name.get(s.name)) is not None and p.action in MIGRATING_ACTIONS
-            for s in self.engine.states()
-        )
+        return shedding_load(self.engine, self.draining())
 
     # ------------------------------------------------------------------ start
 
@@ -395,7 +187,6 @@ class Agent:
             policy_targets=self._policy_targets,
             inventory=self.store.containers,
         )
-        self.evacuator.add_listener(self._update_status)
         actions = ActionRegistry.with_builtins()
         actions.register(EvacuateAction(self.evacuator))
         actions.register(MoveAction(self.evacuator))
@@ -411,6 +202,10 @@ class Agent:
             host=cfg.name,
         )
         self._on_close("policy engine", self.engine.aclose)
+        self.policy_loop = PolicyLoop(
+            self.engine, self.store, self.notifier, self.drain, self.evacuator, self.overloaded
+        )
+        self.evacuator.add_listener(self.policy_loop.update_status)
 
         if isinstance(self.peers, PeerHealthMonitor):
             self._spawn("peers", self.peers.run())
@@ -420,7 +215,7 @@ class Agent:
         await self._start_peer_server()
         self.control = ControlServer(
             cfg.control_socket,
-            self,
+            AgentControl(self),
             route_hooks=[*self.migration.route_hooks, *self._o.extra_route_hooks],
         )
         await self.control.start()
@@ -430,9 +225,9 @@ class Agent:
             await server.start()
             self._on_close("metrics", server.stop)
 
-        self._spawn("policy-loop", self._policy_loop())
-        self._update_status()
-        self.notifier.ready(self._last_status)
+        self._spawn("policy-loop", self.policy_loop.run())
+        self.policy_loop.update_status()
+        self.notifier.ready(self.policy_loop.status_line)
         log.info(
             "agent.ready",
             host=cfg.name,
@@ -473,11 +268,14 @@ class Agent:
         from agent.peer.tls import server_context
 
         assert self.migration is not None and self.store is not None
+        store = self.store
         handlers = DrainAwareHandlers(
             self.migration.handlers,
             draining=self.draining,
             drain_reason=self.drain_reason,
-            base_health=lambda: local_health(self),
+            base_health=lambda: local_health(
+                self.config.name, store, self.draining(), self.overloaded()
+            ),
         )
         app = make_peer_app(
             handlers,
@@ -502,56 +300,7 @@ class Agent:
             raise RuntimeError("policy engine not started")
         return self.engine
 
-    # ------------------------------------------------------------------ loops
-
-    async def _policy_loop(self) -> None:
-        """Tick every second and at once on a signal change; ping the watchdog from here.
-
-        The watchdog ping lives in this loop on purpose: if evaluation hangs,
-        systemd stops hearing from us and restarts the agent.
-        """
-        assert self.store is not None
-        engine = self._engine()
-        interval = self.notifier.watchdog_interval
-        last_ping = float("-inf")
-        while True:
-            version = self.store.version
-            await engine.tick()
-            self._check_drain_transition()
-            self._update_status()
-            now = time.monotonic()
-            if interval is not None and now - last_ping >= interval:
-                self.notifier.watchdog()
-                last_ping = now
-            await self.store.wait_changed(after=version, timeout=TICK_SECONDS)
-
-    def _check_drain_transition(self) -> None:
-        draining = self.draining()
-        if self._was_draining and not draining and self.evacuator is not None:
-            dropped = self.evacuator.cancel(kind="evacuate")
-            log.info("agent.undrained", stopped_retrying=dropped)
-        elif draining and not self._was_draining:
-            log.info("agent.draining", reason=self.drain_reason())
-        self._was_draining = draining
-
-    def _update_status(self) -> None:
-        parts = []
-        if self.draining():
-            parts.append("draining")
-        elif self.overloaded():
-            parts.append("overloaded")
-        else:
-            parts.append("serving")
-        if self.engine is not None:
-            active = [s.name for s in self.engine.states() if s.active]
-            if active:
-                parts.append(f"active: {', '.join(active)}")
-        if self.evacuator is not None and self.evacuator.summary() != "idle":
-            parts.append(self.evacuator.summary())
-        line = "; ".join(parts)
-        if line != self._last_status:
-            self._last_status = line
-            self.notifier.status(line)
+    # ------------------------------------------------------------------ tasks
 
     def _spawn(self, name: str, coro: Awaitable[Any], critical: bool = True) -> None:
         task = asyncio.ensure_future(coro)
@@ -611,89 +360,6 @@ class Agent:
         except Exception as exc:  # keep closing the rest
             log.warning("agent.close_failed", part=name, error=repr(exc))
 
-    # ------------------------------------------------------------------ ControlService
-
-    async def status(self) -> dict[str, Any]:
-        now_mono, now_wall = self.clock.monotonic(), self.clock.time()
-        policies = []
-        if self.engine is not None:
-            for s in self.engine.states():
-                d = asdict(s)
-                d["since_wall"] = now_wall - (now_mono - s.since)
-                policies.append(d)
-        migrations = await self._in_flight()
-        peers = [asdict(p) for p in self.peers.peers()] if self.peers is not None else []
-        return {
-            "host": self.config.name,
-            "version": _version(),
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "draining": self.draining(),
-            "drain_reason": self.drain_reason(),
-            "overloaded": self.overloaded(),
-            "dry_run": self.config.dry_run,
-            "status_line": self._last_status,
-            "signals": self.store.snapshot() if self.store is not None else {},
-            "policies": policies,
-            "migrations": migrations,
-            "evacuation": self.evacuator.status() if self.evacuator is not None else {},
-            "peers": peers,
-        }
-
-    async def _in_flight(self) -> list[dict[str, Any]]:
-        if self.migration is None or self.migration.journal is None:
-            return []
-        journal = self.migration.journal
-        records = await asyncio.to_thread(journal.unfinished)
-        return [
-            {
-                "id": r.id,
-                "container": r.container_name,
-                "role": r.role,
-                "source": r.source,
-                "target": r.target,
-                "phase": r.phase,
-                "started_at": r.started,
-            }
-            for r in records
-        ]
-
-    async def drain(self, reason: str) -> dict[str, Any]:
-        marker = self.drain_marker
-        await asyncio.to_thread(_write_marker, marker, reason)
-        log.info("agent.drain_requested", reason=reason, marker=str(marker))
-        self._check_drain_transition()
-        self._update_status()
-        return {"draining": True, "message": f"drain marker {marker} set; evacuation starts"}
-
-    async def undrain(self) -> dict[str, Any]:
-        marker = self.drain_marker
-        existed = marker.exists()
-        await asyncio.to_thread(marker.unlink, True)
-        log.info("agent.undrain_requested", marker=str(marker), was_draining=existed)
-        self._check_drain_transition()
-        self._update_status()
-        what = "removed" if existed else "was not set"
-        return {"draining": False, "message": f"drain marker {marker} {what}; accepting again"}
-
-    async def history(self, limit: int) -> list[dict[str, Any]]:
-        if self.migration is None or self.migration.journal is None:
-            return []
-        records = await asyncio.to_thread(self.migration.journal.history, limit)
-        return [asdict(r) for r in records]
-
-
-def _write_marker(path: Path, reason: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(reason + "\n" if reason else "")
-    tmp.replace(path)
-
-
-def _version() -> str:
-    from agent import __version__
-
-    return __version__
-
 
 async def _default_prereqs(agent: Agent) -> list[str]:
     cfg = agent.config
@@ -708,6 +374,7 @@ async def _default_prereqs(agent: Agent) -> list[str]:
         tls_files=agent._tls_files(),
         host=cfg.name,
         peer_probe=probe,
+        runc_command=cfg.docker.runc_command if cfg.migration.checkpoint_via == "runc" else None,
     )
     return [str(p) for p in fatal(problems)]
 
@@ -775,4 +442,4 @@ def run_agent(config_path: Path, environ: dict[str, str] | None = None) -> int:
         return EXIT_UNAVAILABLE
 
 
-__all__ = ["Agent", "Overrides", "StartupRefused", "run_agent", "serve"]
+__all__ = ["Agent", "MigrationParts", "Overrides", "StartupRefused", "run_agent", "serve"]

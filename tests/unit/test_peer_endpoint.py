@@ -1,4 +1,4 @@
-"""The runtime's peer glue: drain-aware peer handlers."""
+"""What this host tells and refuses its peers: drain-aware peer handlers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from agent.peer.api import HandlerError
-from agent.service.runtime import DrainAwareHandlers
+from agent.service.peer_endpoint import DrainAwareHandlers
 from tests.helpers import run_async
 
 

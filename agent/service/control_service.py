@@ -1,0 +1,114 @@
+"""What `ferry status`, `drain`, `undrain` and `history` get from a running agent.
+
+Drain and undrain only write or remove the marker file, the same as an
+operator would by hand; the policies and the peer API follow the file. The
+transition is applied at once anyway, so the answer and the systemd STATUS
+line are already current when the command returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+if TYPE_CHECKING:
+    from agent.service.runtime import Agent
+
+log = structlog.get_logger(__name__)
+
+
+class AgentControl:
+    """The ControlService the control socket serves, reading the agent's parts as they are now."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    async def status(self) -> dict[str, Any]:
+        agent = self._agent
+        now_mono, now_wall = agent.clock.monotonic(), agent.clock.time()
+        policies = []
+        if agent.engine is not None:
+            for s in agent.engine.states():
+                d = asdict(s)
+                d["since_wall"] = now_wall - (now_mono - s.since)
+                policies.append(d)
+        migrations = await self._in_flight()
+        peers = [asdict(p) for p in agent.peers.peers()] if agent.peers is not None else []
+        return {
+            "host": agent.config.name,
+            "version": _version(),
+            "uptime_s": round(time.time() - agent.started_at, 1),
+            "draining": agent.draining(),
+            "drain_reason": agent.drain_reason(),
+            "overloaded": agent.overloaded(),
+            "dry_run": agent.config.dry_run,
+            "status_line": agent.policy_loop.status_line if agent.policy_loop is not None else "",
+            "signals": agent.store.snapshot() if agent.store is not None else {},
+            "policies": policies,
+            "migrations": migrations,
+            "evacuation": agent.evacuator.status() if agent.evacuator is not None else {},
+            "peers": peers,
+        }
+
+    async def _in_flight(self) -> list[dict[str, Any]]:
+        journal = self._journal()
+        if journal is None:
+            return []
+        records = await asyncio.to_thread(journal.unfinished)
+        return [
+            {
+                "id": r.id,
+                "container": r.container_name,
+                "role": r.role,
+                "source": r.source,
+                "target": r.target,
+                "phase": r.phase,
+                "started_at": r.started,
+            }
+            for r in records
+        ]
+
+    async def drain(self, reason: str) -> dict[str, Any]:
+        marker = self._agent.drain
+        await asyncio.to_thread(marker.set, reason)
+        log.info("agent.drain_requested", reason=reason, marker=str(marker.path))
+        self._follow_marker()
+        return {"draining": True, "message": f"drain marker {marker.path} set; evacuation starts"}
+
+    async def undrain(self) -> dict[str, Any]:
+        marker = self._agent.drain
+        existed = await asyncio.to_thread(marker.clear)
+        log.info("agent.undrain_requested", marker=str(marker.path), was_draining=existed)
+        self._follow_marker()
+        what = "removed" if existed else "was not set"
+        return {
+            "draining": False,
+            "message": f"drain marker {marker.path} {what}; accepting again",
+        }
+
+    async def history(self, limit: int) -> list[dict[str, Any]]:
+        journal = self._journal()
+        if journal is None:
+            return []
+        records = await asyncio.to_thread(journal.history, limit)
+        return [asdict(r) for r in records]
+
+    def _journal(self) -> Any:
+        migration = self._agent.migration
+        return migration.journal if migration is not None else None
+
+    def _follow_marker(self) -> None:
+        loop = self._agent.policy_loop
+        if loop is not None:
+            loop.check_drain_transition()
+            loop.update_status()
+
+
+def _version() -> str:
+    from agent import __version__
+
+    return __version__
