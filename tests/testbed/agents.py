@@ -46,7 +46,12 @@ def _ensure_certs(hosts: list[Host]) -> None:
 def write_config(
     host: Host, hosts: list[Host], policies: dict[str, str] | None = None, **overrides: object
 ) -> Path:
-    """Write the host's agent config and policy dir; `policies` maps file name -> YAML text."""
+    """Write the host's agent config and policy dir; `policies` maps file name -> YAML text.
+
+    `overrides` replace top-level keys; a mapping given for a section that has
+    one (e.g. ``migration={"checkpoint_via": "runc"}``, ``docker={...}``) is
+    merged into it key by key.
+    """
     hd = Path(host.host_dir)
     pol_dir = hd / "policies"
     shutil.rmtree(pol_dir, ignore_errors=True)
@@ -68,6 +73,12 @@ def write_config(
             "data_root": host.data_root,
             # CRIU lives in the host's rootfs, where its dockerd runs.
             "criu_check": ["nsenter", "-t", str(host.init_pid), "-m", "-r", "criu", "--version"],
+            # dockerd's runc, for migration.checkpoint_via: runc. It needs the host's PID
+            # namespace too: CRIU reads /proc/self there.
+            "runc_command": [
+                *("nsenter", "-t", str(host.init_pid), "-m", "-p", "-r"),
+                *("runc", "--root", "/run/docker/runtime-runc/moby"),
+            ],
         },
         "peers": [
             {"name": p.name, "address": f"{p.ip}:{AGENT_PORT}"}
@@ -83,7 +94,12 @@ def write_config(
         "logging": {"level": "info", "format": "json"},
         "signals": {"poll_interval": "1s"},
     }
-    config.update(overrides)
+    for key, value in overrides.items():
+        current = config.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            config[key] = {**current, **value}
+        else:
+            config[key] = value
     path = hd / "ferry.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     host.agent_config = str(path)
@@ -147,8 +163,16 @@ def persist(hosts: list[Host]) -> None:
         save_state(hosts, rootfs)
 
 
-def agents_up(hosts: list[Host], policies: dict[str, dict[str, str]] | None = None) -> list[Host]:
-    """Start an agent on every host; `policies` maps host name -> {file: YAML}."""
+def agents_up(
+    hosts: list[Host],
+    policies: dict[str, dict[str, str]] | None = None,
+    overrides: dict[str, object] | None = None,
+) -> list[Host]:
+    """Start an agent on every host; `policies` maps host name -> {file: YAML}.
+
+    `overrides` go to every host's config (see `write_config`), e.g.
+    ``{"migration": {"checkpoint_via": "runc"}}``.
+    """
     step(f"starting ferry agents on {', '.join(h.name for h in hosts)}")
     _ensure_certs(hosts)
     for h in hosts:
@@ -158,7 +182,7 @@ def agents_up(hosts: list[Host], policies: dict[str, dict[str, str]] | None = No
         log = Path(h.agent_log)
         if log.exists():
             log.replace(log.with_name("agent.log.1"))
-        write_config(h, hosts, (policies or {}).get(h.name))
+        write_config(h, hosts, (policies or {}).get(h.name), **(overrides or {}))
     try:
         for h in hosts:
             start_agent(h)
