@@ -1,10 +1,12 @@
 """`make bench`: Ferry against the manual procedure, side by side in one run.
 
-For each workload the same container is moved host1 -> host2 twice: once by
+For each workload the same container is moved host1 -> host2 three times: by
 the manual procedure operators use today (checkpoint, tar, copy over the
-network, untar, create, start from the checkpoint; tests/testbed/manual.py)
-and once by `ferry migrate`. Downtime is freeze -> running on the target. The
-ratios are what the benchmark reports; absolute times depend on the machine.
+network, untar, create, start from the checkpoint; tests/testbed/manual.py),
+by `ferry migrate` with the default `migration.checkpoint_via: engine`, and by
+`ferry migrate` after restarting the agents with `checkpoint_via: runc`.
+Downtime is freeze -> running on the target. The ratios are what the benchmark
+reports; absolute times depend on the machine.
 
 It also measures the agent's idle cost: CPU time used by an idle `ferry run`
 over a fixed window, as a share of one core.
@@ -28,6 +30,7 @@ from tests.testbed.manual import ManualTimings, move_by_hand
 from tests.testbed.procs import alive, netns_argv
 
 IDLE_WINDOW = float(os.environ.get("FERRY_BENCH_IDLE_SECONDS", "20"))
+RUNC = {"migration": {"checkpoint_via": "runc"}}
 WORKLOADS = [
     ("counter", "ferry-test/counter:1", {}, {"8080/tcp": 8080}),
     ("memhog-256MiB", "ferry-test/memhog:1", {"MEMHOG_MIB": "256"}, {}),
@@ -105,6 +108,9 @@ def ferry_move(h1: Host, h2: Host, clients: dict, name: str, image: str, env: di
     report = next(x for x in reversed(lines) if x.get("type") == "result")["report"]
     _wait_running(clients[h2.name], name)
     # The agent's own total, like the manual one: no CLI process start-up in it.
+    via = report.get("details", {}).get("checkpoint_via", "engine")
+    freeze = float(report.get("phases", {}).get("freeze", 0.0))
+    print(f"bench: {name}: checkpoint via {via}, freeze {freeze:.2f}s", flush=True)
     return Result(float(report["downtime_s"]), float(report["total_s"]), int(report["bytes_moved"]))
 
 
@@ -134,18 +140,29 @@ def main() -> int:
     h1, h2 = hosts[0], hosts[1]
     started_agents = not all(alive(h.agent_pid) for h in hosts)
     clients = {h.name: docker.DockerClient(base_url=h.docker_host, timeout=300) for h in hosts}
-    rows = []
+    rows: list[tuple[str, Result, Result, Result]] = []
     try:
         if started_agents:
             agents_up(hosts)
         _clean(clients)
         idle = idle_cost(hosts)
+        engine: dict[str, tuple[Result, Result]] = {}
         for label, image, env, ports in WORKLOADS:
             m = manual(h1, h2, clients, f"bench-{label}-manual", image, env, ports)
             _clean(clients)
             f = ferry_move(h1, h2, clients, f"bench-{label}-ferry", image, env, ports)
             _clean(clients)
-            rows.append((label, m, f))
+            engine[label] = (m, f)
+        # The same moves with the agents freezing through dockerd's runc.
+        agents_down(hosts)
+        agents_up(hosts, overrides=RUNC)
+        for label, image, env, ports in WORKLOADS:
+            r = ferry_move(h1, h2, clients, f"bench-{label}-runc", image, env, ports)
+            _clean(clients)
+            rows.append((label, *engine[label], r))
+        agents_down(hosts)
+        if not started_agents:
+            agents_up(hosts)  # leave agents running, on the default config
     finally:
         _clean(clients)
         for c in clients.values():
@@ -156,11 +173,19 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "tests.testbed", "down"], check=False)
 
     print("\nFerry vs the manual procedure (host1 -> host2, same run, same machine)")
-    print(f"{'workload':16} {'':8} {'manual':>10} {'ferry':>10} {'manual/ferry':>13}")
-    for label, m, f in rows:
-        for what, a, b in (("downtime", m.downtime, f.downtime), ("total", m.total, f.total)):
-            print(f"{label:16} {what:8} {a:9.2f}s {b:9.2f}s {a / b:12.2f}x")
-        print(f"{label:16} {'bytes':8} {m.bytes:10d} {f.bytes:10d}")
+    print("engine: checkpoint_via engine (Docker's API); runc: checkpoint_via runc")
+    head = f"{'workload':16} {'':8} {'manual':>9} {'engine':>9} {'runc':>9}"
+    print(f"{head} {'manual/engine':>14} {'manual/runc':>12} {'engine/runc':>12}")
+    for label, m, f, r in rows:
+        for what, a, b, c in (
+            ("downtime", m.downtime, f.downtime, r.downtime),
+            ("total", m.total, f.total, r.total),
+        ):
+            print(
+                f"{label:16} {what:8} {a:8.2f}s {b:8.2f}s {c:8.2f}s"
+                f" {a / b:13.2f}x {a / c:11.2f}x {b / c:11.2f}x"
+            )
+        print(f"{label:16} {'bytes':8} {m.bytes:9d} {f.bytes:9d} {r.bytes:9d}")
     print(f"\nAgent idle cost over {IDLE_WINDOW:.0f}s (share of one core):")
     for name, pct in idle.items():
         print(f"  {name}: {pct:.2f}%  ({'OK' if pct < 1.0 else 'OVER'} the 1% goal)")
