@@ -185,6 +185,12 @@ class CommandMonitor(_Model):
         return self
 
 
+def _refuse_duplicates(names: list[str], what: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate {what} name(s): {', '.join(dupes)}")
+
+
 class SignalsConfig(_Model):
     poll_interval: Duration = Field(default=2.0, gt=0)
     commands: list[CommandMonitor] = []
@@ -192,10 +198,7 @@ class SignalsConfig(_Model):
     @field_validator("commands")
     @classmethod
     def _unique(cls, value: list[CommandMonitor]) -> list[CommandMonitor]:
-        names = [c.name for c in value]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate command monitor name(s): {', '.join(dupes)}")
+        _refuse_duplicates([c.name for c in value], "command monitor")
         return value
 
 
@@ -219,10 +222,7 @@ class FerryConfig(_Model):
     @field_validator("peers")
     @classmethod
     def _unique_peers(cls, value: list[PeerConfig]) -> list[PeerConfig]:
-        names = [p.name for p in value]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate peer name(s): {', '.join(dupes)}")
+        _refuse_duplicates([p.name for p in value], "peer")
         return value
 
     @model_validator(mode="after")

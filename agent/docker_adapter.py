@@ -188,6 +188,16 @@ class DockerAdapter:
         except docker.errors.DockerException as exc:
             raise DockerError(operation, str(exc)) from exc
 
+    def _call_criu(self, operation: str, fn: Callable[[Any], T]) -> T:
+        """`_call` for checkpoint and restore: any other refusal is CRIU's, and the
+        migration engine handles a CheckpointError differently from a Docker failure."""
+        try:
+            return self._call(operation, fn)
+        except (DockerNotFound, DockerUnavailable):
+            raise
+        except DockerError as exc:
+            raise CheckpointError(exc.operation, exc.message, exc.status) from exc
+
     def close(self) -> None:
         with self._client_lock:
             if self._client is not None:
@@ -276,12 +286,7 @@ class DockerAdapter:
             )
             api._raise_for_status(response)
 
-        try:
-            self._call(f"restore {container} from checkpoint {checkpoint}", restore)
-        except (DockerNotFound, DockerUnavailable):
-            raise
-        except DockerError as exc:
-            raise CheckpointError(exc.operation, exc.message, exc.status) from exc
+        self._call_criu(f"restore {container} from checkpoint {checkpoint}", restore)
 
     def stop(self, container: str, timeout: int = 10) -> None:
         self._call(
@@ -366,12 +371,7 @@ class DockerAdapter:
             )
             api._raise_for_status(response)
 
-        try:
-            self._call(f"checkpoint {container} as {name}", create)
-        except (DockerNotFound, DockerUnavailable):
-            raise
-        except DockerError as exc:
-            raise CheckpointError(exc.operation, exc.message, exc.status) from exc
+        self._call_criu(f"checkpoint {container} as {name}", create)
 
     def checkpoint_list(self, container: str) -> list[str]:
         def list_(api: Any) -> list[str]:

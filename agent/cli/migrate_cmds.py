@@ -23,10 +23,8 @@ from rich.progress import (
 from rich.table import Table
 
 from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
-from agent.config import load_config
-from agent.errors import InputError
+from agent.cli.options import config_option, load_config_or_exit
 
-DEFAULT_CONFIG = "/etc/ferry/config.yaml"
 MIGRATE_ROUTE = "/v1/migrate"
 
 _EPILOG = """
@@ -133,15 +131,7 @@ def render_report(report: dict[str, Any], console: Console) -> None:
 @main.command("migrate", epilog=_EPILOG)
 @click.argument("container")
 @click.option("--to", "target", required=True, help="Peer name to move the container to.")
-@click.option(
-    "--config",
-    "config_path",
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    envvar="FERRY_CONFIG",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Agent config file (env FERRY_CONFIG); gives the control socket.",
-)
+@config_option("Agent config file (env FERRY_CONFIG); gives the control socket.")
 @click.option("--json", "as_json", is_flag=True, help="Print progress and result as JSON lines.")
 def migrate_cmd(container: str, target: str, config_path: Path, as_json: bool) -> None:
     """Live-migrate CONTAINER to peer --to through the local agent.
@@ -149,12 +139,7 @@ def migrate_cmd(container: str, target: str, config_path: Path, as_json: bool) -
     The container keeps its memory, open files and writable layer. If anything
     fails after it is frozen, it is restored here and the reason is printed.
     """
-    try:
-        cfg = load_config(config_path)
-    except InputError as exc:
-        for line in exc.lines():
-            click.echo(line, err=True)
-        sys.exit(EXIT_BAD_INPUT)
+    cfg = load_config_or_exit(config_path)
     console = Console(stderr=False)
     progress = Progress(
         TextColumn("[bold]{task.fields[phase]:<9}"),

@@ -20,13 +20,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
-from agent.config import FerryConfig, load_config
-from agent.errors import InputError
+from agent.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
+from agent.cli.options import config_option, load_config_or_exit
+from agent.config import FerryConfig
 from agent.service.control import AgentUnreachable, ControlClient, ControlRequestFailed
+from agent.service.drain import DrainMarker
 
 T = TypeVar("T")
-DEFAULT_CONFIG = "/etc/ferry/config.yaml"
 
 _EXIT_CODES = """
 \b
@@ -36,25 +36,6 @@ Exit codes:
   2  bad input (config or arguments); one line per problem on stderr
   3  the agent is unreachable or its prerequisites are missing
 """
-
-config_option = click.option(
-    "--config",
-    "config_path",
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    envvar="FERRY_CONFIG",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Agent config file (env FERRY_CONFIG).",
-)
-
-
-def _load(path: Path) -> FerryConfig:
-    try:
-        return load_config(path)
-    except InputError as exc:
-        for line in exc.lines():
-            click.echo(line, err=True)
-        sys.exit(EXIT_BAD_INPUT)
 
 
 def _fail(code: int, message: str) -> NoReturn:
@@ -70,7 +51,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 @main.command("run", epilog=_EXIT_CODES)
-@config_option
+@config_option()
 def run_cmd(config_path: Path) -> None:
     """Run the agent in the foreground (what the systemd unit starts).
 
@@ -88,30 +69,22 @@ def run_cmd(config_path: Path) -> None:
 # ---------------------------------------------------------------------------- drain
 
 
-def _write_marker(path: Path, reason: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written whole then renamed, so the marker source never reads half a reason.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(reason + "\n" if reason else "")
-    tmp.replace(path)
-
-
 @main.command("drain", epilog=_EXIT_CODES)
 @click.option("--reason", default="", help="Why; shown in `ferry status` and the log.")
-@config_option
+@config_option()
 def drain_cmd(reason: str, config_path: Path) -> None:
     """Drain this host: evacuate opted-in containers and refuse incoming ones.
 
     Creates the drain marker through the agent. If no agent is running, the
     marker file is written directly and the agent acts on it when it starts.
     """
-    cfg = _load(config_path)
+    cfg = load_config_or_exit(config_path)
     try:
         result = _run(ControlClient(cfg.control_socket).drain(reason))
     except AgentUnreachable as exc:
         marker = cfg.marker_paths()["drain"]
         try:
-            _write_marker(marker, reason)
+            DrainMarker(marker).set(reason)
         except OSError as err:
             _fail(EXIT_FAILED, f"{exc}; and writing {marker} failed: {err}")
         click.echo(f"agent not running ({exc}); wrote the drain marker {marker} directly.")
@@ -124,19 +97,19 @@ def drain_cmd(reason: str, config_path: Path) -> None:
 
 
 @main.command("undrain", epilog=_EXIT_CODES)
-@config_option
+@config_option()
 def undrain_cmd(config_path: Path) -> None:
     """End a drain: remove the drain marker and accept incoming migrations again.
 
     Containers already moved away are not moved back.
     """
-    cfg = _load(config_path)
+    cfg = load_config_or_exit(config_path)
     try:
         result = _run(ControlClient(cfg.control_socket).undrain())
     except AgentUnreachable as exc:
         marker = cfg.marker_paths()["drain"]
         try:
-            marker.unlink(missing_ok=True)
+            DrainMarker(marker).clear()
         except OSError as err:
             _fail(EXIT_FAILED, f"{exc}; and removing {marker} failed: {err}")
         click.echo(f"agent not running ({exc}); removed the drain marker {marker} directly.")
@@ -273,10 +246,10 @@ def render_status(status: dict[str, Any], console: Console) -> None:
 
 @main.command("status", epilog=_EXIT_CODES)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-@config_option
+@config_option()
 def status_cmd(as_json: bool, config_path: Path) -> None:
     """This host's signals, policy states, migrations in flight, stuck evacuees and peers."""
-    cfg = _load(config_path)
+    cfg = load_config_or_exit(config_path)
     try:
         status = _run(ControlClient(cfg.control_socket).status())
     except AgentUnreachable as exc:
@@ -342,14 +315,14 @@ def render_history(items: list[dict[str, Any]], console: Console) -> None:
 @main.command("history", epilog=_EXIT_CODES)
 @click.option("--json", "as_json", is_flag=True, help="Print the records with full reports.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
-@config_option
+@config_option()
 def history_cmd(as_json: bool, limit: int, config_path: Path) -> None:
     """Past migrations (newest first) with their outcome and report.
 
     Reads from the agent, or straight from the journal in state_dir when the
     agent is not running.
     """
-    cfg = _load(config_path)
+    cfg = load_config_or_exit(config_path)
     try:
         items = _run(ControlClient(cfg.control_socket).history(limit))
     except AgentUnreachable as exc:

@@ -43,7 +43,9 @@ def runtime_parts(owner: Any, journal: Journal) -> Any:
     """The runtime's MigrationParts for `ferry run` (an agent.service.runtime.Agent as owner).
 
     Uses the agent's own Docker adapter, clock and drain state; the control
-    socket gets POST /v1/migrate.
+    socket gets POST /v1/migrate. That route goes through the owner's metered
+    migrator (set once the metrics exist, before the socket serves), so a
+    `ferry migrate` is counted like a policy's migration.
     """
     from agent.migration.control_routes import add_migration_routes
     from agent.service.migrations import MigrationParts
@@ -53,7 +55,7 @@ def runtime_parts(owner: Any, journal: Journal) -> Any:
     )
 
     def routes(app: Any) -> None:
-        add_migration_routes(app, service)
+        add_migration_routes(app, getattr(owner, "migrator", None) or service)
 
     async def close() -> None:
         await service.close()

@@ -48,6 +48,15 @@ class PolicyTargets(Protocol):
     placement: str
 
 
+async def call_migrate(migrator: Migrator, container: str, target: str, progress: Any) -> Any:
+    """Await a coroutine `migrate`; run a blocking one in a thread so the loop keeps serving."""
+    migrate = migrator.migrate
+    if inspect.iscoroutinefunction(migrate):
+        return await migrate(container, target, progress=progress)
+    result = await asyncio.to_thread(migrate, container, target, progress)
+    return await result if inspect.isawaitable(result) else result
+
+
 PolicyLookup = Callable[[str], PolicyTargets | None]
 Listener = Callable[[], None]
 
@@ -349,11 +358,7 @@ class Evacuator:
                 log.debug("evacuation.progress", container=item.container, phase=item.phase)
                 self._changed()
 
-        migrate = self._migrator.migrate
-        if inspect.iscoroutinefunction(migrate):
-            return await migrate(item.container, target, progress=progress)
-        result = await asyncio.to_thread(migrate, item.container, target, progress)
-        return await result if inspect.isawaitable(result) else result
+        return await call_migrate(self._migrator, item.container, target, progress)
 
     def _stick(self, item: Item, reason: str, retry: bool) -> None:
         item.state, item.phase, item.reason, item.retry = "stuck", None, reason, retry

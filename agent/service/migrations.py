@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import structlog
 
 from agent.service.control import RouteHook
+from agent.service.evacuation import call_migrate
 from agent.service.metrics import FerryMetrics
 
 log = structlog.get_logger(__name__)
@@ -70,34 +70,10 @@ def build_migration(owner: Any) -> MigrationParts:
         log.warning("agent.migration_engine_missing")
         stand_in = _NoMigrations()
         return MigrationParts(stand_in, stand_in, journal, close=journal.close)
-    return _build_real_migration(owner, journal)
+    from agent.migration.factory import runtime_parts
 
-
-def _build_real_migration(owner: Any, journal: Any) -> MigrationParts:
-    # Not agent.migration.factory.runtime_parts: its control route would call the
-    # engine directly, and `ferry migrate` runs must be counted in the metrics too.
-    from agent.migration.control_routes import add_migration_routes
-    from agent.migration.factory import build_service
-
-    service = build_service(
-        owner.config, journal, owner.draining, owner.clock, adapter=owner.docker
-    )
-
-    def routes(app: Any) -> None:
-        add_migration_routes(app, owner.migrator or service)
-
-    async def close() -> None:
-        await service.close()
-        journal.close()
-
-    return MigrationParts(
-        migrator=service,
-        handlers=service.handlers,
-        journal=journal,
-        route_hooks=[routes],
-        reconcile=service.reconcile,
-        close=close,
-    )
+    parts: MigrationParts = runtime_parts(owner, journal)
+    return parts
 
 
 def _report_number(report: Any, *names: str) -> float | None:
@@ -118,10 +94,7 @@ class MeteredMigrator:
     async def migrate(self, container: str, target: str, progress: Any = None) -> Any:
         self._metrics.migration_started()
         try:
-            if inspect.iscoroutinefunction(self._inner.migrate):
-                report = await self._inner.migrate(container, target, progress=progress)
-            else:
-                report = await asyncio.to_thread(self._inner.migrate, container, target, progress)
+            report = await call_migrate(self._inner, container, target, progress)
         except asyncio.CancelledError:
             self._metrics.migration_failed(rolled_back=False)
             raise

@@ -32,6 +32,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from agent.model import Clock, Sample, SignalSink, SystemClock
+from agent.signals.polled import polled_max_age
 from agent.signals.store import LABEL_CONTENT
 
 log = structlog.get_logger(__name__)
@@ -111,7 +112,7 @@ class MarkerSource:
         self.backend: str | None = None  # "inotify" or "polling" once running
 
     def max_ages(self) -> dict[str, float | None]:
-        return {f"marker.{m}": max(3 * self.rescan_interval, 15.0) for m in self.markers}
+        return {f"marker.{m}": polled_max_age(self.rescan_interval) for m in self.markers}
 
     async def run(self, sink: SignalSink) -> None:
         loop = asyncio.get_running_loop()

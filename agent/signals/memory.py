@@ -10,7 +10,6 @@ disk.docker.free_bytes, disk.docker.total_bytes, disk.docker.free_ratio.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Protocol
 import structlog
 
 from agent.model import Clock, Sample, SignalSink, SystemClock
+from agent.signals.polled import PolledSource
 
 log = structlog.get_logger(__name__)
 
@@ -51,8 +51,10 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return out
 
 
-class MemoryDiskSource:
+class MemoryDiskSource(PolledSource):
     """Polls `<proc_root>/meminfo` and statvfs of the Docker data root."""
+
+    prefixes = ("mem.", "disk.docker.")
 
     def __init__(
         self,
@@ -71,15 +73,6 @@ class MemoryDiskSource:
         self._statvfs = statvfs
         # Each failure is logged once until it recovers, not every interval.
         self._failing: set[str] = set()
-
-    def max_ages(self) -> dict[str, float | None]:
-        age = max(3 * self.interval, 15.0)
-        return {"mem.": age, "disk.docker.": age}
-
-    async def run(self, sink: SignalSink) -> None:
-        while True:
-            self.poll(sink)
-            await asyncio.sleep(self.interval)
 
     def poll(self, sink: SignalSink) -> None:
         now = self.clock.time()

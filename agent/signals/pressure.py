@@ -13,13 +13,13 @@ psi.<cpu|memory|io>.<some|full>.<avg10|avg60|avg300> (percent).
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
 import structlog
 
 from agent.model import Clock, Sample, SignalSink, SystemClock
+from agent.signals.polled import PolledSource
 
 log = structlog.get_logger(__name__)
 
@@ -61,8 +61,10 @@ def parse_psi(text: str) -> dict[str, dict[str, float]]:
     return out
 
 
-class HostLoadSource:
+class HostLoadSource(PolledSource):
     """Polls loadavg and PSI every `interval` seconds."""
+
+    prefixes = ("load.", "psi.")
 
     def __init__(
         self,
@@ -79,15 +81,6 @@ class HostLoadSource:
         self.cpu_count = cpu_count or os.cpu_count() or 1
         # None until the first probe decides; then fixed for the source's life.
         self.psi_enabled: bool | None = None
-
-    def max_ages(self) -> dict[str, float | None]:
-        age = max(3 * self.interval, 15.0)
-        return {"load.": age, "psi.": age}
-
-    async def run(self, sink: SignalSink) -> None:
-        while True:
-            self.poll(sink)
-            await asyncio.sleep(self.interval)
 
     def poll(self, sink: SignalSink) -> None:
         """One reading of everything; public so tests and `ferry status` can call it."""
