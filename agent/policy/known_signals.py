@@ -35,6 +35,7 @@ BUILTIN_SIGNAL_PATTERNS: tuple[str, ...] = (
     "marker.*",
     "command.*",
     "containers.running",
+    "docker.connected",  # 1.0 while the Docker event stream is connected
 )
 
 

@@ -3,8 +3,14 @@
 Every event becomes a `DockerEvent` in the sink (so policies can count e.g.
 "oom" or "die" per window), and the inventory (`ContainerInfo` with labels,
 which policies select on) is rebuilt from a full list at every (re)connect and
-patched by create/rename/destroy/start/die/pause/unpause in between.
+patched by create/rename/destroy/start/die/pause/unpause/update in between.
 Signals: docker.connected (1/0), containers.running.
+
+A container's `memory_bytes` is its memory limit (HostConfig.Memory, 0 when
+unlimited). Summaries do not carry it, so each container is inspected once:
+when it is created, or at the first connect that lists it; an `update` event
+reads it again. Resident use would order better, but the stats API takes a
+second or more per container, far too slow to ask every container about.
 
 dockerd restarts are routine (upgrades, live-restore), and the SDK's event
 stream just ends without an error when the daemon goes away. So the source
@@ -99,6 +105,12 @@ def info_from_summary(item: dict[str, Any]) -> ContainerInfo:
     )
 
 
+def memory_limit(data: dict[str, Any]) -> int:
+    """HostConfig.Memory of an inspect answer, in bytes; 0 when unlimited or absent."""
+    value = (data.get("HostConfig") or {}).get("Memory")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def info_from_inspect(data: dict[str, Any]) -> ContainerInfo:
     config = data.get("Config") or {}
     state = data.get("State") or {}
@@ -109,6 +121,7 @@ def info_from_inspect(data: dict[str, Any]) -> ContainerInfo:
         image_id=str(data.get("Image", "")),
         labels=dict(config.get("Labels") or {}),
         state=str(state.get("Status", "")),
+        memory_bytes=memory_limit(data),
         created=_parse_created(data.get("Created")),
     )
 
@@ -273,15 +286,34 @@ class DockerEventsSource:
 
     async def _rebuild(self, sink: SignalSink) -> None:
         summaries = await asyncio.to_thread(self.adapter.list_containers)
-        self._inventory = {}
+        previous, self._inventory = self._inventory, {}
+        unknown = []
         for item in summaries:
             try:
                 info = info_from_summary(item)
             except (KeyError, TypeError) as exc:
                 log.warning("signals.docker_bad_summary", error=str(exc))
                 continue
+            known = previous.get(info.id)
+            if known is not None:
+                info.memory_bytes = known.memory_bytes  # a reconnect does not inspect again
+            else:
+                unknown.append(info)
             self._inventory[info.id] = info
+        if unknown:
+            await asyncio.to_thread(self._read_memory_limits, unknown)
         self._push_inventory(sink)
+
+    def _read_memory_limits(self, infos: list[ContainerInfo]) -> None:
+        for info in infos:
+            info.memory_bytes = self._memory_limit(info.id)
+
+    def _memory_limit(self, container_id: str) -> int:
+        try:
+            return memory_limit(self.adapter.inspect_container(container_id))
+        except Exception as exc:  # gone meanwhile, or daemon trouble: unknown, as before
+            log.debug("signals.docker_inspect_failed", id=container_id, error=str(exc))
+            return 0
 
     # -- events -----------------------------------------------------------
 
@@ -325,6 +357,12 @@ class DockerEventsSource:
             self._inventory[cid] = await self._describe(event)
             return True
         if current is None:
+            return False
+        if event.action == "update":  # `docker update` may have changed the limit
+            limit = await asyncio.to_thread(self._memory_limit, cid)
+            if limit != current.memory_bytes:
+                current.memory_bytes = limit
+                return True
             return False
         if event.action == "rename":
             new_name = event.attributes.get("name", "")

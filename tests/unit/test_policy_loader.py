@@ -174,6 +174,7 @@ def test_defaults_and_shorthands() -> None:
         "marker.drain",
         "command.raid",
         "containers.running",
+        "docker.connected",
     ],
 )
 def test_known_signals(name: str) -> None:

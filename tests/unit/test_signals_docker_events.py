@@ -64,6 +64,7 @@ class FakeEngine:
         self.refused_three = threading.Event()
         self._ns = time.time_ns()
         self._ids = itertools.count(1)
+        self.inspected: list[str] = []
 
     # -- adapter API used by the source --
 
@@ -101,6 +102,7 @@ class FakeEngine:
 
     def inspect_container(self, container: str) -> dict[str, Any]:
         with self.lock:
+            self.inspected.append(container)
             c = self.containers.get(container)
             if c is None:
                 raise LookupError(f"no such container: {container}")
@@ -111,6 +113,7 @@ class FakeEngine:
                 "Created": "2024-05-01T10:00:00.123456789Z",
                 "Config": {"Image": "busybox", "Labels": dict(c["labels"])},
                 "State": {"Status": c["state"]},
+                "HostConfig": {"Memory": c.get("memory", 0)},
             }
 
     # -- test controls --
@@ -141,6 +144,12 @@ class FakeEngine:
         with self.lock:
             self.containers[cid]["state"] = "running"
             self._emit_locked("start", cid, name=self.containers[cid]["name"])
+
+    def update_memory(self, cid: str, limit: int) -> None:
+        """`docker update --memory`: the limit changes and an `update` event follows."""
+        with self.lock:
+            self.containers[cid]["memory"] = limit
+            self._emit_locked("update", cid, name=self.containers[cid]["name"])
 
     def die(self, cid: str) -> None:
         with self.lock:
@@ -404,6 +413,45 @@ def test_create_of_already_destroyed_container_uses_event_attributes() -> None:
             with engine.lock:
                 engine._emit_locked("destroy", "f" * 64, name="ghost")
             await until(store, lambda: names(store) == [])
+        finally:
+            await cancel(task)
+
+    run_async(main())
+
+
+def test_memory_limit_is_read_once_per_container_and_again_on_update() -> None:
+    engine = FakeEngine()
+    big = engine.create("big")
+    engine.containers[big]["memory"] = 512 << 20
+    engine.start(big)
+    unlimited = engine.create("unlimited")
+    source, store = make(engine)
+
+    def memory(name: str) -> int | None:
+        return next((c.memory_bytes for c in store.containers() if c.name == name), None)
+
+    async def main() -> None:
+        task = asyncio.create_task(source.run(store))
+        try:
+            await until(store, lambda: store.value("docker.connected") == 1.0)
+            assert (memory("big"), memory("unlimited")) == (512 << 20, 0)
+            assert sorted(engine.inspected) == sorted([big, unlimited])  # once each, at connect
+
+            small = engine.create("small")
+            engine.containers[small]["memory"] = 64 << 20
+            engine.start(small)
+            await until(store, lambda: _state(store, "small") == "running")
+            assert memory("small") == 64 << 20
+
+            engine.update_memory(big, 1 << 30)
+            await until(store, lambda: memory("big") == 1 << 30)
+
+            inspected = len(engine.inspected)
+            connects = source.connects
+            engine.end_streams_then()
+            await until(store, lambda: source.connects > connects)
+            assert memory("big") == 1 << 30  # kept across the reconnect ...
+            assert len(engine.inspected) == inspected  # ... without inspecting again
         finally:
             await cancel(task)
 
