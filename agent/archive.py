@@ -23,9 +23,13 @@ import errno
 import hashlib
 import os
 import posixpath
+import queue
 import re
+import shutil
 import stat
 import tarfile
+import tempfile
+import threading
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -37,7 +41,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import structlog
 import zstandard
@@ -50,6 +54,12 @@ ProgressFn = Callable[[int, int], None]
 XATTR_PREFIX = "SCHILY.xattr."
 MTIME_NS_KEY = "FERRY.mtime_ns"
 DEFAULT_CHUNK = 1 << 20
+# zstd level 1: on CRIU pages it compresses about as well as 3 (random pages do
+# not compress, zero pages compress at any level) at twice the speed.
+DEFAULT_LEVEL = 1
+_TAR_BUFSIZE = 1 << 16  # tarfile's stream buffer; its default of 10 KiB costs calls
+_PUT_WAIT = 0.5  # seconds; how often a thread blocked on a full queue checks it should stop
+_END = object()
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"  # file names and xattr values are bytes; keep them exact
 _SECTION_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -105,7 +115,7 @@ class Packer:
         self,
         sections: Mapping[str, Path],
         *,
-        level: int = 3,
+        level: int = DEFAULT_LEVEL,
         chunk_size: int = DEFAULT_CHUNK,
         progress: ProgressFn | None = None,
     ) -> None:
@@ -151,19 +161,55 @@ class Packer:
             self.progress(self.stats.raw_bytes, self.stats.compressed_bytes)
         return out
 
-    async def aiter(self) -> AsyncIterator[bytes]:
-        """The same chunks, produced in a worker thread so the event loop keeps running."""
-        it = self._chunks()
+    async def aiter(self, prefetch: int = 4) -> AsyncIterator[bytes]:
+        """The same chunks, packed ahead in a thread so packing overlaps with sending.
+
+        Up to `prefetch` chunks wait for the consumer; the event loop keeps running.
+        Closing or cancelling the iterator stops the packing thread and waits for it.
+        """
+        q: queue.Queue[Any] = queue.Queue(max(1, prefetch))
+        stop = threading.Event()
+
+        def offer(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=_PUT_WAIT)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            end: Any = _END
+            try:
+                for chunk in self._chunks():
+                    if not offer(chunk):
+                        return
+            except BaseException as exc:  # handed to the consumer, raised there
+                end = exc
+            if not offer(end):
+                # Stopped: a consumer parked in q.get() finds the queue empty, so this fits.
+                with contextlib.suppress(queue.Full):
+                    q.put_nowait(_END)
+
+        thread = threading.Thread(target=produce, name="ferry-pack", daemon=True)
+        thread.start()
         try:
             while True:
-                chunk = await asyncio.to_thread(next, it, None)
-                if chunk is None:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    item = await asyncio.to_thread(q.get)
+                if item is _END:
                     return
-                yield chunk
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            # ValueError: still running in a worker after a cancel; it ends with that thread.
-            with contextlib.suppress(ValueError):
-                it.close()
+            stop.set()
+            with contextlib.suppress(queue.Full):
+                q.put_nowait(_END)  # a getter still parked in a worker thread wakes up
+            await asyncio.to_thread(thread.join)
 
     def _tar_stream(self) -> Iterator[bytes]:
         written = 0
@@ -308,8 +354,8 @@ async def spool(
                 f.write(chunk)
                 if progress:
                     progress(0, size)
-            f.flush()
-            await asyncio.to_thread(os.fsync, f.fileno())
+        # No fsync: a half-written spool file after a crash is thrown away with
+        # the migration, which the source then rolls back.
         digest = _digest(h)
         if expected_digest is not None and digest != expected_digest:
             raise DigestMismatch(f"archive digest is {digest}, expected {expected_digest}")
@@ -319,24 +365,65 @@ async def spool(
     return SpoolResult(digest, size)
 
 
-class _HashingReader:
-    """File reader that hashes everything read through it."""
+class _ChunkReader:
+    """A file-like view of an iterator of chunks that hashes and counts every byte.
 
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
+    An error from the iterator (the upload broke) is remembered in `failed`, so
+    the unpacker can tell it from a problem with the archive itself.
+    """
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+        self._pos = 0
         self.hash = hashlib.sha256()
         self.count = 0
+        self.failed: BaseException | None = None
+
+    def _next(self) -> bool:
+        try:
+            chunk = next(self._chunks, None)
+        except BaseException as exc:
+            self.failed = exc
+            raise
+        if chunk is None:
+            return False
+        self.hash.update(chunk)
+        self.count += len(chunk)
+        self._buf, self._pos = chunk, 0
+        return True
 
     def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.hash.update(data)
-        self.count += len(data)
-        return data
+        while self._pos >= len(self._buf):
+            if not self._next():
+                return b""
+        avail = len(self._buf) - self._pos
+        if self._pos == 0 and (n < 0 or n >= avail):
+            out, self._buf = self._buf, b""  # the whole chunk, not copied
+            return out
+        end = self._pos + (avail if n < 0 else min(n, avail))
+        out = self._buf[self._pos : end]
+        self._pos = end
+        return out
+
+    def drain(self) -> None:
+        """Pull (and hash) whatever the tar reader left: the digest covers every byte."""
+        self._buf, self._pos = b"", 0
+        while self._next():
+            self._buf = b""
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(DEFAULT_CHUNK):
+            yield chunk
 
 
 def _open_tar(fileobj: Any) -> tarfile.TarFile:
     reader = zstandard.ZstdDecompressor().stream_reader(fileobj, read_size=DEFAULT_CHUNK)
-    return tarfile.open(fileobj=reader, mode="r|", encoding=_ENCODING, errors=_ERRORS)
+    return tarfile.open(
+        fileobj=reader, mode="r|", encoding=_ENCODING, errors=_ERRORS, bufsize=_TAR_BUFSIZE
+    )
 
 
 @dataclass
@@ -428,54 +515,321 @@ def unpack_file(
     max_raw_bytes: int | None = None,
     progress: ProgressFn | None = None,
 ) -> ArchiveStats:
-    """Verify, validate, then unpack `archive` into the destination dir of each section.
+    """Verify, validate and unpack `archive` into the destination dir of each section.
 
-    Blocking; run it with asyncio.to_thread. Destinations are created if missing.
-    Raises DigestMismatch / UnsafeArchive / ArchiveError without writing anything
-    when the archive is bad.
+    Blocking; run it with asyncio.to_thread. One pass through StagedUnpack:
+    nothing appears in a destination unless the digest matches and every entry
+    was valid. Raises DigestMismatch / UnsafeArchive / ArchiveError otherwise.
     """
-    try:
-        stats = _validate(archive, sections, expected_digest, container_roots, max_raw_bytes)
-    except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
-        raise ArchiveError(f"archive {archive} is corrupt: {exc}") from exc
-    for root in sections.values():
-        root.mkdir(parents=True, exist_ok=True)
-    try:
-        return _extract(archive, sections, container_roots, max_raw_bytes, stats, progress)
-    except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
-        raise ArchiveError(f"archive {archive} is corrupt: {exc}") from exc
+    staged = StagedUnpack(
+        sections, container_roots=container_roots, max_raw_bytes=max_raw_bytes, progress=progress
+    )
+    staged.consume(_file_chunks(archive))
+    return staged.commit(expected_digest)
 
 
-def _validate(
-    archive: Path,
-    sections: Mapping[str, Path],
-    expected_digest: str | None,
-    container_roots: Collection[str],
-    max_raw_bytes: int | None,
-) -> ArchiveStats:
-    checker = _Checker(set(sections), set(container_roots), max_raw_bytes)
-    stats = ArchiveStats()
-    with open(archive, "rb") as f:
-        reader = _HashingReader(f)
-        problem: BaseException | None = None
+class _Stage:
+    """A private staging dir next to one destination (same filesystem, so a rename moves it)."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.made: list[Path] = []  # parents of dest created here, outermost first
+        missing = []
+        p = dest.parent
+        while not os.path.lexists(p):
+            missing.append(p)
+            p = p.parent
+        for p in reversed(missing):
+            p.mkdir(exist_ok=True)
+            self.made.append(p)
+        try:
+            # mkdtemp: mode 0700 and a random name, so nothing else walks in while we write.
+            self.box: Path | None = Path(tempfile.mkdtemp(prefix=".ferry-stage-", dir=dest.parent))
+            self.tree = self.box / "tree"
+            self.tree.mkdir()
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        self.discard_box()
+        self.discard_parents()
+
+    def discard_box(self) -> None:
+        if self.box is not None:
+            shutil.rmtree(self.box, ignore_errors=True)
+            self.box = None
+
+    def discard_parents(self) -> None:
+        for p in reversed(self.made):
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only if still empty
+        self.made = []
+
+    def commit(self, dir_meta: Mapping[tuple[str, ...], tarfile.TarInfo]) -> None:
+        """Move the staged tree into place: one rename, or a merge into a non-empty dir."""
+        assert self.box is not None
+        try:
+            st = os.lstat(self.dest)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise ArchiveError(f"{self.dest} exists and is not a directory")
+        try:
+            os.rename(self.tree, self.dest)  # also replaces an empty directory
+        except OSError as exc:
+            if st is None or exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY):
+                raise
+            src_fd = os.open(self.tree, _O_DIR)
+            try:
+                dst_fd = os.open(self.dest, _O_DIR)
+                try:
+                    _merge(src_fd, dst_fd, (), dir_meta)
+                finally:
+                    os.close(dst_fd)
+            finally:
+                os.close(src_fd)
+        shutil.rmtree(self.box, ignore_errors=True)
+        self.box = None
+        self.made = []
+
+
+def _merge(
+    src_fd: int,
+    dst_fd: int,
+    rel: tuple[str, ...],
+    dir_meta: Mapping[tuple[str, ...], tarfile.TarInfo],
+) -> None:
+    """Move every entry of a staged dir into an existing dir, then give it the archive's metadata.
+
+    Same outcome as unpacking in place: an existing dir is kept and merged,
+    anything else standing in the way (a file, a symlink: never followed) is replaced.
+    """
+    for name in sorted(os.listdir(src_fd)):
+        src_st = os.lstat(name, dir_fd=src_fd)
+        try:
+            dst_st = os.lstat(name, dir_fd=dst_fd)
+        except FileNotFoundError:
+            dst_st = None
+        if dst_st is not None and stat.S_ISDIR(dst_st.st_mode):
+            if not stat.S_ISDIR(src_st.st_mode):
+                where = "/".join((*rel, name))
+                raise ArchiveError(
+                    f"{where}: a directory already exists where the archive has a file"
+                )
+            sub_src = os.open(name, _O_DIR, dir_fd=src_fd)
+            try:
+                sub_dst = os.open(name, _O_DIR, dir_fd=dst_fd)
+                try:
+                    _merge(sub_src, sub_dst, (*rel, name), dir_meta)
+                finally:
+                    os.close(sub_dst)
+            finally:
+                os.close(sub_src)
+            continue
+        if dst_st is not None and stat.S_ISDIR(src_st.st_mode):
+            os.unlink(name, dir_fd=dst_fd)  # rename cannot put a dir over a non-dir
+        os.rename(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+    m = dir_meta.get(rel)
+    if m is not None:
+        _apply_fd_meta(dst_fd, m)
+
+
+class StagedUnpack:
+    """Unpacks an archive while it arrives, into private staging dirs, and publishes on commit.
+
+    Each destination gets a staging dir in its parent directory (so the final
+    move is a rename on the same filesystem). Every byte is hashed as it comes
+    in; entries are validated and written as they are decoded. Nothing appears
+    in a destination until `commit` has checked the digest; a hostile or corrupt
+    archive is refused then, and its staging dirs are already gone. `discard`
+    (idempotent) removes everything staged.
+
+    Problems with the archive are kept until `commit`, after the digest check,
+    so a transfer corrupted in flight reports as a digest mismatch, not as the
+    garbage it decodes to.
+    """
+
+    def __init__(
+        self,
+        sections: Mapping[str, Path],
+        *,
+        container_roots: Collection[str] = CONTAINER_ROOT_SECTIONS,
+        max_raw_bytes: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        for name in sections:
+            if not _SECTION_RE.match(name):
+                raise ArchiveError(f"invalid section name {name!r}")
+        self.sections = {name: Path(p) for name, p in sections.items()}
+        self.container_roots = set(container_roots)
+        self.max_raw_bytes = max_raw_bytes
+        self.progress = progress
+        self.stats = ArchiveStats()
+        self.problem: Exception | None = None
+        self._stages: dict[str, _Stage] = {}
+        self._dir_meta: dict[str, dict[tuple[str, ...], tarfile.TarInfo]] = {}
+        self._received = False
+        self._lock = threading.Lock()
+
+    @property
+    def staging_dirs(self) -> list[str]:
+        return [str(s.box) for s in self._stages.values() if s.box is not None]
+
+    async def receive(
+        self,
+        stream: AsyncIterable[bytes],
+        *,
+        expected_digest: str | None = None,
+        max_bytes: int | None = None,
+    ) -> SpoolResult:
+        """Consume an upload, unpacking into staging as it arrives.
+
+        Raises DigestMismatch (with `expected_digest`) or ArchiveError (over
+        `max_bytes`) with everything staged removed; a broken stream's own
+        error propagates the same way. Problems with the archive's content are
+        raised by `commit`.
+        """
+
+        async def limited() -> AsyncIterator[bytes]:
+            size = 0
+            async for chunk in stream:
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise ArchiveError(f"archive exceeds {max_bytes} bytes")
+                yield chunk
+
+        # Imported here: streams is a migration helper with no dependency back on us.
+        from agent.migration.streams import feed_blocking_consumer
+
+        try:
+            await feed_blocking_consumer(limited(), self.consume)
+        except BaseException:
+            await asyncio.to_thread(self.discard)
+            raise
+        if expected_digest is not None and self.stats.digest != expected_digest:
+            await asyncio.to_thread(self.discard)
+            raise DigestMismatch(
+                f"archive digest is {self.stats.digest}, expected {expected_digest}"
+            )
+        return SpoolResult(self.stats.digest, self.stats.compressed_bytes)
+
+    def consume(self, chunks: Iterator[bytes]) -> None:
+        """Blocking: unpack `chunks` into staging. Only an error of `chunks` itself is raised."""
+        with self._lock:
+            if self._received:
+                raise ArchiveError("this StagedUnpack already received an archive")
+            self._received = True
+        reader = _ChunkReader(chunks)
+        try:
+            try:
+                for name, dest in self.sections.items():
+                    self._stages[name] = _Stage(dest)
+                self._extract(reader)
+            except Exception as exc:
+                if reader.failed is not None:
+                    raise
+                if isinstance(exc, tarfile.TarError | zstandard.ZstdError | EOFError):
+                    exc = ArchiveError(f"archive is corrupt: {exc}")
+                self.problem = exc
+                self._discard_stages()  # free the space now; the rest is only hashed
+            reader.drain()
+        except BaseException:
+            self._discard_stages()
+            raise
+        finally:
+            self.stats.digest = _digest(reader.hash)
+            self.stats.compressed_bytes = reader.count
+
+    def commit(self, expected_digest: str | None) -> ArchiveStats:
+        """Blocking: check the digest, then move every staged tree into its destination."""
+        try:
+            if not self._received:
+                raise ArchiveError("nothing was received")
+            if expected_digest is not None and self.stats.digest != expected_digest:
+                raise DigestMismatch(
+                    f"archive digest is {self.stats.digest}, expected {expected_digest}"
+                )
+            if self.problem is not None:
+                raise self.problem
+            for name, stage in self._stages.items():
+                stage.commit(self._dir_meta.get(name, {}))
+        except BaseException:
+            self.discard()
+            raise
+        self._stages = {}
+        return self.stats
+
+    def discard(self) -> None:
+        """Blocking: remove everything staged (and parents made for it). Safe to repeat."""
+        self._discard_stages()
+
+    def _discard_stages(self) -> None:
+        stages = list(self._stages.values())
+        for stage in stages:
+            stage.discard_box()
+        for stage in reversed(stages):  # parents may be shared: emptied boxes first
+            stage.discard_parents()
+
+    def _extract(self, reader: _ChunkReader) -> None:
+        checker = _Checker(set(self.sections), self.container_roots, self.max_raw_bytes)
+        trees = {name: _Tree(stage.tree) for name, stage in self._stages.items()}
+        dirs: list[tuple[str, tuple[str, ...], tarfile.TarInfo]] = []
+        written = 0
         try:
             with _open_tar(reader) as tar:
-                for member in tar:
-                    checker.check(member)
-                    stats.entries += 1
-        except (ArchiveError, tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
-            problem = exc
-        while reader.read(DEFAULT_CHUNK):
-            pass  # the digest covers every byte, including what the tar reader left
-        stats.digest = _digest(reader.hash)
-        stats.compressed_bytes = reader.count
-    # A corrupted transfer is reported as such, not as whatever garbage it decodes to.
-    if expected_digest is not None and stats.digest != expected_digest:
-        raise DigestMismatch(f"archive digest is {stats.digest}, expected {expected_digest}")
-    if problem is not None:
-        raise problem
-    stats.raw_bytes = checker.raw
-    return stats
+                for m in tar:
+                    section, parts = checker.check(m)
+                    self.stats.entries += 1
+                    rel = parts[1:]
+                    tree = trees[section]
+                    if m.isdir():
+                        dirs.append((section, rel, m))
+                        if not rel:
+                            continue
+                    pfd = tree.dir_fd(rel[:-1])
+                    leaf = rel[-1]
+                    exists = _clear_slot(pfd, leaf, m.isdir())
+                    if m.isdir():
+                        if not exists:
+                            os.mkdir(leaf, 0o700, dir_fd=pfd)
+                    elif m.isreg():
+                        written += _write_file(tar, m, pfd, leaf)
+                    elif m.issym():
+                        os.symlink(m.linkname, leaf, dir_fd=pfd)
+                        _apply_path_meta(pfd, leaf, m, chmod=False)
+                    elif m.islnk():
+                        src = tuple(m.linkname.split("/"))[1:]
+                        spfd = os.open(".", _O_DIR, dir_fd=tree.dir_fd(src[:-1]))
+                        try:
+                            os.link(
+                                src[-1],
+                                leaf,
+                                src_dir_fd=spfd,
+                                dst_dir_fd=tree.dir_fd(rel[:-1]),
+                                follow_symlinks=False,
+                            )
+                        finally:
+                            os.close(spfd)
+                    else:  # whiteout, the only device the checker lets through
+                        os.mknod(leaf, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=pfd)
+                        _apply_path_meta(pfd, leaf, m, chmod=True)
+                    if self.progress:
+                        self.progress(written, reader.count)
+            # Directory metadata last: adding entries changes a dir's mtime, and a
+            # read-only mode would be in the way. Deepest first.
+            for section, rel, m in sorted(dirs, key=lambda d: len(d[1]), reverse=True):
+                tree = trees[section]
+                fd = os.open(".", _O_DIR, dir_fd=tree.dir_fd(rel))
+                try:
+                    _apply_fd_meta(fd, m)
+                finally:
+                    os.close(fd)
+                self._dir_meta.setdefault(section, {})[rel] = m
+        finally:
+            for tree in trees.values():
+                tree.close()
+        self.stats.raw_bytes = written
 
 
 class _Tree:
@@ -566,73 +920,6 @@ def _clear_slot(pfd: int, leaf: str, member_is_dir: bool) -> bool:
         raise ArchiveError(f"{leaf}: a directory already exists where the archive has a file")
     os.unlink(leaf, dir_fd=pfd)
     return False
-
-
-def _extract(
-    archive: Path,
-    sections: Mapping[str, Path],
-    container_roots: Collection[str],
-    max_raw_bytes: int | None,
-    stats: ArchiveStats,
-    progress: ProgressFn | None,
-) -> ArchiveStats:
-    checker = _Checker(set(sections), set(container_roots), max_raw_bytes)
-    trees = {name: _Tree(Path(root)) for name, root in sections.items()}
-    dirs: list[tuple[str, tuple[str, ...], tarfile.TarInfo]] = []
-    written = 0
-    try:
-        with open(archive, "rb") as f, _open_tar(f) as tar:
-            for m in tar:
-                section, parts = checker.check(m)
-                rel = parts[1:]
-                tree = trees[section]
-                if not rel:
-                    dirs.append((section, rel, m))
-                    continue
-                pfd = tree.dir_fd(rel[:-1])
-                leaf = rel[-1]
-                exists = _clear_slot(pfd, leaf, m.isdir())
-                if m.isdir():
-                    if not exists:
-                        os.mkdir(leaf, 0o700, dir_fd=pfd)
-                    dirs.append((section, rel, m))
-                elif m.isreg():
-                    written += _write_file(tar, m, pfd, leaf)
-                elif m.issym():
-                    os.symlink(m.linkname, leaf, dir_fd=pfd)
-                    _apply_path_meta(pfd, leaf, m, chmod=False)
-                elif m.islnk():
-                    src = tuple(m.linkname.split("/"))[1:]
-                    spfd = os.open(".", _O_DIR, dir_fd=tree.dir_fd(src[:-1]))
-                    try:
-                        os.link(
-                            src[-1],
-                            leaf,
-                            src_dir_fd=spfd,
-                            dst_dir_fd=tree.dir_fd(rel[:-1]),
-                            follow_symlinks=False,
-                        )
-                    finally:
-                        os.close(spfd)
-                else:  # whiteout, the only device the checker lets through
-                    os.mknod(leaf, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=pfd)
-                    _apply_path_meta(pfd, leaf, m, chmod=True)
-                if progress:
-                    progress(written, stats.compressed_bytes)
-            # Directory metadata last: adding entries changes a dir's mtime, and a
-            # read-only mode would be in the way. Deepest first.
-            for section, rel, m in sorted(dirs, key=lambda d: len(d[1]), reverse=True):
-                tree = trees[section]
-                fd = os.open(".", _O_DIR, dir_fd=tree.dir_fd(rel))
-                try:
-                    _apply_fd_meta(fd, m)
-                finally:
-                    os.close(fd)
-    finally:
-        for tree in trees.values():
-            tree.close()
-    stats.raw_bytes = written
-    return stats
 
 
 def _write_file(tar: tarfile.TarFile, m: tarfile.TarInfo, pfd: int, leaf: str) -> int:

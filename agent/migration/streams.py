@@ -67,17 +67,27 @@ async def feed_blocking_consumer(
                 continue
         return False
 
+    async def offer(item: Any) -> bool:
+        # Without a thread hop while the queue has room: most chunks go this way.
+        if consumer_done.is_set():
+            return False
+        try:
+            q.put_nowait(item)
+            return True
+        except queue.Full:
+            return await asyncio.to_thread(put, item)
+
     task = asyncio.ensure_future(asyncio.to_thread(run))
     try:
         try:
             async for chunk in source:
-                if not await asyncio.to_thread(put, chunk):
+                if not await offer(chunk):
                     break
         except BaseException as exc:
-            await asyncio.to_thread(put, ConnectionAbortedError(f"upload broke: {exc}"))
+            await offer(ConnectionAbortedError(f"upload broke: {exc}"))
             await asyncio.gather(task, return_exceptions=True)
             raise
-        await asyncio.to_thread(put, _END)
+        await offer(_END)
         return await task
     finally:
         if not task.done():

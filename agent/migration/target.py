@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from agent.archive import ArchiveError, DigestMismatch, UnsafeArchive, spool, unpack_file
+from agent.archive import ArchiveError, DigestMismatch, StagedUnpack, UnsafeArchive
 from agent.config import FerryConfig
 from agent.docker_adapter import (
     CHECKPOINT_NAME_RE,
@@ -62,7 +62,8 @@ class Incoming:
     upper_dir: str | None = None  # local path
     volume_dirs: dict[str, str] = field(default_factory=dict)  # section -> local path
     created_volumes: list[str] = field(default_factory=list)
-    archive: str | None = None
+    archive: str | None = None  # a spool file of older agents; removed with the migration
+    staging_dirs: list[str] = field(default_factory=list)  # state unpacked, not yet in place
     archive_digest: str | None = None
     archive_bytes: int = 0
     image_bytes: int = 0
@@ -104,7 +105,8 @@ class TargetHandlers:
         self.incoming: dict[str, Incoming] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._cleanup_tasks: set[asyncio.Task[None]] = set()
-        self.spool_dir = Path(config.state_dir) / "incoming"
+        # State received and unpacked into staging dirs, waiting for restore.
+        self._staged: dict[str, StagedUnpack] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -355,13 +357,18 @@ class TargetHandlers:
             if inc.container_id is None:
                 raise _refuse("state sent before the container was staged", "bad_order")
             self._phase(inc, T_RECEIVED)
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-            dest = self.spool_dir / f"{migration_id}.tar.zst"
-            inc.archive = str(dest)
+            previous = self._staged.pop(migration_id, None)
+            if previous is not None:  # a resent state replaces what came before
+                await asyncio.to_thread(previous.discard)
+            staged = StagedUnpack(
+                await self._sections(inc),
+                max_raw_bytes=int(self.config.limits.max_request_bytes) * 8,
+            )
+            # Unpacked while it arrives, into staging dirs next to the destinations;
+            # restore moves them into place once the source's digest matches.
             try:
-                result = await spool(
+                result = await staged.receive(
                     stream,
-                    dest,
                     expected_digest=digest,
                     max_bytes=int(self.config.limits.max_request_bytes),
                 )
@@ -369,6 +376,8 @@ class TargetHandlers:
                 raise _refuse(str(exc), "digest_mismatch", 422) from exc
             except ArchiveError as exc:
                 raise _refuse(str(exc), "too_large", 413) from exc
+            self._staged[migration_id] = staged
+            inc.staging_dirs = staged.staging_dirs
             inc.archive_digest = result.digest
             inc.archive_bytes = result.size
             self.journal.update_report(migration_id, inc.journal_report())
@@ -377,7 +386,7 @@ class TargetHandlers:
     async def restore(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
         async with self._lock(migration_id):
             inc = self._get(peer, migration_id)
-            if inc.container_id is None or inc.archive is None or inc.spec is None:
+            if inc.container_id is None or migration_id not in self._staged or inc.spec is None:
                 raise _refuse(
                     "restore before the container was staged and its state sent", "bad_order"
                 )
@@ -414,8 +423,6 @@ class TargetHandlers:
                 code = "unsafe_archive" if isinstance(exc, UnsafeArchive) else "restore_failed"
                 raise _refuse(reason, code, 422 if code == "unsafe_archive" else 500) from exc
             # Running here now: this copy is the container from this point on.
-            with contextlib.suppress(OSError):
-                os.unlink(inc.archive)
             with contextlib.suppress(DockerError):
                 await asyncio.to_thread(
                     self.adapter.checkpoint_delete, inc.container_id, inc.checkpoint
@@ -429,19 +436,19 @@ class TargetHandlers:
             )
             return {"running": True, "container_id": inc.container_id, "timings": timings}
 
-    async def _unpack(self, inc: Incoming, digest: str) -> None:
-        assert inc.container_id and inc.archive and inc.upper_dir
+    async def _sections(self, inc: Incoming) -> dict[str, Path]:
+        assert inc.container_id and inc.upper_dir
         root = await asyncio.to_thread(self.data_root.get)
         ckpt = root.checkpoint_dir(inc.container_id, inc.checkpoint)
         sections = {"checkpoint": ckpt, "upper": Path(inc.upper_dir)}
         sections.update({k: Path(v) for k, v in inc.volume_dirs.items()})
-        await asyncio.to_thread(
-            unpack_file,
-            Path(inc.archive),
-            sections,
-            expected_digest=digest,
-            max_raw_bytes=int(self.config.limits.max_request_bytes) * 8,
-        )
+        return sections
+
+    async def _unpack(self, inc: Incoming, digest: str) -> None:
+        """Check the digest, then move the staged state into place (renames, no copy)."""
+        staged = self._staged.pop(inc.migration_id)
+        await asyncio.to_thread(staged.commit, digest)
+        inc.staging_dirs = []
 
     def _start_and_wait(self, inc: Incoming) -> None:
         assert inc.container_id and inc.spec
@@ -487,6 +494,9 @@ class TargetHandlers:
 
     async def _discard(self, inc: Incoming, reason: str) -> bool:
         """Remove everything this migration made here; retry later if Docker is away."""
+        staged = self._staged.pop(inc.migration_id, None)
+        if staged is not None:
+            await asyncio.to_thread(staged.discard)
         try:
             await asyncio.to_thread(self._remove_made, inc)
         except DockerError as exc:
@@ -508,6 +518,10 @@ class TargetHandlers:
         if inc.archive:
             with contextlib.suppress(OSError):
                 os.unlink(inc.archive)
+        for staging in inc.staging_dirs:
+            # Known from the journal after a restart; they also go with the container.
+            if Path(staging).name.startswith(".ferry-stage-"):
+                shutil.rmtree(staging, ignore_errors=True)
         if inc.container_id:
             with contextlib.suppress(DockerNotFound):
                 self.adapter.remove(inc.container_id, force=True)
