@@ -8,11 +8,14 @@ files, dirs, symlinks, hardlinks, numeric owners, modes, nanosecond mtimes,
 xattrs (``SCHILY.xattr.*`` PAX records, e.g. ``trusted.overlay.opaque``) and
 whiteouts (0:0 character devices, the only device nodes allowed).
 
-Packing yields chunks as it goes so they can feed an HTTP upload directly.
-Unpacking is done from a spooled file and in two passes: the first verifies
-the digest and validates every entry, the second writes. A bad or hostile
-archive therefore writes nothing at all, and the writing pass walks the
-destination with O_NOFOLLOW directory fds so it can never leave it.
+Packing yields chunks as it goes (packed ahead in a thread) so they can feed an
+HTTP upload directly. Unpacking (StagedUnpack, and unpack_file on top of it)
+happens in one pass while the bytes arrive: every byte is hashed, every entry
+validated before it is written, and written into a private staging dir in the
+destination's parent, walked with O_NOFOLLOW directory fds so it can never
+leave it. Only `commit`, after the digest matched, renames the staged trees
+into place; a bad or hostile archive, or a digest mismatch, leaves nothing in
+the destinations and removes the staging dirs.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class PeerHandlers(Protocol):
     ) -> dict[str, Any]:
         """`digest` is None when the source streams an archive it is still building;
         it then sends the digest with the restore call, and the target must check
-        it against what it received before unpacking anything."""
+        it against what it received before anything it unpacked becomes visible."""
         ...
 
     async def restore(

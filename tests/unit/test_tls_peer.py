@@ -458,3 +458,66 @@ def test_state_archive_streams_through_the_channel(pki: Pki, tmp_path: Path) -> 
     assert (dests["checkpoint"] / "pages-1.img").read_bytes() == (
         src / "ckpt" / "pages-1.img"
     ).read_bytes()
+
+
+@dataclass
+class StagingHandlers(FakeHandlers):
+    """The target's way: unpack while receiving, publish at restore once the digest matches."""
+
+    dests: dict[str, Path] = field(default_factory=dict)
+    staged: archive.StagedUnpack | None = None
+
+    async def receive_state(
+        self, peer: str, migration_id: str, stream: ByteStream, digest: str | None
+    ) -> dict[str, Any]:
+        self.staged = archive.StagedUnpack(self.dests)
+        res = await self.staged.receive(stream, expected_digest=digest)
+        return {"digest": res.digest, "bytes": res.size}
+
+    async def restore(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.staged is not None
+        try:
+            stats = await asyncio.to_thread(self.staged.commit, body["digest"])
+        except archive.ArchiveError as exc:
+            raise HandlerError(422, "bad_state", str(exc)) from exc
+        return {"entries": stats.entries}
+
+
+def test_state_unpacked_while_streaming_appears_only_with_the_right_digest(
+    pki: Pki, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    (src / "upper" / "etc").mkdir(parents=True)
+    (src / "ckpt").mkdir()
+    (src / "upper" / "etc" / "motd").write_text("hello")
+    (src / "ckpt" / "pages-1.img").write_bytes(os.urandom(2 << 20))
+    dests = {"checkpoint": tmp_path / "dst" / "ckpt", "upper": tmp_path / "dst" / "upper"}
+    handlers = StagingHandlers(dests=dests)
+
+    async def send(c: PeerClient) -> archive.Packer:
+        packer = archive.Packer({"checkpoint": src / "ckpt", "upper": src / "upper"})
+        sent = await c.upload_state("m1", packer.aiter())
+        assert sent == {"digest": packer.digest, "bytes": packer.stats.compressed_bytes}
+        return packer
+
+    async def go() -> None:
+        server = await _serve(pki, handlers, max_body=16 << 20)
+        try:
+            async with _client(server, pki.client("beta")) as c:
+                await send(c)
+                with pytest.raises(PeerRefused) as bad:
+                    await c.post_json(migration_path("m1", "restore"), {"digest": DIGEST})
+                assert bad.value.status == 422 and "expected " + DIGEST in bad.value.reason
+                assert not (tmp_path / "dst").exists()  # neither state nor staging left
+                packer = await send(c)
+                done = await c.post_json(migration_path("m1", "restore"), {"digest": packer.digest})
+                assert done == {"entries": packer.stats.entries}
+        finally:
+            await server.close()
+
+    run_async(go())
+    assert (dests["upper"] / "etc" / "motd").read_text() == "hello"
+    assert (dests["checkpoint"] / "pages-1.img").read_bytes() == (
+        src / "ckpt" / "pages-1.img"
+    ).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["ckpt", "upper"]
