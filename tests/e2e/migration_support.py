@@ -1,9 +1,7 @@
 """Agents and helpers for the migration end-to-end tests.
 
-`engine_agents(hosts)` starts one real `ferry run` agent per testbed host. If
-that runtime does not build the migration engine yet (no /v1/migrate route),
-it runs the same runtime with this checkout's engine passed in through
-`Overrides.migration` instead, so the tests exercise the engine either way.
+`engine_agents(hosts)` starts one real `ferry run` agent per testbed host and
+checks that it serves `ferry migrate` before any test relies on it.
 """
 
 from __future__ import annotations
@@ -20,47 +18,8 @@ from typing import Any
 
 from tests.testbed import agents as testbed_agents
 from tests.testbed import procs
-from tests.testbed.agents import REPO, _agent_answers, _ensure_certs, write_config
+from tests.testbed.agents import REPO, _ensure_certs, write_config
 from tests.testbed.layout import Host
-
-
-def _launch_argv(config: str) -> list[str]:
-    return [sys.executable, "-m", "tests.e2e.migration_support", config]
-
-
-def start_engine_agent(host: Host, timeout: float = 60.0) -> subprocess.Popen[bytes]:
-    assert host.agent_config
-    log = open(host.agent_log, "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        procs.netns_argv(host, _launch_argv(host.agent_config)),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=REPO,
-    )
-    log.close()
-    host.agent_pid = proc.pid
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            tail = Path(host.agent_log).read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{host.name}: agent exited ({proc.returncode}):\n{tail}")
-        return _agent_answers(host)
-
-    procs.wait_until(ready, timeout, f"{host.name} agent to answer", 0.2)
-    return proc
-
-
-def stop_engine_agent(host: Host, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    host.agent_pid = 0
 
 
 def _serves_migrate(host: Host) -> bool:
@@ -79,35 +38,21 @@ def _serves_migrate(host: Host) -> bool:
 
 
 class Agents:
-    """The agents of a test module: real `ferry run` when it builds the engine, else the
-    same runtime with the engine passed in through `Overrides.migration`."""
+    """The real `ferry run` agents of a test module."""
 
     def __init__(self, hosts: list[Host]) -> None:
         self.hosts = hosts
-        self.real = True
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, host: Host) -> None:
-        if self.real:
-            testbed_agents.start_agent(host)
-        else:
-            self.procs[host.name] = start_engine_agent(host)
+        testbed_agents.start_agent(host)
 
     def stop(self, host: Host, sig: int = signal.SIGTERM) -> None:
-        if self.real:
-            testbed_agents.stop_agent(host, sig)
-        elif host.name in self.procs:
-            stop_engine_agent(host, self.procs.pop(host.name), sig)
+        testbed_agents.stop_agent(host, sig)
 
     def start_all(self) -> None:
         for h in self.hosts:
             self.start(h)
-        if self.real and not _serves_migrate(self.hosts[0]):
-            # `ferry run` does not build the engine yet: run it with the engine passed in.
-            self.stop_all()
-            self.real = False
-            for h in self.hosts:
-                self.start(h)
+        assert _serves_migrate(self.hosts[0]), "ferry run does not serve /v1/migrate"
 
     def stop_all(self) -> None:
         for h in self.hosts:
@@ -142,26 +87,6 @@ def ferry_migrate(
     )
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip().startswith("{")]
     return proc.returncode, lines, proc.stderr
-
-
-def _main(config_path: str) -> int:
-    from agent.config import load_config
-    from agent.journal import Journal
-    from agent.logging import configure_logging
-    from agent.migration.factory import runtime_parts
-    from agent.service.runtime import Agent, Overrides, serve
-
-    config = load_config(config_path)
-    configure_logging(config.logging.level, config.logging.format)
-
-    def parts(owner: Any) -> Any:
-        return runtime_parts(owner, Journal(owner.config.state_dir))
-
-    return asyncio.run(serve(Agent(config, Overrides(migration=parts))))
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1]))
 
 
 COUNTER = "ferry-test/counter:1"
