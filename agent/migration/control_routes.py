@@ -53,8 +53,6 @@ def result_line(outcome: Any) -> dict[str, Any]:
         kind = "refused"
     elif isinstance(outcome, MigrationFailed):
         kind = "failed"
-    elif type(outcome).__name__ == "MigrationUnavailable":
-        kind = "refused"
     else:
         kind = "error"
         reason = f"{type(outcome).__name__}: {reason}"

@@ -126,8 +126,6 @@ def _classify(exc: Exception) -> tuple[str, bool]:
             return f"failed, rolled back: {reason}", True
         # Not rolled back: the container's state needs a human; retrying could make it worse.
         return f"failed, NOT rolled back (see `ferry history`): {reason}", False
-    if type(exc).__name__ == "MigrationUnavailable":
-        return f"refused: {reason}", True
     return f"error: {type(exc).__name__}: {reason}", True
 
 

@@ -8,7 +8,6 @@ embedders pass their own builder through `Overrides.migration`.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,43 +33,11 @@ class MigrationParts:
     close: Callable[[], Awaitable[None] | None] | None = None
 
 
-class MigrationUnavailable(Exception):
-    """Raised by the stand-in migrator when no migration engine is installed."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _NoMigrations:
-    """Stand-in used when agent.migration is not importable: health works, moves are refused."""
-
-    def migrate(self, container: str, target: str, progress: Any = None) -> Any:
-        raise MigrationUnavailable("the migration engine (agent.migration) is not installed")
-
-    async def prepare(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
-        from agent.peer.api import HandlerError
-
-        raise HandlerError(503, "unavailable", "this agent has no migration engine")
-
-    def __getattr__(self, name: str) -> Any:
-        async def refuse(*args: Any, **kwargs: Any) -> dict[str, Any]:
-            from agent.peer.api import HandlerError
-
-            raise HandlerError(503, "unavailable", "this agent has no migration engine")
-
-        return refuse
-
-
 def build_migration(owner: Any) -> MigrationParts:
     from agent.journal import Journal
+    from agent.migration.factory import runtime_parts
 
     journal = Journal(owner.config.state_dir)
-    if importlib.util.find_spec("agent.migration") is None:
-        log.warning("agent.migration_engine_missing")
-        stand_in = _NoMigrations()
-        return MigrationParts(stand_in, stand_in, journal, close=journal.close)
-    from agent.migration.factory import runtime_parts
 
     parts: MigrationParts = runtime_parts(owner, journal)
     return parts
