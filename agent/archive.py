@@ -49,6 +49,8 @@ from typing import Any
 import structlog
 import zstandard
 
+from agent.queues import put_until
+
 log = structlog.get_logger(__name__)
 
 ProgressFn = Callable[[int, int], None]
@@ -61,7 +63,6 @@ DEFAULT_CHUNK = 1 << 20
 # not compress, zero pages compress at any level) at twice the speed.
 DEFAULT_LEVEL = 1
 _TAR_BUFSIZE = 1 << 16  # tarfile's stream buffer; its default of 10 KiB costs calls
-_PUT_WAIT = 0.5  # seconds; how often a thread blocked on a full queue checks it should stop
 _END = object()
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"  # file names and xattr values are bytes; keep them exact
@@ -174,13 +175,7 @@ class Packer:
         stop = threading.Event()
 
         def offer(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=_PUT_WAIT)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+            return put_until(q, item, stop)
 
         def produce() -> None:
             end: Any = _END

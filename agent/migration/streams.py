@@ -8,10 +8,11 @@ import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
+from agent.queues import put_until
+
 T = TypeVar("T")
 
 _END = object()
-_PUT_WAIT = 0.5  # seconds; how often a blocked feeder re-checks that the consumer still runs
 
 
 async def aiter_blocking(
@@ -59,13 +60,7 @@ async def feed_blocking_consumer(
             consumer_done.set()
 
     def put(item: Any) -> bool:
-        while not consumer_done.is_set():
-            try:
-                q.put(item, timeout=_PUT_WAIT)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_until(q, item, consumer_done)
 
     async def offer(item: Any) -> bool:
         # Without a thread hop while the queue has room: most chunks go this way.
