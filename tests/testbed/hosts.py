@@ -169,14 +169,7 @@ def start_dockerd(host: Host, timeout: float = 60.0) -> None:
             raise RuntimeError(
                 f"{host.name}: dockerd exited; see {dockerd_log(host)}:\n{log_tail(host)}"
             )
-        try:
-            client = docker.APIClient(base_url=host.docker_host, timeout=5)
-            try:
-                return bool(client.ping())
-            finally:
-                client.close()
-        except Exception:
-            return False
+        return pings(host)
 
     procs.wait_until(answers, timeout, f"{host.name} dockerd to answer", interval=0.1)
 
@@ -201,17 +194,20 @@ def stop_dockerd(host: Host, sig: int = signal.SIGTERM, timeout: float = 30.0) -
     host.dockerd_pid = 0
 
 
-def healthy(host: Host) -> bool:
-    if not (procs.alive(host.init_pid) and procs.alive(host.dockerd_pid)):
-        return False
+def pings(host: Host) -> bool:
+    """Does the host's dockerd answer on its socket?"""
     try:
         client = docker.APIClient(base_url=host.docker_host, timeout=5)
         try:
             return bool(client.ping())
         finally:
             client.close()
-    except Exception:
+    except Exception:  # not up (yet): no socket, refused, timeout
         return False
+
+
+def healthy(host: Host) -> bool:
+    return procs.alive(host.init_pid) and procs.alive(host.dockerd_pid) and pings(host)
 
 
 def up(count: int, rootfs: Path) -> list[Host]:
