@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import docker
+
+from tests.e2e.agents_fixtures import counter_state
 from tests.testbed import agents as testbed_agents
 from tests.testbed import procs
 from tests.testbed.agents import REPO, _ensure_certs, write_config
@@ -139,3 +143,65 @@ def migrate_in_background(host: Host, container: str, target: str) -> subprocess
         text=True,
         cwd=REPO,
     )
+
+
+# Shared by the migration e2e modules (the runc module repeats the move and fault cases).
+MOVE_PORT = 18080
+FAULT_PORT = 18081
+FAULT_NAME = "mig-fault"
+
+
+def counter_on(host: Host, via: Host, after: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The moved counter's state at host:MOVE_PORT, asked from `via`'s network."""
+    return counter_state(via, host, MOVE_PORT, at_least=after["counter"] + 2 if after else 5)
+
+
+def check_moved(
+    before: dict[str, Any], src: Host, dst: Host, clients: dict[str, docker.DockerClient]
+) -> dict[str, Any]:
+    # A client on the source's network reaches it at the target's address and port.
+    after = counter_on(dst, via=src)
+    assert after["nonce"] == before["nonce"], "a fresh process answered, not the restored one"
+    assert after["counter"] >= before["counter"], "the in-memory counter went back"
+    # One line per tick, in a file the process holds open in its writable layer.
+    assert after["lines"] >= before["lines"]
+    assert abs(after["lines"] - after["counter"]) <= 1, after
+    later = counter_on(dst, via=src, after=after)
+    assert later["lines"] > after["lines"], "the open file stopped growing"
+    assert abs(later["lines"] - later["counter"]) <= 1, later
+    assert container_or_none(clients[src.name], "mig-counter") is None, "source kept its copy"
+    moved = clients[dst.name].containers.get("mig-counter")
+    assert moved.status == "running"
+    assert moved.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    return later
+
+
+_READING = re.compile(r"iter=(\d+) mib=(\d+) checksum=([0-9a-f]+)")
+
+
+def readings(container: Any) -> list[tuple[int, str]]:
+    """(iteration, checksum) pairs the memhog printed so far."""
+    text = container.logs().decode()
+    return [(int(m[1]), m[3]) for m in _READING.finditer(text)]
+
+
+def fault_state(host: Host, floor: int) -> dict[str, Any]:
+    """The fault tests' counter on `host`, once it has reached `floor`."""
+    return counter_state(host, host, FAULT_PORT, at_least=floor)
+
+
+def runs_only_on(
+    host: Host, before: dict[str, Any], clients: dict[str, docker.DockerClient]
+) -> None:
+    after = fault_state(host, before["counter"] + 2)
+    assert after["nonce"] == before["nonce"], "not the original process"
+    assert abs(after["lines"] - after["counter"]) <= 1, after
+    running = [
+        name
+        for name, client in clients.items()
+        if (c := container_or_none(client, FAULT_NAME)) is not None and c.status == "running"
+    ]
+    assert running == [host.name]
+    # Restored with its policy back in place.
+    c = clients[host.name].containers.get(FAULT_NAME)
+    assert c.attrs["HostConfig"]["RestartPolicy"]["Name"] == "always"

@@ -12,23 +12,27 @@ import pytest
 
 from tests.e2e.migration_support import (
     COUNTER,
+    FAULT_NAME,
+    FAULT_PORT,
     Agents,
     container_or_none,
     engine_agents,
+    fault_state,
     ferry_migrate,
     history,
     hook_path,
     migrate_in_background,
     result_of,
+    runs_only_on,
 )
 from tests.helpers import wait_for
-from tests.testbed import host_run, http_get_json, start_dockerd, stop_dockerd
+from tests.testbed import host_run, start_dockerd, stop_dockerd
 from tests.testbed.layout import Host
 
 pytestmark = [pytest.mark.testbed, pytest.mark.e2e]
 
-PORT = 18081
-NAME = "mig-fault"
+PORT = FAULT_PORT
+NAME = FAULT_NAME
 
 
 @pytest.fixture(scope="module")
@@ -50,38 +54,11 @@ def counter(
         ports={"8080/tcp": PORT},
         restart_policy={"Name": "always"},
     )
-    yield _state(h1, 3)
+    yield fault_state(h1, 3)
     for client in docker_clients.values():
         c = container_or_none(client, NAME)
         if c is not None:
             c.remove(force=True)
-
-
-def _state(host: Host, floor: int) -> dict[str, Any]:
-    url = f"http://{host.ip}:{PORT}/"
-
-    def ready() -> dict[str, Any] | None:
-        s: dict[str, Any] = http_get_json(host, url)
-        return s if s["counter"] >= floor else None
-
-    return wait_for(ready, timeout=60, what=f"counter on {host.name} reaching {floor}")
-
-
-def _runs_only_on(
-    host: Host, before: dict[str, Any], clients: dict[str, docker.DockerClient]
-) -> None:
-    after = _state(host, before["counter"] + 2)
-    assert after["nonce"] == before["nonce"], "not the original process"
-    assert abs(after["lines"] - after["counter"]) <= 1, after
-    running = [
-        name
-        for name, client in clients.items()
-        if (c := container_or_none(client, NAME)) is not None and c.status == "running"
-    ]
-    assert running == [host.name]
-    # Restored with its policy back in place.
-    c = clients[host.name].containers.get(NAME)
-    assert c.attrs["HostConfig"]["RestartPolicy"]["Name"] == "always"
 
 
 def test_restore_failure_on_target_rolls_back(
@@ -107,7 +84,7 @@ def test_restore_failure_on_target_rolls_back(
     result = result_of([json.loads(x) for x in out.splitlines() if x.startswith("{")])
     assert result["kind"] == "failed" and result["rolled_back"], result
     assert "restore" in result["reason"], result["reason"]
-    _runs_only_on(h1, counter, docker_clients)
+    runs_only_on(h1, counter, docker_clients)
     # The target removes its half-made container once its daemon is back.
     wait_for(
         lambda: container_or_none(docker_clients[h2.name], NAME) is None,
@@ -143,7 +120,7 @@ def test_source_agent_killed_after_freeze_reconciles(
     assert rec.outcome is None and rec.phase == "freeze"
 
     agents.start(h1)  # reconcile runs before it answers
-    _runs_only_on(h1, counter, docker_clients)
+    runs_only_on(h1, counter, docker_clients)
     assert container_or_none(docker_clients[h2.name], NAME) is None
     (rec,) = history(h1, mid)
     assert rec.outcome == "rolled_back", rec
@@ -167,7 +144,7 @@ def test_missing_bind_mount_is_refused_before_the_freeze(
         volumes={"/tmp/ferry-e2e-bind": {"bind": "/bound", "mode": "rw"}},
     )
     try:
-        before = _state(h1, 3)
+        before = fault_state(h1, 3)
         rc, lines, err = ferry_migrate(h1, NAME, h2.name)
         assert rc == 1, err
         result = result_of(lines)
@@ -175,7 +152,7 @@ def test_missing_bind_mount_is_refused_before_the_freeze(
         assert "bind mount source missing on host2" in result["reason"], result["reason"]
         assert "/tmp/ferry-e2e-bind" in result["reason"]
         assert "refused" in err
-        after = _state(h1, before["counter"] + 1)
+        after = fault_state(h1, before["counter"] + 1)
         assert after["nonce"] == before["nonce"]
         assert c1.containers.get(NAME).attrs["State"]["Running"]
         assert container_or_none(docker_clients[h2.name], NAME) is None

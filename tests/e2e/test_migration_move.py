@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import docker
 import pytest
@@ -14,20 +12,23 @@ import pytest
 from tests.e2e.migration_support import (
     COUNTER,
     MEMHOG,
+    MOVE_PORT,
     ONLY_ON_FIRST,
+    check_moved,
     container_or_none,
+    counter_on,
     engine_agents,
     ferry_migrate,
     history,
+    readings,
     result_of,
 )
 from tests.helpers import wait_for
-from tests.testbed import http_get_json
 from tests.testbed.layout import Host
 
 pytestmark = [pytest.mark.testbed, pytest.mark.e2e]
 
-PORT = 18080
+PORT = MOVE_PORT
 NAMES = ("mig-counter", "mig-oof", "mig-hog")
 
 
@@ -48,37 +49,6 @@ def cleanup(agents: list[Host], docker_clients: dict[str, docker.DockerClient]) 
                 c.remove(force=True)
 
 
-def _counter_on(host: Host, via: Host, after: dict[str, Any] | None = None) -> dict[str, Any]:
-    url = f"http://{host.ip}:{PORT}/"
-    floor = after["counter"] + 2 if after else 5
-
-    def ready() -> dict[str, Any] | None:
-        state: dict[str, Any] = http_get_json(via, url)
-        return state if state["counter"] >= floor else None
-
-    return wait_for(ready, timeout=60, what=f"counter answering on {host.name}:{PORT}")
-
-
-def _check_moved(
-    before: dict[str, Any], src: Host, dst: Host, clients: dict[str, docker.DockerClient]
-) -> dict[str, Any]:
-    # A client on the source's network reaches it at the target's address and port.
-    after = _counter_on(dst, via=src)
-    assert after["nonce"] == before["nonce"], "a fresh process answered, not the restored one"
-    assert after["counter"] >= before["counter"], "the in-memory counter went back"
-    # One line per tick, in a file the process holds open in its writable layer.
-    assert after["lines"] >= before["lines"]
-    assert abs(after["lines"] - after["counter"]) <= 1, after
-    later = _counter_on(dst, via=src, after=after)
-    assert later["lines"] > after["lines"], "the open file stopped growing"
-    assert abs(later["lines"] - later["counter"]) <= 1, later
-    assert container_or_none(clients[src.name], "mig-counter") is None, "source kept its copy"
-    moved = clients[dst.name].containers.get("mig-counter")
-    assert moved.status == "running"
-    assert moved.attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
-    return later
-
-
 def test_counter_moves_there_and_back(
     agents: list[Host], docker_clients: dict[str, docker.DockerClient], cleanup: None
 ) -> None:
@@ -92,7 +62,7 @@ def test_counter_moves_there_and_back(
         labels={"app": "counter"},
         environment={"COUNTER_INTERVAL_MS": "100"},
     )
-    before = _counter_on(h1, via=h1)
+    before = counter_on(h1, via=h1)
 
     rc, lines, err = ferry_migrate(h1, "mig-counter", h2.name)
     assert rc == 0, err
@@ -106,13 +76,13 @@ def test_counter_moves_there_and_back(
     moved = docker_clients[h2.name].containers.get("mig-counter")
     assert moved.labels["app"] == "counter"
     assert "COUNTER_INTERVAL_MS=100" in moved.attrs["Config"]["Env"]
-    middle = _check_moved(before, h1, h2, docker_clients)
+    middle = check_moved(before, h1, h2, docker_clients)
 
     rc, lines, err = ferry_migrate(h2, "mig-counter", h1.name)
     assert rc == 0, err
     back = result_of(lines)["report"]
     print(f"2->1: downtime {back['downtime_s']}s, {back['bytes_moved']} bytes")
-    _check_moved(middle, h2, h1, docker_clients)
+    check_moved(middle, h2, h1, docker_clients)
 
     # Both ends recorded it, whoever started it.
     (src_rec,) = history(h1, report["migration_id"])
@@ -147,14 +117,6 @@ def test_image_is_shipped_with_its_id(
             c2.images.remove(image_id, force=True)  # keep "only on first" true for other tests
 
 
-_READING = re.compile(r"iter=(\d+) mib=(\d+) checksum=([0-9a-f]+)")
-
-
-def _readings(container: Any) -> list[tuple[int, str]]:
-    text = container.logs().decode()
-    return [(int(m[1]), m[3]) for m in _READING.finditer(text)]
-
-
 def test_memhog_keeps_its_memory(
     agents: list[Host], docker_clients: dict[str, docker.DockerClient], cleanup: None
 ) -> None:
@@ -162,14 +124,14 @@ def test_memhog_keeps_its_memory(
     hog = docker_clients[h1.name].containers.run(
         MEMHOG, name="mig-hog", detach=True, environment={"MEMHOG_MIB": "256"}
     )
-    before = wait_for(lambda: len(r := _readings(hog)) >= 2 and r, timeout=60, what="readings")
+    before = wait_for(lambda: len(r := readings(hog)) >= 2 and r, timeout=60, what="readings")
     rc, lines, err = ferry_migrate(h1, "mig-hog", h2.name, timeout=600)
     assert rc == 0, err
     report = result_of(lines)["report"]
     print(f"\n256 MiB: downtime {report['downtime_s']}s, state {report['bytes_state']} bytes")
     assert report["bytes_state_raw"] >= 256 * 1024 * 1024
     moved = docker_clients[h2.name].containers.get("mig-hog")
-    after = wait_for(lambda: _readings(moved), timeout=60, what="readings on host2")
+    after = wait_for(lambda: readings(moved), timeout=60, what="readings on host2")
     # The restored process goes on from where it was (no restart at iter 0) with the same memory.
     assert after[0][0] >= before[-1][0], (before, after)
     assert all(c == before[0][1] for _, c in before + after)

@@ -17,25 +17,30 @@ import pytest
 
 from tests.e2e.migration_support import (
     COUNTER,
+    FAULT_NAME,
+    FAULT_PORT,
     MEMHOG,
+    MOVE_PORT,
     Agents,
+    check_moved,
     container_or_none,
+    counter_on,
     engine_agents,
+    fault_state,
     ferry_migrate,
     history,
     hook_path,
     migrate_in_background,
+    readings,
     result_of,
+    runs_only_on,
 )
-from tests.e2e.test_migration_faults import NAME as FAULT_NAME
-from tests.e2e.test_migration_faults import PORT as FAULT_PORT
-from tests.e2e.test_migration_faults import _runs_only_on, _state
-from tests.e2e.test_migration_move import PORT, _check_moved, _counter_on, _readings
 from tests.helpers import wait_for
 from tests.testbed.layout import Host
 
 pytestmark = [pytest.mark.testbed, pytest.mark.e2e]
 
+PORT = MOVE_PORT
 RUNC = {"checkpoint_via": "runc"}
 NAMES = ("mig-counter", "mig-hog", FAULT_NAME)
 
@@ -81,14 +86,14 @@ def test_counter_moves_with_its_state(
         restart_policy={"Name": "unless-stopped"},
         environment={"COUNTER_INTERVAL_MS": "100"},
     )
-    before = _counter_on(h1, via=h1)
+    before = counter_on(h1, via=h1)
     rc, lines, err = ferry_migrate(h1, "mig-counter", h2.name)
     assert rc == 0, err
     report = result_of(lines)["report"]
     assert report["outcome"] == "succeeded"
     _froze_via_runc(h1, report)
     print(f"\nrunc 1->2: downtime {report['downtime_s']}s, freeze {report['phases']['freeze']}s")
-    middle = _check_moved(before, h1, h2, docker_clients)
+    middle = check_moved(before, h1, h2, docker_clients)
 
     # And back: runc on the other host, into a container Docker created there.
     rc, lines, err = ferry_migrate(h2, "mig-counter", h1.name)
@@ -96,7 +101,7 @@ def test_counter_moves_with_its_state(
     back = result_of(lines)["report"]
     _froze_via_runc(h2, back)
     print(f"runc 2->1: downtime {back['downtime_s']}s, freeze {back['phases']['freeze']}s")
-    _check_moved(middle, h2, h1, docker_clients)
+    check_moved(middle, h2, h1, docker_clients)
 
 
 def test_memhog_keeps_its_memory(
@@ -108,7 +113,7 @@ def test_memhog_keeps_its_memory(
     hog = docker_clients[h1.name].containers.run(
         MEMHOG, name="mig-hog", detach=True, environment={"MEMHOG_MIB": "256"}
     )
-    before = wait_for(lambda: len(r := _readings(hog)) >= 2 and r, timeout=60, what="readings")
+    before = wait_for(lambda: len(r := readings(hog)) >= 2 and r, timeout=60, what="readings")
     rc, lines, err = ferry_migrate(h1, "mig-hog", h2.name, timeout=600)
     assert rc == 0, err
     report = result_of(lines)["report"]
@@ -119,7 +124,7 @@ def test_memhog_keeps_its_memory(
     )
     assert report["bytes_state_raw"] >= 256 * 1024 * 1024
     moved = docker_clients[h2.name].containers.get("mig-hog")
-    after = wait_for(lambda: _readings(moved), timeout=60, what="readings on host2")
+    after = wait_for(lambda: readings(moved), timeout=60, what="readings on host2")
     # Goes on from where it was (no restart at iter 0), with the same memory.
     assert after[0][0] >= before[-1][0], (before, after)
     assert all(c == before[0][1] for _, c in before + after)
@@ -138,7 +143,7 @@ def test_failure_after_a_runc_freeze_rolls_back_with_state(
         ports={"8080/tcp": FAULT_PORT},
         restart_policy={"Name": "always"},
     )
-    before = _state(h1, 3)
+    before = fault_state(h1, 3)
     gate = hook_path(h1, "after-freeze")
     reached = gate.with_name("after-freeze.reached")
     reached.unlink(missing_ok=True)
@@ -162,7 +167,7 @@ def test_failure_after_a_runc_freeze_rolls_back_with_state(
     assert report["details"]["checkpoint_via"] == "runc"
     # Restored from the runc-made images under a fresh name, not started afresh.
     assert report["details"]["rollback"].startswith("restored from checkpoint"), report["details"]
-    _runs_only_on(h1, before, docker_clients)
+    runs_only_on(h1, before, docker_clients)
     (rec,) = history(h1, report["migration_id"])
     assert rec.outcome == "rolled_back"
     print(f"\nrunc rollback: {rec.reason}; {rec.report['details'].get('rollback')}")
