@@ -146,6 +146,11 @@ class MigrationConfig(_Model):
     checkpoint_timeout: Duration = Field(default=120.0, gt=0)
     restore_timeout: Duration = Field(default=120.0, gt=0)
     health_timeout: Duration = Field(default=60.0, gt=0)
+    # A state upload with no progress for this long aborts, and the source rolls back.
+    stall_timeout: Duration = Field(default=30.0, gt=0)
+    # How long the source retries its commit before it reports the migration in doubt
+    # (it keeps retrying in the background after that).
+    commit_timeout: Duration = Field(default=30.0, gt=0)
 
 
 class LoggingConfig(_Model):

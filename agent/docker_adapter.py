@@ -297,6 +297,12 @@ class DockerAdapter:
     def kill(self, container: str) -> None:
         self._call(f"kill {container}", lambda api: api.kill(container))
 
+    def pause(self, container: str) -> None:
+        self._call(f"pause {container}", lambda api: api.pause(container))
+
+    def unpause(self, container: str) -> None:
+        self._call(f"unpause {container}", lambda api: api.unpause(container))
+
     def remove(self, container: str, force: bool = False, volumes: bool = False) -> None:
         self._call(
             f"remove {container}",

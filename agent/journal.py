@@ -203,6 +203,14 @@ class Journal:
             ).fetchall()
         return [_record(r) for r in rows]
 
+    def in_doubt(self) -> list[MigrationRecord]:
+        """Migrations the source committed but cannot confirm: nothing runs, state kept."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM migrations WHERE outcome = 'in_doubt' ORDER BY started, id"
+            ).fetchall()
+        return [_record(r) for r in rows]
+
     def history(self, limit: int = 50) -> list[MigrationRecord]:
         """Most recent first."""
         with self._lock:

@@ -31,7 +31,8 @@ _EPILOG = """
 \b
 Exit codes:
   0  the container runs on the target
-  1  refused or failed (rolled back: it runs here again); the reason is printed
+  1  refused, failed, or in doubt; the reason is printed (rolled back: it runs
+     here again; in doubt: it runs nowhere until `ferry resolve`)
   2  bad input (config, unknown container or peer)
   3  the local agent is unreachable
 """
@@ -188,7 +189,17 @@ def migrate_cmd(container: str, target: str, config_path: Path, as_json: bool) -
     if result.get("bad_input"):
         click.echo(f"ferry: {why}", err=True)
         sys.exit(EXIT_BAD_INPUT)
-    if result.get("kind") == "failed":
+    if result.get("in_doubt"):
+        mid = (result.get("report") or {}).get("migration_id", "MIGRATION")
+        click.echo(
+            f"ferry: migration IN DOUBT: {why}\n"
+            f"  {container} runs nowhere until this is resolved; every byte of its state is kept.\n"
+            f"  Ferry resolves it by itself once {target} answers; or decide with\n"
+            f"  `ferry resolve {mid} --keep target` (if {target} runs it) or "
+            f"`--keep source` (if {target} is gone).",
+            err=True,
+        )
+    elif result.get("kind") == "failed":
         state = (
             "rolled back; it runs here again" if result.get("rolled_back") else "NOT rolled back"
         )
@@ -196,3 +207,52 @@ def migrate_cmd(container: str, target: str, config_path: Path, as_json: bool) -
     else:
         click.echo(f"ferry: migration refused, {container} untouched: {why}", err=True)
     sys.exit(EXIT_FAILED)
+
+
+async def _post_resolve(socket_path: Path, migration_id: str, keep: str) -> tuple[int, Any]:
+    if not socket_path.exists():
+        raise Unreachable(f"no agent socket at {socket_path} (is `ferry run` running?)")
+    connector = aiohttp.UnixConnector(path=str(socket_path))
+    timeout = aiohttp.ClientTimeout(total=600, sock_connect=5)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            session.post(
+                "http://ferry/v1/resolve", json={"migration": migration_id, "keep": keep}
+            ) as resp,
+        ):
+            return resp.status, await resp.json(content_type=None)
+    except (aiohttp.ClientError, OSError) as exc:
+        raise Unreachable(f"agent at {socket_path}: {exc.__class__.__name__}: {exc}") from exc
+
+
+@main.command("resolve")
+@click.argument("migration")
+@click.option(
+    "--keep",
+    type=click.Choice(["source", "target"]),
+    required=True,
+    help="Whose copy is the container from now on.",
+)
+@config_option("Agent config file (env FERRY_CONFIG); gives the control socket.")
+def resolve_cmd(migration: str, keep: str, config_path: Path) -> None:
+    """End an in-doubt MIGRATION (run on its source host).
+
+    --keep target: the target runs it; the source's stopped copy and its
+    checkpoint are removed. --keep source: the source restores its copy from
+    the checkpoint and tells the target to drop its held copy. Use --keep source
+    only when the target host is gone or you know its copy is not running:
+    otherwise two copies would run.
+    """
+    cfg = load_config_or_exit(config_path)
+    try:
+        status, body = asyncio.run(_post_resolve(cfg.control_socket, migration, keep))
+    except Unreachable as exc:
+        click.echo(f"ferry: {exc}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    if isinstance(body, dict) and body.get("ok"):
+        click.echo(str(body.get("result")))
+        sys.exit(EXIT_OK)
+    reason = body.get("reason") if isinstance(body, dict) else str(body)
+    click.echo(f"ferry: cannot resolve {migration}: {reason}", err=True)
+    sys.exit(EXIT_BAD_INPUT if status == 400 else EXIT_FAILED)

@@ -184,6 +184,12 @@ def render_status(status: dict[str, Any], console: Console) -> None:
         )
     console.print(t)
 
+    for m in status.get("in_doubt") or []:
+        console.print(
+            f"[bold red]IN DOUBT[/] {m.get('container')} -> {m.get('target')} "
+            f"(migration {m.get('id')}): runs nowhere, state kept. {m.get('reason') or ''}\n"
+            f"  resolve: {m.get('resolve')}"
+        )
     migrations = status.get("migrations") or []
     evac = status.get("evacuation") or {}
     moving = migrations or evac.get("in_progress") or []
@@ -258,8 +264,10 @@ def status_cmd(as_json: bool, config_path: Path) -> None:
         _fail(EXIT_FAILED, str(exc))
     if as_json:
         click.echo(json.dumps(status, indent=2, sort_keys=True))
-        return
-    render_status(status, Console())
+    else:
+        render_status(status, Console())
+    if status.get("in_doubt"):
+        sys.exit(EXIT_FAILED)  # loud for scripts and monitoring: something needs an operator
 
 
 # ---------------------------------------------------------------------------- history

@@ -5,7 +5,12 @@ object each:
   {"type": "progress", "phase": ..., "message": ..., "bytes_done": ..., ...}
   {"type": "result", "ok": true, "report": {...}}
   {"type": "result", "ok": false, "kind": "refused"|"failed"|"error",
-   "reason": "...", "rolled_back": bool, "bad_input": bool, "report": {...}|null}
+   "reason": "...", "rolled_back": bool, "in_doubt": bool, "bad_input": bool,
+   "report": {...}|null}
+
+`POST /v1/resolve` {"migration": id, "keep": "source"|"target"} ends an in-doubt
+migration as an operator decided: {"ok": true, "result": "..."} or
+{"ok": false, "reason": "..."} with status 409 (or 400 for bad input).
 
 The migration is not tied to the HTTP request: if the client goes away it
 carries on (stopping midway would mean a rollback nobody asked for).
@@ -27,11 +32,14 @@ from agent.migration.report import ProgressEvent
 log = structlog.get_logger(__name__)
 
 MIGRATE_PATH = "/v1/migrate"
+RESOLVE_PATH = "/v1/resolve"
 _TASKS_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("ferry_migrate_tasks")
 
 
 class Migrates(Protocol):
     async def migrate(self, container: str, target: str, progress: Any = None) -> Any: ...
+
+    async def resolve(self, migration_id: str, keep: str) -> str: ...
 
 
 def _report_dict(report: Any) -> dict[str, Any] | None:
@@ -62,6 +70,7 @@ def result_line(outcome: Any) -> dict[str, Any]:
         "kind": kind,
         "reason": reason,
         "rolled_back": bool(getattr(outcome, "rolled_back", False)),
+        "in_doubt": bool(getattr(outcome, "in_doubt", False)),
         "bad_input": bool(getattr(outcome, "bad_input", False)),
         "report": _report_dict(getattr(outcome, "report", None)),
     }
@@ -138,5 +147,31 @@ def add_migration_routes(app: web.Application, service: Migrates) -> None:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
+    async def resolve(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict):
+            return web.json_response(
+                {"ok": False, "reason": "body must be a JSON object"}, status=400
+            )
+        mid, keep = body.get("migration"), body.get("keep")
+        if not isinstance(mid, str) or not mid or keep not in ("source", "target"):
+            return web.json_response(
+                {"ok": False, "reason": "need migration (string) and keep (source or target)"},
+                status=400,
+            )
+        log.warning("migration.resolve_requested", migration=mid, keep=keep)
+        try:
+            result = await service.resolve(mid, keep)
+        except MigrationRefused as exc:
+            status = 400 if exc.bad_input else 409
+            return web.json_response({"ok": False, "reason": exc.reason}, status=status)
+        except MigrationFailed as exc:
+            return web.json_response({"ok": False, "reason": exc.reason}, status=409)
+        return web.json_response({"ok": True, "result": result})
+
     app.router.add_post(MIGRATE_PATH, migrate)
+    app.router.add_post(RESOLVE_PATH, resolve)
     app.on_cleanup.append(on_cleanup)

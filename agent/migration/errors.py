@@ -26,12 +26,22 @@ class MigrationRefused(MigrationError):
 
 
 class MigrationFailed(MigrationError):
-    """Failed after the freeze. `rolled_back` says whether it runs on the source again."""
+    """Failed after the freeze. `rolled_back` says whether it runs on the source again.
 
-    def __init__(self, reason: str, rolled_back: bool = True) -> None:
+    `in_doubt`: the source decided to commit but cannot learn whether the target
+    runs the container; nothing runs here and every byte of state is kept.
+    """
+
+    def __init__(self, reason: str, rolled_back: bool = True, in_doubt: bool = False) -> None:
         super().__init__(reason)
-        self.rolled_back = rolled_back
+        self.rolled_back = rolled_back and not in_doubt
+        self.in_doubt = in_doubt
 
     def __str__(self) -> str:
-        suffix = "rolled back, running on the source" if self.rolled_back else "NOT rolled back"
+        if self.in_doubt:
+            suffix = "IN DOUBT: running on neither side until resolved"
+        elif self.rolled_back:
+            suffix = "rolled back, running on the source"
+        else:
+            suffix = "NOT rolled back"
         return f"{self.reason} ({suffix})"

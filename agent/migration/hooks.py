@@ -24,6 +24,11 @@ HOOKS_DIR = "hooks"
 HOOK_MAX_WAIT = 300.0
 AFTER_FREEZE = "after-freeze"  # source: checkpoint taken, nothing sent yet
 BEFORE_RESTORE = "before-restore"  # target: state unpacked, container not started
+MID_TRANSFER = "mid-transfer"  # source: the first MID_TRANSFER_BYTES of state are sent
+BEFORE_DECISION = "before-decision"  # source: target holds its copy stopped; nothing decided
+AFTER_DECISION = "after-decision"  # source: "commit" journalled, not yet sent
+BEFORE_CONTINUE = "before-continue"  # target: commit received, processes still stopped
+MID_TRANSFER_BYTES = 8 << 20
 
 
 async def gate(state_dir: Path, name: str, clock: Clock, info: dict[str, Any]) -> None:

@@ -20,10 +20,16 @@ PRESTAGE = "prestage"
 FREEZE = "freeze"
 TRANSFER = "transfer"
 RESTORE = "restore"
+COMMIT = "commit"
 FINISH = "finish"
 ROLLBACK = "rollback"
-SOURCE_PHASES = (PREPARE, PRESTAGE, FREEZE, TRANSFER, RESTORE, FINISH)
-FROZEN_PHASES = frozenset({FREEZE, TRANSFER, RESTORE, FINISH, ROLLBACK})
+SOURCE_PHASES = (PREPARE, PRESTAGE, FREEZE, TRANSFER, RESTORE, COMMIT, FINISH)
+FROZEN_PHASES = frozenset({FREEZE, TRANSFER, RESTORE, COMMIT, FINISH, ROLLBACK})
+
+# The source's decision, journalled before it acts on it or tells the target.
+DECISION_COMMIT = "commit"
+DECISION_ROLLBACK = "rollback"
+IN_DOUBT = "in_doubt"  # journal outcome: committed, but the target's copy is unconfirmed
 
 
 @dataclass
@@ -48,7 +54,7 @@ class MigrationReport:
     container: str
     source: str
     target: str
-    outcome: str = "running"  # succeeded | refused | rolled_back | failed
+    outcome: str = "running"  # succeeded | refused | rolled_back | failed | in_doubt
     reason: str | None = None
     downtime_s: float | None = None  # freeze start -> running on the target
     total_s: float = 0.0

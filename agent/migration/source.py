@@ -1,15 +1,20 @@
 """The source side: drive one migration from prepare to finish, or roll it back.
 
 Before the freeze nothing on this host changes, so any failure there simply
-refuses (`MigrationRefused`). From the freeze on, every failure ends with the
-container running here again from its own checkpoint (`MigrationFailed`),
-unless the target confirms it runs there.
+refuses (`MigrationRefused`). From the freeze on, this agent is the only
+authority on the outcome. The target restores its copy held stopped; this side
+journals its decision (commit or roll back) before it acts on it or tells the
+target. Until the commit is journalled, any failure rolls back here, which is
+safe because the held copy never runs without the commit. Once it is
+journalled, this side never resumes its copy on a guess: if the target cannot
+confirm, the migration is "in doubt" (docs/commit-protocol.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -24,13 +29,17 @@ from agent.archive import ArchiveError, Packer
 from agent.config import FerryConfig
 from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
 from agent.journal import Journal, JournalError, MigrationRecord
-from agent.migration import hooks
+from agent.migration import held, hooks
 from agent.migration import report as rp
 from agent.migration.checkpointers import Checkpointer, make_checkpointer
 from agent.migration.errors import MigrationError, MigrationFailed, MigrationRefused
 from agent.migration.paths import DataRootResolver, PathOutsideDataRoot
 from agent.migration.report import MigrationReport, PhaseTimer, ProgressEvent, ProgressFn
-from agent.migration.rollback import restore_locally
+from agent.migration.rollback import (
+    StateNotRestored,
+    restore_locally,
+    wait_checkpoint_settled,
+)
 from agent.migration.spec import ContainerSpec, SpecError, source_problems, spec_from_inspect
 from agent.migration.streams import aiter_blocking
 from agent.migration.target import TargetHandlers
@@ -90,6 +99,8 @@ class _Run:
         self.frozen_at: float | None = None
         self.staged = False
         self.restore_sent = False
+        self.frozen_ok = False  # the checkpointer returned: the images are whole
+        self.decision: str | None = None
 
 
 class MigrationService:
@@ -103,8 +114,10 @@ class MigrationService:
         peers: Mapping[str, PeerLike],
         draining: Callable[[], bool] = lambda: False,
         clock: Clock | None = None,
+        processes: held.ProcessTable | None = None,
     ) -> None:
         self.adapter = adapter
+        self.procs: held.ProcessTable = processes or held.HostProcesses()
         self.config = config
         self.journal = journal
         self.peers = peers
@@ -119,7 +132,13 @@ class MigrationService:
         self.active: dict[str, str] = {}  # container id -> migration id
         self._tasks: set[asyncio.Task[Any]] = set()
         self.handlers = TargetHandlers(
-            adapter, config, journal, draining, self.clock, peer_status=self._peer_status
+            adapter,
+            config,
+            journal,
+            draining,
+            self.clock,
+            peer_status=self._peer_status,
+            processes=self.procs,
         )
 
     async def close(self) -> None:
@@ -152,7 +171,7 @@ class MigrationService:
         """
         results: list[dict[str, Any]] = []
         pending: list[MigrationRecord] = []
-        for rec in self.journal.unfinished():
+        for rec in self.journal.unfinished() + self.journal.in_doubt():
             try:
                 outcome = await self._reconcile_one(rec)
             except Exception as exc:
@@ -270,6 +289,7 @@ class MigrationService:
         data["restart_policy"] = run.spec.restart_policy
         data["staged"] = run.staged
         data["restore_sent"] = run.restore_sent
+        data["decision"] = run.decision
         with contextlib.suppress(JournalError):
             self.journal.update_report(run.mid, data)
 
@@ -307,6 +327,15 @@ class MigrationService:
             reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
             if isinstance(exc, asyncio.CancelledError):
                 reason = "migration cancelled"
+            if run.decision == rp.DECISION_COMMIT:
+                # Committed: never roll back. A stopping agent leaves the journal to
+                # reconcile; anything else leaves the migration in doubt.
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                if isinstance(exc, MigrationFailed) and exc.in_doubt:
+                    raise
+                self._mark_in_doubt(run, str(reason))
+                raise MigrationFailed(str(reason), in_doubt=True) from exc
             await asyncio.shield(self._roll_back(run, str(reason), emit))
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -428,6 +457,7 @@ class MigrationService:
                 await asyncio.to_thread(self.adapter.update_restart_policy, spec.id, {"Name": "no"})
             run.report.details["checkpoint_via"] = self.checkpointer.via
             await asyncio.to_thread(self.checkpointer.checkpoint, spec.id, run.checkpoint)
+            run.frozen_ok = True
         await hooks.gate(
             Path(self.config.state_dir), hooks.AFTER_FREEZE, self.clock, {"migration": run.mid}
         )
@@ -450,7 +480,7 @@ class MigrationService:
         with run.timer.phase(rp.TRANSFER):
             packer = Packer(sections, progress=on_progress)
             try:
-                await peer.upload_state(run.mid, packer.aiter())
+                await self._upload_guarded(run, packer.aiter())
             except PeerRefused as exc:
                 raise MigrationFailed(f"{peer.name} refused the state: {exc.reason}") from exc
             except PeerError as exc:
@@ -468,15 +498,41 @@ class MigrationService:
                 answer = await peer.post_json(
                     migration_path(run.mid, "restore"),
                     {"digest": digest, "checkpoint": run.checkpoint},
-                    timeout=mig.restore_timeout + mig.health_timeout + 120,
+                    timeout=mig.restore_timeout + 30,
                 )
             except PeerRefused as exc:
                 raise MigrationFailed(f"{peer.name} could not restore: {exc.reason}") from exc
             except PeerUnavailable as exc:
-                answer = await self._ask_outcome(run, str(exc))
-        run.report.downtime_s = round(self.clock.monotonic() - run.frozen_at, 4)
+                # Whatever the target did, its copy is held stopped: rolling back is safe.
+                raise MigrationFailed(f"the restore call to {peer.name} broke: {exc}") from exc
+            if not answer.get("held"):
+                raise MigrationFailed(f"{peer.name} did not report its copy held stopped")
         run.report.details["target_timings"] = answer.get("timings", {})
-        emit(rp.RESTORE, f"running on {peer.name}")
+        await hooks.gate(
+            Path(self.config.state_dir), hooks.BEFORE_DECISION, self.clock, {"migration": run.mid}
+        )
+
+        # The decision is durable before anyone acts on it; from here there is no rollback.
+        run.decision = rp.DECISION_COMMIT
+        self._phase(run, rp.COMMIT, emit, f"committing: {peer.name} runs it")
+        await hooks.gate(
+            Path(self.config.state_dir), hooks.AFTER_DECISION, self.clock, {"migration": run.mid}
+        )
+        with run.timer.phase(rp.COMMIT):
+            committed = await self._send_commit(run.peer, run.mid, float(mig.commit_timeout))
+        if committed is None:
+            raise MigrationFailed(
+                f"{peer.name} held no copy to commit",
+            )
+        if committed is _IN_DOUBT:
+            why = (
+                f"committed, but {peer.name} did not confirm within "
+                f"{float(mig.commit_timeout):.0f}s; nothing runs here, state kept"
+            )
+            self._mark_in_doubt(run, why)
+            raise MigrationFailed(why, in_doubt=True)
+        run.report.downtime_s = round(self.clock.monotonic() - run.frozen_at, 4)
+        emit(rp.COMMIT, f"running on {peer.name}")
 
         self._phase(run, rp.FINISH, emit, "cleaning up the source")
         with run.timer.phase(rp.FINISH):
@@ -493,26 +549,184 @@ class MigrationService:
         )
         emit("done", "succeeded")
 
-    async def _ask_outcome(self, run: _Run, error: str) -> dict[str, Any]:
-        """The restore call broke: ask the target whether the container runs there."""
-        deadline = self.clock.monotonic() + self.config.migration.restore_timeout
+    async def _upload_guarded(self, run: _Run, chunks: Any) -> None:
+        """Send the state; give up when nothing moves for migration.stall_timeout.
+
+        The producer is pulled only as fast as the socket drains, so a chunk
+        taken is progress on the wire. Without this a cut link would hold the
+        container frozen until TCP gives up (about 15 minutes).
+        """
+        stall = float(self.config.migration.stall_timeout)
+        last = [self.clock.monotonic()]
+        gated = [False]
+        state_dir = Path(self.config.state_dir)
+
+        async def tracked() -> Any:
+            sent = 0
+            hooked = False
+            async for chunk in chunks:
+                yield chunk
+                sent += len(chunk)
+                last[0] = self.clock.monotonic()
+                if not hooked and sent >= hooks.MID_TRANSFER_BYTES:
+                    hooked = True
+                    gated[0] = True
+                    try:
+                        await hooks.gate(
+                            state_dir, hooks.MID_TRANSFER, self.clock, {"migration": run.mid}
+                        )
+                    finally:
+                        gated[0] = False
+                        last[0] = self.clock.monotonic()
+
+        task = asyncio.ensure_future(run.peer.upload_state(run.mid, tracked()))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=min(1.0, stall / 4))
+                if done:
+                    task.result()
+                    return
+                if not gated[0] and self.clock.monotonic() - last[0] > stall:
+                    raise MigrationFailed(
+                        f"state transfer to {run.peer.name} stalled: no progress for "
+                        f"{stall:.0f}s (migration.stall_timeout)"
+                    )
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _send_commit(self, peer: PeerLike | None, mid: str, patience: float) -> Any:
+        """Tell the target to run its held copy, retrying for `patience` seconds.
+
+        Returns the target's answer; None when the target proves it holds no
+        copy (then this side may restore its own); _IN_DOUBT when it stayed silent.
+        """
+        if peer is None:
+            return _IN_DOUBT
+        deadline = self.clock.monotonic() + patience
+        delay = 0.5
         while True:
             try:
-                st = await run.peer.get_json(migration_path(run.mid))
-            except PeerUnavailable:
-                st = None
+                answer: dict[str, Any] = await peer.post_json(
+                    migration_path(mid, "commit"), {}, timeout=max(5.0, min(30.0, patience))
+                )
+                return answer
             except PeerRefused as exc:
-                raise MigrationFailed(
-                    f"restore call broke ({error}); target: {exc.reason}"
-                ) from exc
-            if st is not None:
-                if st.get("outcome") == "succeeded" and st.get("running"):
-                    return {"running": True, "recovered": True}
-                if st.get("outcome") is not None:
-                    raise MigrationFailed(f"restore failed on the target: {st.get('reason')}")
-            if self.clock.monotonic() > deadline:
-                raise MigrationFailed(f"restore call broke and the target stayed silent: {error}")
-            await asyncio.sleep(1.0)
+                if exc.error in ("not_held", "unknown_migration"):
+                    log.warning("migration.target_holds_nothing", migration=mid, reason=exc.reason)
+                    return None
+                log.warning("migration.commit_refused", migration=mid, error=str(exc))
+            except PeerUnavailable as exc:
+                log.warning("migration.commit_unanswered", migration=mid, error=str(exc))
+            if self.clock.monotonic() + delay > deadline:
+                return _IN_DOUBT
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _mark_in_doubt(self, run: _Run, reason: str) -> None:
+        log.error(
+            "migration.in_doubt",
+            migration=run.mid,
+            container=run.spec.name,
+            target=run.peer.name,
+            reason=reason,
+        )
+        run.timer.finish()
+        self._end(run, rp.IN_DOUBT, reason)
+        self._spawn(self._resolve_in_doubt(run.mid))
+
+    async def _resolve_in_doubt(self, mid: str) -> None:
+        """Keep asking the target until one side's state is proven (or an operator decides)."""
+        delay = 2.0
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            try:
+                rec = self.journal.get(mid)
+            except JournalError:
+                return
+            if rec.outcome != rp.IN_DOUBT:
+                return
+            try:
+                outcome = await self._settle_commit(rec, patience=0)
+            except Exception as exc:
+                log.warning("migration.in_doubt_retry", migration=mid, error=str(exc))
+                continue
+            if outcome is not None:
+                log.warning("migration.in_doubt_resolved", migration=mid, outcome=outcome)
+                return
+
+    async def _settle_commit(self, rec: MigrationRecord, patience: float) -> str | None:
+        """For a journalled commit: finish it, or restore here if the target has nothing.
+
+        Returns how it ended, or None while the target stays silent.
+        """
+        peer = self.peers.get(rec.target)
+        answer = await self._send_commit(peer, rec.id, patience)
+        if answer is _IN_DOUBT:
+            return None
+        data = dict(rec.report or {})
+        if answer is None:
+            # Proven: the target holds no copy and never will run one. Ours is the state.
+            data["decision"] = rp.DECISION_ROLLBACK
+            self.journal.update_report(rec.id, data)
+            how = await self._restore_record(rec)
+            return how
+        info = await asyncio.to_thread(self.adapter.find_container, rec.container_id)
+        if info is not None:
+            with contextlib.suppress(DockerNotFound):
+                await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
+        self.journal.finish(
+            rec.id, "succeeded", reason="the target confirmed it runs the container", report=data
+        )
+        return "target runs it; source copy removed"
+
+    async def _restore_record(self, rec: MigrationRecord) -> str:
+        """Roll a journalled migration back here; never starts the container fresh."""
+        data = dict(rec.report or {})
+        checkpoint = str(data.get("checkpoint") or f"ferry-{rec.id}")
+        policy = dict(data.get("restart_policy") or {"Name": "no"})
+        info = await asyncio.to_thread(self.adapter.find_container, rec.container_id)
+        if info is None:
+            self.journal.finish(rec.id, "failed", reason="container gone from the source")
+            return "container missing"
+        root = await asyncio.to_thread(self.data_root.get)
+        settled = await asyncio.to_thread(
+            wait_checkpoint_settled,
+            self.adapter,
+            root,
+            rec.container_id,
+            checkpoint,
+            float(self.config.migration.checkpoint_timeout),
+            in_progress=self.procs.dump_in_progress,
+        )
+        try:
+            if settled == "running":
+                how = "still running (the checkpoint never completed)"
+                if (policy.get("Name") or "no") != "no":
+                    await asyncio.to_thread(
+                        self.adapter.update_restart_policy, rec.container_id, policy
+                    )
+            else:
+                how = await asyncio.to_thread(
+                    restore_locally,
+                    self.adapter,
+                    root,
+                    rec.container_id,
+                    checkpoint,
+                    policy,
+                    self.config.migration.restore_timeout,
+                )
+        except StateNotRestored as exc:
+            self.journal.finish(rec.id, "failed", reason=f"state not restored: {exc.message}")
+            log.error("migration.state_not_restored", migration=rec.id, reason=exc.message)
+            return f"failed: {exc.message}"
+        data["details"] = dict(data.get("details") or {}) | {"rollback": how}
+        self.journal.finish(rec.id, "rolled_back", reason=how, report=data)
+        log.warning("migration.rolled_back", migration=rec.id, how=how)
+        return f"rolled back: {how}"
 
     async def _dispose_source(self, run: _Run) -> str:
         spec = run.spec
@@ -542,21 +756,11 @@ class MigrationService:
 
     async def _roll_back(self, run: _Run, reason: str, emit: Callable[..., None]) -> None:
         log.warning("migration.rolling_back", migration=run.mid, reason=reason)
+        # Journalled before the target hears it: a held copy asks for exactly this.
+        run.decision = rp.DECISION_ROLLBACK
         with contextlib.suppress(JournalError):
             self._phase(run, rp.ROLLBACK, emit, reason)
         with run.timer.phase(rp.ROLLBACK):
-            if run.restore_sent:
-                # The target may have it running after all (answer lost): then it stays there.
-                try:
-                    st = await run.peer.get_json(migration_path(run.mid))
-                except PeerError:
-                    st = {}
-                if st.get("outcome") == "succeeded" and st.get("running"):
-                    log.warning("migration.target_has_it", migration=run.mid)
-                    run.report.details["source_copy"] = await self._dispose_source(run)
-                    run.timer.finish()
-                    self._end(run, "succeeded", f"confirmed running on target after: {reason}")
-                    return
             if await self._abort_target(run, reason):
                 log.warning("migration.target_has_it", migration=run.mid)
                 run.report.details["source_copy"] = await self._dispose_source(run)
@@ -564,10 +768,11 @@ class MigrationService:
                 self._end(run, "succeeded", f"target refused the abort, it runs there: {reason}")
                 return
             try:
-                how = await asyncio.to_thread(self._restore_here, run)
+                how = await self._restore_here(run)
             except Exception as exc:
                 run.timer.finish()
-                why = f"{reason}; AND local restore failed: {exc}"
+                detail = exc.message if isinstance(exc, DockerError) else str(exc)
+                why = f"{reason}; AND its state could not be restored here: {detail}"
                 self._end(run, "failed", why)
                 log.error("migration.rollback_failed", migration=run.mid, reason=why)
                 raise MigrationFailed(why, rolled_back=False) from exc
@@ -582,10 +787,27 @@ class MigrationService:
         log.warning("migration.rolled_back", migration=run.mid, reason=reason, how=how)
         emit("done", f"rolled back: {reason}")
 
-    def _restore_here(self, run: _Run) -> str:
-        return restore_locally(
+    async def _restore_here(self, run: _Run) -> str:
+        root = await asyncio.to_thread(self.data_root.get)
+        if not run.frozen_ok:
+            # The dump may still run (a timed-out API call) or be writing its images.
+            settled = await asyncio.to_thread(
+                wait_checkpoint_settled,
+                self.adapter,
+                root,
+                run.spec.id,
+                run.checkpoint,
+                float(self.config.migration.checkpoint_timeout),
+                in_progress=self.procs.dump_in_progress,
+            )
+            if settled == "missing":
+                raise StateNotRestored(
+                    "rollback", f"no checkpoint images for {run.spec.name}; it is left stopped"
+                )
+        return await asyncio.to_thread(
+            restore_locally,
             self.adapter,
-            self.data_root.get(),
+            root,
             run.spec.id,
             run.checkpoint,
             run.spec.restart_policy,
@@ -627,71 +849,86 @@ class MigrationService:
     # ------------------------------------------------------------ reconcile
 
     async def reconcile_record(self, rec: MigrationRecord) -> str:
-        """Resolve one unfinished source-side migration after a restart."""
-        data = rec.report or {}
-        checkpoint = str(data.get("checkpoint") or f"ferry-{rec.id}")
-        policy = dict(data.get("restart_policy") or {"Name": "no"})
-        peer = self.peers.get(rec.target)
-        info = await asyncio.to_thread(self.adapter.find_container, rec.container_id)
-        status: dict[str, Any] | None = None
-        if peer is not None:
-            with contextlib.suppress(PeerError):
-                status = await peer.get_json(migration_path(rec.id))
-        target_running = bool(
-            status and status.get("outcome") == "succeeded" and status.get("running")
-        )
+        """Resolve one unfinished (or in-doubt) source-side migration after a restart.
 
+        Raises while it cannot be resolved yet; the caller retries.
+        """
+        data = dict(rec.report or {})
+        peer = self.peers.get(rec.target)
+        decision = data.get("decision")
+        if rec.outcome == rp.IN_DOUBT or decision == rp.DECISION_COMMIT:
+            outcome = await self._settle_commit(rec, patience=0)
+            if outcome is None:
+                if rec.outcome != rp.IN_DOUBT:
+                    self.journal.finish(
+                        rec.id,
+                        rp.IN_DOUBT,
+                        reason=f"committed; {rec.target} has not confirmed it runs the container",
+                    )
+                    log.error("migration.in_doubt", migration=rec.id, target=rec.target)
+                self._spawn(self._resolve_in_doubt(rec.id))
+                return "in doubt: committed, target silent; nothing runs here, state kept"
+            return outcome
         if rec.phase not in rp.FROZEN_PHASES:
             await self._send_abort(peer, rec.id, "source agent restarted before the freeze")
             self.journal.finish(rec.id, "refused", reason="agent restarted before the freeze")
             return "untouched: restarted before the freeze"
-        if target_running:
-            if info is not None and not (info.get("State") or {}).get("Running"):
-                await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
-            self.journal.finish(rec.id, "succeeded", reason="target confirmed running at reconcile")
-            return "target runs it; source copy removed"
-        if (
-            status is not None
-            and status.get("outcome") is None
-            and status.get("phase") == "restore"
-        ):
-            # Mid-restore over there: it ends one way or the other; decide then.
-            raise MigrationFailed(f"target {rec.target} is still restoring", rolled_back=False)
-        if info is None:
-            self.journal.finish(
-                rec.id, "failed", reason="container gone from the source at reconcile"
-            )
-            return "container missing"
-        if status is None and bool(data.get("restore_sent")):
-            # The target may have started it; restoring here could run it twice.
-            raise MigrationFailed(
-                f"target {rec.target} unreachable after the restore was requested",
-                rolled_back=False,
-            )
+        # No commit was journalled: roll back, and say so first.
+        data["decision"] = rp.DECISION_ROLLBACK
+        self.journal.update_report(rec.id, data)
         if await self._send_abort(peer, rec.id, "source rolled back at reconcile"):
-            await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
-            self.journal.finish(rec.id, "succeeded", reason="target runs it (refused the abort)")
-            return "target runs it; source copy removed"
-        root = await asyncio.to_thread(self.data_root.get)
-        how = await asyncio.to_thread(
-            restore_locally,
-            self.adapter,
-            root,
-            rec.container_id,
-            checkpoint,
-            policy,
-            self.config.migration.restore_timeout,
-        )
-        report = dict(data)
-        report["details"] = dict(report.get("details") or {}) | {"rollback": how}
-        self.journal.finish(
-            rec.id,
-            "rolled_back",
-            reason=f"agent restarted during {rec.phase}; {how}",
-            report=report,
-        )
-        log.warning("migration.rolled_back", migration=rec.id, reason="reconcile", how=how)
-        return f"rolled back: {how}"
+            log.error("migration.target_ran_uncommitted", migration=rec.id, target=rec.target)
+            raise MigrationFailed(
+                f"{rec.target} says it runs a copy that was never committed", rolled_back=False
+            )
+        return await self._restore_record(dataclasses.replace(rec, report=data))
+
+    async def resolve(self, migration_id: str, keep: str) -> str:
+        """An operator ends an in-doubt migration: keep the source's or the target's copy."""
+        try:
+            rec = self.journal.get(migration_id)
+        except JournalError:
+            raise MigrationRefused(f"no migration {migration_id}", bad_input=True) from None
+        if rec.role != "source":
+            raise MigrationRefused(
+                f"{migration_id} was received here; resolve it on its source {rec.source}",
+                bad_input=True,
+            )
+        if rec.outcome not in (None, rp.IN_DOUBT):
+            raise MigrationRefused(f"{migration_id} already ended: {rec.outcome}", bad_input=True)
+        if rec.outcome is None and rec.id in self.active.values():
+            raise MigrationRefused(f"{migration_id} is still running", bad_input=True)
+        peer = self.peers.get(rec.target)
+        data = dict(rec.report or {})
+        if keep == "target":
+            if peer is not None:
+                with contextlib.suppress(PeerError):
+                    await peer.post_json(migration_path(rec.id, "commit"), {}, timeout=10)
+            data["decision"] = rp.DECISION_COMMIT
+            with contextlib.suppress(DockerNotFound):
+                await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
+            self.journal.finish(
+                rec.id,
+                "succeeded",
+                reason="resolved by an operator: kept the target's copy",
+                report=data,
+            )
+            log.warning("migration.resolved", migration=rec.id, keep="target")
+            return f"kept {rec.target}'s copy; the source copy and its checkpoint are removed"
+        if keep != "source":
+            raise MigrationRefused("keep must be 'source' or 'target'", bad_input=True)
+        if await self._send_abort(peer, rec.id, "an operator kept the source's copy"):
+            raise MigrationRefused(
+                f"{rec.target} reports the container running there: use --keep target"
+            )
+        data["decision"] = rp.DECISION_ROLLBACK
+        self.journal.update_report(rec.id, data)
+        how = await self._restore_record(dataclasses.replace(rec, report=data))
+        log.warning("migration.resolved", migration=rec.id, keep="source", how=how)
+        return how
+
+
+_IN_DOUBT = object()  # _send_commit: the target stayed silent
 
 
 def remove_checkpoint_dir(path: Path) -> None:

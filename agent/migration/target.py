@@ -1,8 +1,14 @@
 """The target side of a migration: the peer API handlers.
 
-prepare -> (image) -> stage -> state -> restore, or abort at any point. Every
-step is journalled (role "target") so a restarted agent can tell a
-half-made container (removed) from one it restored (kept).
+prepare -> (image) -> stage -> state -> restore -> commit, or abort at any
+point before the commit. Every step is journalled (role "target") so a
+restarted agent can tell a half-made container (removed) from one it holds
+(asks the source) or one it runs (kept).
+
+The restore leaves every process of the copy stopped (CRIU `leave-stopped`):
+it runs no application code until the source, the only authority on the
+outcome, has journalled its commit and said so. Without that word the copy
+stays stopped, whatever happens (docs/commit-protocol.md).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +35,7 @@ from agent.docker_adapter import (
     DockerUnavailable,
 )
 from agent.journal import Journal, JournalError
-from agent.migration import hooks
+from agent.migration import criu_config, held, hooks
 from agent.migration.paths import DataRootResolver
 from agent.migration.resources import CapacityRefused, Reservations
 from agent.migration.spec import DEFAULT_NETWORKS, ContainerSpec
@@ -46,6 +53,8 @@ T_IMAGE = "image"
 T_STAGED = "staged"
 T_RECEIVED = "received"
 T_RESTORE = "restore"
+T_RESTORED = "restored"  # restored and held stopped, waiting for the source's decision
+DECISION_POLL_MAX = 30.0
 
 
 @dataclass
@@ -68,11 +77,11 @@ class Incoming:
     archive_bytes: int = 0
     image_bytes: int = 0
     aborted: bool = False  # set by abort at once, even while a restore holds the lock
+    timings: dict[str, float] = field(default_factory=dict)
 
     def journal_report(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("spec", None)
-        return {"target": data}
+        # The spec stays: a restarted agent needs its restart policy and health check.
+        return {"target": asdict(self)}
 
 
 def _refuse(reason: str, code: str = "refused", status: int = 409) -> HandlerError:
@@ -90,8 +99,10 @@ class TargetHandlers:
         draining: Callable[[], bool] = lambda: False,
         clock: Clock | None = None,
         peer_status: Callable[[str, str], Awaitable[dict[str, Any] | None]] | None = None,
+        processes: held.ProcessTable | None = None,
     ) -> None:
         self.adapter = adapter
+        self.procs: held.ProcessTable = processes or held.HostProcesses()
         self.config = config
         self.journal = journal
         self.draining = draining
@@ -107,6 +118,8 @@ class TargetHandlers:
         self._cleanup_tasks: set[asyncio.Task[None]] = set()
         # State received and unpacked into staging dirs, waiting for restore.
         self._staged: dict[str, StagedUnpack] = {}
+        # Held copies waiting for the source's word: who asks when it does not come.
+        self._watchers: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -200,9 +213,17 @@ class TargetHandlers:
         live = {r.migration_id for r in self.reservations.active()}
         for mid, inc in list(self.incoming.items()):
             lock = self._locks.get(mid)
+            if self._held(mid):
+                continue  # only the source's decision ends a held copy
             if mid not in live and not (lock is not None and lock.locked()):
                 log.warning("migration.target.stale", migration=mid, peer=inc.peer)
                 await self._discard(inc, "the source went quiet; reservation expired")
+
+    def _held(self, mid: str) -> bool:
+        with contextlib.suppress(JournalError):
+            rec = self.journal.get(mid)
+            return rec.outcome is None and rec.phase == T_RESTORED
+        return False
 
     def _prepare_checks(
         self, body: dict[str, Any], name: str, image_id: str
@@ -248,6 +269,9 @@ class TargetHandlers:
             "phase": rec.phase,
             "outcome": rec.outcome,
             "reason": rec.reason,
+            # The source's journalled decision: what a target holding a stopped copy obeys.
+            "decision": rec.report.get("decision") if rec.role == "source" else None,
+            "held": rec.role == "target" and rec.outcome is None and rec.phase == T_RESTORED,
         }
         cid = (rec.report.get("target") or {}).get("container_id") if rec.role == "target" else None
         if cid:
@@ -291,6 +315,16 @@ class TargetHandlers:
             with contextlib.suppress(DockerNotFound):
                 ref_ok = self.adapter.inspect_image(spec.image_ref).get("Id") == spec.image_id
         body["Image"] = spec.image_ref if ref_ok else spec.image_id
+        # The copy must stay stopped after its restore until the source commits, and
+        # Docker must not restart it on its own before then.
+        conf = criu_config.for_migration(self.data_root.get(), inc.migration_id)
+        conf.write(criu_config.restore_options(conf.daemon_log))
+        host_cfg = dict(body.get("HostConfig") or {})
+        host_cfg["Annotations"] = dict(host_cfg.get("Annotations") or {}) | {
+            criu_config.ANNOTATION: conf.daemon_path
+        }
+        host_cfg["RestartPolicy"] = {"Name": "no", "MaximumRetryCount": 0}
+        body["HostConfig"] = host_cfg
         before = {v.name for v in spec.volumes if self._volume_exists(v.name)}
         try:
             cid = self.adapter.create_container(body, name=spec.name)
@@ -412,29 +446,83 @@ class TargetHandlers:
                 if inc.aborted:
                     raise _refuse("the source aborted this migration", "aborted")
                 t1 = self.clock.monotonic()
-                await asyncio.to_thread(self._start_and_wait, inc)
+                await asyncio.to_thread(self._start_held, inc)
                 timings["start_s"] = round(self.clock.monotonic() - t1, 4)
             except HandlerError as exc:
                 await self._discard(inc, exc.reason)
                 raise
             except (DockerError, ArchiveError, OSError) as exc:
-                reason = f"restore on {self.config.name} failed: {exc}"
+                reason = f"restore on {self.config.name} failed: {exc}{self._criu_words(inc)}"
                 await self._discard(inc, reason)
                 code = "unsafe_archive" if isinstance(exc, UnsafeArchive) else "restore_failed"
                 raise _refuse(reason, code, 422 if code == "unsafe_archive" else 500) from exc
-            # Running here now: this copy is the container from this point on.
-            with contextlib.suppress(DockerError):
-                await asyncio.to_thread(
-                    self.adapter.checkpoint_delete, inc.container_id, inc.checkpoint
-                )
-            self.journal.finish(
-                migration_id, "succeeded", report=inc.journal_report() | {"timings": timings}
+            self._phase(inc, T_RESTORED)
+            self.journal.update_report(migration_id, inc.journal_report() | {"timings": timings})
+            inc.timings = timings
+            self._watch_decision(inc)
+            log.info("migration.target.held", migration=migration_id, container_id=inc.container_id)
+            return {
+                "restored": True,
+                "held": True,
+                "container_id": inc.container_id,
+                "timings": timings,
+            }
+
+    def _criu_words(self, inc: Incoming) -> str:
+        conf = criu_config.for_migration(self.data_root.get(), inc.migration_id)
+        lines = criu_config.error_lines(conf.local_log)
+        if not lines:
+            return ""
+        return f"; CRIU: {lines[0]} (log {conf.local_log})"
+
+    async def commit(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The source journalled its commit: let the held copy run. Idempotent."""
+        try:
+            rec = self.journal.get(migration_id)
+        except JournalError:
+            raise _refuse(f"no migration {migration_id} here", "unknown_migration", 404) from None
+        if rec.source != peer:
+            raise _refuse(f"migration {migration_id} belongs to another peer", "forbidden", 403)
+        inc = self.incoming.get(migration_id) or _incoming_from_record(rec)
+        async with self._lock(migration_id):
+            return await self._commit(inc, rec.id)
+
+    async def _commit(self, inc: Incoming, migration_id: str) -> dict[str, Any]:
+        rec = self.journal.get(migration_id)
+        if rec.outcome == "succeeded":
+            return {"running": True, "container_id": inc.container_id, "already": True}
+        if rec.outcome is not None or rec.phase != T_RESTORED or not inc.container_id:
+            raise _refuse(
+                f"migration {migration_id} holds no restored copy here "
+                f"(phase {rec.phase}, outcome {rec.outcome})",
+                "not_held",
             )
-            self._forget(migration_id)
-            log.info(
-                "migration.target.running", migration=migration_id, container_id=inc.container_id
-            )
-            return {"running": True, "container_id": inc.container_id, "timings": timings}
+        await hooks.gate(
+            Path(self.config.state_dir),
+            hooks.BEFORE_CONTINUE,
+            self.clock,
+            {"migration": migration_id},
+        )
+        t0 = self.clock.monotonic()
+        try:
+            await asyncio.to_thread(self._continue, inc)
+        except DockerError as exc:
+            # Still stopped and still ours: the source retries, or an operator resolves.
+            raise _refuse(
+                f"cannot continue the restored copy on {self.config.name}: {exc}",
+                "continue_failed",
+                503,
+            ) from exc
+        timings = dict((rec.report or {}).get("timings") or {})
+        timings["continue_s"] = round(self.clock.monotonic() - t0, 4)
+        self.journal.finish(
+            migration_id, "succeeded", report=inc.journal_report() | {"timings": timings}
+        )
+        self._forget(migration_id)
+        await self._stop_watcher(migration_id)
+        await asyncio.to_thread(self._after_commit, inc)
+        log.info("migration.target.running", migration=migration_id, container_id=inc.container_id)
+        return {"running": True, "container_id": inc.container_id, "timings": timings}
 
     async def _sections(self, inc: Incoming) -> dict[str, Path]:
         assert inc.container_id and inc.upper_dir
@@ -450,17 +538,123 @@ class TargetHandlers:
         await asyncio.to_thread(staged.commit, digest)
         inc.staging_dirs = []
 
-    def _start_and_wait(self, inc: Incoming) -> None:
-        assert inc.container_id and inc.spec
-        spec = ContainerSpec.from_dict(inc.spec)
+    def _start_held(self, inc: Incoming) -> None:
+        """Restore, and prove that nothing of it runs yet."""
+        assert inc.container_id
         mig = self.config.migration
         self.adapter.start(inc.container_id, checkpoint=inc.checkpoint)
         self.adapter.wait_running(inc.container_id, timeout=mig.restore_timeout)
-        if spec.has_healthcheck:
-            self.adapter.wait_running(inc.container_id, timeout=mig.health_timeout, healthy=True)
-        policy = spec.restart_policy
-        if (policy.get("Name") or "no") != "no":
-            self.adapter.update_restart_policy(inc.container_id, policy)
+        procs = self.procs.processes(inc.container_id)
+        if not held.all_stopped(procs):
+            # CRIU ignored leave-stopped: it would run before the commit. Never keep that.
+            with contextlib.suppress(DockerError):
+                self.adapter.remove(inc.container_id, force=True)
+            running = [p.pid for p in procs if p.state not in ("T", "t")]
+            raise DockerError(
+                "restore",
+                f"the restored copy is not held stopped (running pids {running[:5]}); removed",
+            )
+
+    def _continue(self, inc: Incoming) -> None:
+        """SIGCONT every process, inside a pause so they all resume at once."""
+        assert inc.container_id
+        cid = inc.container_id
+        procs = self.procs.processes(cid)
+        if not procs:
+            raise DockerError("continue", f"no processes of {cid[:12]} found")
+        paused = False
+        try:
+            self.adapter.pause(cid)
+            paused = True
+        except DockerError as exc:
+            log.warning("migration.target.pause_failed", container_id=cid, error=str(exc))
+        try:
+            self.procs.cont(procs)
+        finally:
+            if paused:
+                self.adapter.unpause(cid)
+        deadline = self.clock.monotonic() + 10.0
+        while True:
+            left = [p for p in self.procs.processes(cid) if p.state in ("T", "t")]
+            if not left:
+                return
+            if self.clock.monotonic() > deadline:
+                raise DockerError("continue", f"pids {[p.pid for p in left][:5]} stay stopped")
+            self.procs.cont(left)
+            time.sleep(0.02)
+
+    def _after_commit(self, inc: Incoming) -> None:
+        """Running here for good: restart policy back, health, and no state left behind."""
+        assert inc.container_id
+        spec = ContainerSpec.from_dict(inc.spec) if inc.spec else None
+        cid = inc.container_id
+        try:
+            if spec is not None and (spec.restart_policy.get("Name") or "no") != "no":
+                self.adapter.update_restart_policy(cid, spec.restart_policy)
+            if spec is not None and spec.has_healthcheck:
+                self.adapter.wait_running(
+                    cid, timeout=self.config.migration.health_timeout, healthy=True
+                )
+        except DockerError as exc:
+            log.warning("migration.target.after_commit", container_id=cid, error=str(exc))
+        with contextlib.suppress(DockerError):
+            self.adapter.checkpoint_delete(cid, inc.checkpoint)
+        root = self.data_root.get()
+        shutil.rmtree(root.checkpoint_dir(cid, inc.checkpoint), ignore_errors=True)
+        criu_config.for_migration(root, inc.migration_id).remove()
+
+    def _watch_decision(self, inc: Incoming) -> None:
+        """If the commit does not come, ask the source for its decision until it answers."""
+
+        async def watch() -> None:
+            await asyncio.sleep(float(self.config.migration.commit_timeout))
+            delay = 2.0
+            while True:
+                try:
+                    outcome = await self.resolve_held(inc.migration_id)
+                except Exception as exc:  # keep watching: the copy stays stopped meanwhile
+                    outcome = f"error: {exc}"
+                if outcome != "waiting":
+                    log.info("migration.target.decided", migration=inc.migration_id, how=outcome)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DECISION_POLL_MAX)
+
+        task = asyncio.get_running_loop().create_task(watch())
+        self._cleanup_tasks.add(task)
+        task.add_done_callback(self._cleanup_tasks.discard)
+        self._watchers[inc.migration_id] = task
+
+    async def _stop_watcher(self, mid: str) -> None:
+        task = self._watchers.pop(mid, None)
+        if task is None or task is asyncio.current_task() or task.done():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def resolve_held(self, migration_id: str) -> str:
+        """Act on the source's decision for a copy held here: continue, remove, or wait."""
+        rec = self.journal.get(migration_id)
+        if rec.outcome is not None or rec.phase != T_RESTORED:
+            return f"done ({rec.outcome or rec.phase})"
+        verdict = None
+        if self.peer_status is not None:
+            verdict = await self.peer_status(rec.source, migration_id)
+        if verdict is None:
+            return "waiting"
+        inc = _incoming_from_record(rec)
+        decision = verdict.get("decision")
+        if decision == "commit":
+            async with self._lock(migration_id):
+                await self._commit(inc, migration_id)
+            return "continued: the source committed"
+        if decision == "rollback" or (
+            verdict.get("outcome") in ("rolled_back", "refused", "failed") and decision is None
+        ):
+            await self._discard(inc, "the source rolled back; held copy removed")
+            return "removed: the source rolled back"
+        return "waiting"
 
     async def abort(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
         inc = self.incoming.get(migration_id)
@@ -494,6 +688,7 @@ class TargetHandlers:
 
     async def _discard(self, inc: Incoming, reason: str) -> bool:
         """Remove everything this migration made here; retry later if Docker is away."""
+        await self._stop_watcher(inc.migration_id)
         staged = self._staged.pop(inc.migration_id, None)
         if staged is not None:
             await asyncio.to_thread(staged.discard)
@@ -529,6 +724,8 @@ class TargetHandlers:
         for vol in inc.created_volumes:
             with contextlib.suppress(DockerNotFound):
                 self.adapter.remove_volume(vol)
+        with contextlib.suppress(DockerError, OSError):
+            criu_config.for_migration(self.data_root.get(), inc.migration_id).remove()
 
     def _spawn_cleanup(self, inc: Incoming, reason: str) -> None:
         async def retry() -> None:
@@ -557,25 +754,32 @@ class TargetHandlers:
     # ------------------------------------------------------------ reconcile
 
     async def reconcile_record(self, rec: Any) -> str:
-        """Resolve an unfinished target-side migration after a restart."""
+        """Resolve an unfinished target-side migration after a restart.
+
+        Raises while the source's decision cannot be learned: the caller retries,
+        and the copy stays stopped meanwhile.
+        """
         inc = _incoming_from_record(rec)
         info = None
         if inc.container_id:
             info = await asyncio.to_thread(self.adapter.find_container, inc.container_id)
         running = bool(info and (info.get("State") or {}).get("Running"))
-        if running:
-            verdict = None
-            if self.peer_status is not None:
-                verdict = await self.peer_status(rec.source, rec.id)
-            if verdict is not None and verdict.get("outcome") in (
-                "rolled_back",
-                "failed",
-                "refused",
-            ):
-                await self._discard(inc, "source rolled back while this agent was down")
-                return "removed: the source runs it"
-            self.journal.finish(rec.id, "succeeded", reason="restored; confirmed at reconcile")
-            return "kept: running here"
+        if running and rec.phase in (T_RESTORE, T_RESTORED):
+            procs = await asyncio.to_thread(self.procs.processes, str(inc.container_id))
+            if procs and not any(p.state in ("T", "t") for p in procs):
+                # Continued, then the agent died before journalling it: only a commit does that.
+                self.journal.finish(rec.id, "succeeded", reason="continued; confirmed at reconcile")
+                await asyncio.to_thread(self._after_commit, inc)
+                return "kept: running here"
+            if rec.phase == T_RESTORE:
+                self.journal.set_phase(rec.id, T_RESTORED)
+            outcome = await self.resolve_held(rec.id)
+            if outcome == "waiting":
+                raise RuntimeError(
+                    f"holding {rec.container_name} stopped: source {rec.source} has not said "
+                    "whether it committed"
+                )
+            return outcome
         await self._discard(inc, "half-made container removed at agent start")
         return "removed half-made container"
 

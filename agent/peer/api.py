@@ -8,7 +8,8 @@ A source agent drives a migration on a target agent through these calls:
   POST /v1/migrations/{id}/stage   -> stage(peer, id, body)     create the target container
   PUT  /v1/migrations/{id}/image   -> receive_image(peer, id, stream, meta)
   PUT  /v1/migrations/{id}/state   -> receive_state(peer, id, stream, digest or None)
-  POST /v1/migrations/{id}/restore -> restore(peer, id, body)
+  POST /v1/migrations/{id}/restore -> restore(peer, id, body)     restore, held stopped
+  POST /v1/migrations/{id}/commit  -> commit(peer, id, body)      the source committed: run it
   POST /v1/migrations/{id}/abort   -> abort(peer, id, body)
 
 `peer` is the caller's authenticated name (from its client certificate), never
@@ -102,6 +103,10 @@ class PeerHandlers(Protocol):
         ...
 
     async def restore(
+        self, peer: str, migration_id: str, body: dict[str, Any]
+    ) -> dict[str, Any]: ...
+
+    async def commit(
         self, peer: str, migration_id: str, body: dict[str, Any]
     ) -> dict[str, Any]: ...
 

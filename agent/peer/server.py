@@ -196,6 +196,7 @@ def make_peer_app(
     app.router.add_put(mig + "/image", _receive_image)
     app.router.add_put(mig + "/state", _receive_state)
     app.router.add_post(mig + "/restore", _json_action("restore"))
+    app.router.add_post(mig + "/commit", _json_action("commit"))
     app.router.add_post(mig + "/abort", _json_action("abort"))
     return app
 

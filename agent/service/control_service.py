@@ -37,6 +37,7 @@ class AgentControl:
                 d["since_wall"] = now_wall - (now_mono - s.since)
                 policies.append(d)
         migrations = await self._in_flight()
+        in_doubt = await self._in_doubt()
         peers = [asdict(p) for p in agent.peers.peers()] if agent.peers is not None else []
         return {
             "host": agent.config.name,
@@ -50,6 +51,8 @@ class AgentControl:
             "signals": agent.store.snapshot() if agent.store is not None else {},
             "policies": policies,
             "migrations": migrations,
+            # Committed but unconfirmed: the container runs nowhere until resolved.
+            "in_doubt": in_doubt,
             "evacuation": agent.evacuator.status() if agent.evacuator is not None else {},
             "peers": peers,
         }
@@ -68,6 +71,23 @@ class AgentControl:
                 "target": r.target,
                 "phase": r.phase,
                 "started_at": r.started,
+            }
+            for r in records
+        ]
+
+    async def _in_doubt(self) -> list[dict[str, Any]]:
+        journal = self._journal()
+        if journal is None:
+            return []
+        records = await asyncio.to_thread(journal.in_doubt)
+        return [
+            {
+                "id": r.id,
+                "container": r.container_name,
+                "target": r.target,
+                "reason": r.reason,
+                "since": r.updated,
+                "resolve": f"ferry resolve {r.id} --keep source|target",
             }
             for r in records
         ]

@@ -54,6 +54,22 @@ class _PolicyStateCollector(Collector):
         yield family
 
 
+class _InDoubtCollector(Collector):
+    def __init__(self, owner: FerryMetrics) -> None:
+        self._owner = owner
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "ferry_migrations_in_doubt",
+            "Migrations committed here whose target has not confirmed: the container runs "
+            "nowhere until resolved (ferry resolve)",
+        )
+        provider = self._owner.in_doubt
+        count = _safe_call(provider, "metrics.in_doubt_failed") if provider else None
+        family.add_metric([], float(count or 0))
+        yield family
+
+
 class _SignalCollector(Collector):
     def __init__(self, owner: FerryMetrics) -> None:
         self._owner = owner
@@ -91,6 +107,7 @@ class FerryMetrics:
         self.registry = registry
         self.signals = signals
         self.policy_states = policy_states
+        self.in_doubt: Callable[[], int] | None = None
         self.migrations_started = Counter(
             "ferry_migrations_started",
             "Migrations this agent started as the source",
@@ -124,13 +141,17 @@ class FerryMetrics:
         )
         registry.register(_PolicyStateCollector(self))
         registry.register(_SignalCollector(self))
+        registry.register(_InDoubtCollector(self))
 
     def bind(
         self,
         signals: SignalView | None = None,
         policy_states: PolicyStateProvider | None = None,
+        in_doubt: Callable[[], int] | None = None,
     ) -> None:
         """Attach providers built after the metrics (the runtime wires parts in order)."""
+        if in_doubt is not None:
+            self.in_doubt = in_doubt
         if signals is not None:
             self.signals = signals
         if policy_states is not None:

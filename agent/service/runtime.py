@@ -171,6 +171,9 @@ class Agent:
         )
 
         self.migration = (self._o.migration or build_migration)(self)
+        journal = self.migration.journal
+        if journal is not None:
+            self.metrics.bind(in_doubt=lambda: len(journal.in_doubt()))
         if self.migration.close is not None:
             self._on_close("migration", self.migration.close)
         if self.migration.reconcile is not None:

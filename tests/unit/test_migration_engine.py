@@ -7,6 +7,7 @@ archive really streams, verifies and unpacks; what they fake is Docker itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,7 @@ from agent.config import FerryConfig
 from agent.docker_adapter import CheckpointError, DockerError, DockerNotFound
 from agent.journal import Journal
 from agent.migration import MigrationFailed, MigrationRefused, MigrationService
+from agent.migration.held import ProcState
 from agent.migration.report import ProgressEvent
 from agent.peer.api import HandlerError
 from agent.peer.client import PeerRefused, PeerUnavailable
@@ -195,7 +197,16 @@ class FakeDocker:
             if not (d / "inventory.img").exists():
                 raise CheckpointError("restore", f"no images in {d}")
             c["restored_from"] = checkpoint
+            # CRIU's leave-stopped, asked for through the annotation Ferry sets.
+            annotations = c["HostConfig"].get("Annotations") or {}
+            c["held"] = "org.criu.config" in annotations
         c["State"] = {"Status": "running", "Running": True}
+
+    def pause(self, ref: str) -> None:
+        self.calls.append(("pause", self._get(ref)["Id"]))
+
+    def unpause(self, ref: str) -> None:
+        self.calls.append(("unpause", self._get(ref)["Id"]))
 
     def wait_running(self, ref: str, timeout: float, healthy: bool = False) -> dict[str, Any]:
         c = self._get(ref)
@@ -214,6 +225,31 @@ class FakeDocker:
 
     def rename(self, ref: str, new: str) -> None:
         self._get(ref)["Name"] = f"/{new}"
+
+
+class FakeProcesses:
+    """The host process table as the fake daemon's containers imply it."""
+
+    def __init__(self, docker: FakeDocker) -> None:
+        self.docker = docker
+
+    def processes(self, container_id: str) -> list[ProcState]:
+        c = self.docker.containers.get(container_id)
+        if c is None or not c["State"]["Running"]:
+            return []
+        return [ProcState(int(container_id, 16), "T" if c.get("held") else "S")]
+
+    def cont(self, procs: Any) -> int:
+        count = 0
+        for p in procs:
+            c = self.docker.containers.get(f"{p.pid:064x}")
+            if c is not None:
+                c["held"] = False
+                count += 1
+        return count
+
+    def dump_in_progress(self, container_id: str) -> bool:
+        return False
 
 
 class Upload:
@@ -291,6 +327,7 @@ class Host:
             self.config,
             self.journal,
             self.peers,
+            processes=FakeProcesses(self.docker),
         )
 
 
@@ -436,7 +473,9 @@ def test_reconcile_restores_a_frozen_container_exactly_once(hosts: tuple[Host, H
     assert not a.docker.containers[cid]["State"]["Running"]
     assert b.docker.find_container("web") is not None  # half-made on the target
 
-    restarted = MigrationService(a.docker, a.config, a.journal, a.peers)  # type: ignore[arg-type]
+    restarted = MigrationService(
+        a.docker, a.config, a.journal, a.peers, processes=FakeProcesses(a.docker)
+    )  # type: ignore[arg-type]
     results = run_async(restarted.reconcile())
     assert results[0]["outcome"].startswith("rolled back")
     assert a.docker.containers[cid]["State"]["Running"]
@@ -445,26 +484,49 @@ def test_reconcile_restores_a_frozen_container_exactly_once(hosts: tuple[Host, H
     assert a.journal.unfinished() == []
 
 
-def test_reconcile_keeps_the_target_copy_when_it_runs_there(hosts: tuple[Host, Host]) -> None:
+def test_reconcile_finishes_a_journalled_commit(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
-    cid, mid = _crash_after_freeze(a, b)
-    # Pretend the target finished the restore before the source died.
-    inc = b.service.handlers.incoming[mid]
-    b.docker.containers[str(inc.container_id)]["State"] = {"Status": "running", "Running": True}
-    b.journal.finish(mid, "succeeded", report=inc.journal_report())
+    cid = a.docker.add_running("web")
+    hooks_dir = a.config.state_dir / "hooks"
+    hooks_dir.mkdir(parents=True)
+    (hooks_dir / "after-decision").write_text("test")
 
-    restarted = MigrationService(a.docker, a.config, a.journal, a.peers)  # type: ignore[arg-type]
+    async def crash_after_the_decision() -> str:
+        task = asyncio.ensure_future(a.service.migrate("web", "b"))
+        reached = hooks_dir / "after-decision.reached"
+        for _ in range(2000):
+            if reached.exists():
+                break
+            await asyncio.sleep(0.005)
+        task.cancel()  # the agent stops: the journal says "commit"
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await b.service.handlers.close()  # its decision watcher belongs to this loop
+        return a.journal.unfinished()[0].id
+
+    mid = run_async(crash_after_the_decision())
+    (hooks_dir / "after-decision").unlink()
+    assert a.journal.get(mid).report["decision"] == "commit"
+    held_copy = b.docker._get("web")
+    assert held_copy["held"], "the target copy must stay stopped until the commit"
+
+    restarted = MigrationService(
+        a.docker, a.config, a.journal, a.peers, processes=FakeProcesses(a.docker)
+    )  # type: ignore[arg-type]
     run_async(restarted.reconcile())
     assert cid not in a.docker.containers
-    assert b.docker._get("web")["State"]["Running"]
+    assert not b.docker._get("web")["held"] and b.docker._get("web")["State"]["Running"]
     assert a.journal.get(mid).outcome == "succeeded"
+    assert b.journal.get(mid).outcome == "succeeded"
 
 
 def test_reconcile_removes_half_made_target_containers(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     _, mid = _crash_after_freeze(a, b)
     b.peers["a"].down = True  # the source is away; a created-only container is garbage anyway
-    restarted_b = MigrationService(b.docker, b.config, b.journal, b.peers)  # type: ignore[arg-type]
+    restarted_b = MigrationService(
+        b.docker, b.config, b.journal, b.peers, processes=FakeProcesses(b.docker)
+    )  # type: ignore[arg-type]
     results = run_async(restarted_b.reconcile())
     assert results == [
         {"migration_id": mid, "role": "target", "outcome": "removed half-made container"}
