@@ -672,8 +672,9 @@ class MigrationService:
             # Proven: the target holds no copy and never will run one. Ours is the state.
             data["decision"] = rp.DECISION_ROLLBACK
             self.journal.update_report(rec.id, data)
-            how = await self._restore_record(rec)
-            return how
+            return await self._restore_record(
+                rec, f"{rec.target} proved it holds no copy after the commit; "
+            )
         info = await asyncio.to_thread(self.adapter.find_container, rec.container_id)
         if info is not None:
             with contextlib.suppress(DockerNotFound):
@@ -683,7 +684,7 @@ class MigrationService:
         )
         return "target runs it; source copy removed"
 
-    async def _restore_record(self, rec: MigrationRecord) -> str:
+    async def _restore_record(self, rec: MigrationRecord, why: str = "") -> str:
         """Roll a journalled migration back here; never starts the container fresh."""
         data = dict(rec.report or {})
         checkpoint = str(data.get("checkpoint") or f"ferry-{rec.id}")
@@ -724,7 +725,7 @@ class MigrationService:
             log.error("migration.state_not_restored", migration=rec.id, reason=exc.message)
             return f"failed: {exc.message}"
         data["details"] = dict(data.get("details") or {}) | {"rollback": how}
-        self.journal.finish(rec.id, "rolled_back", reason=how, report=data)
+        self.journal.finish(rec.id, "rolled_back", reason=f"{why}{how}", report=data)
         log.warning("migration.rolled_back", migration=rec.id, how=how)
         return f"rolled back: {how}"
 
@@ -881,7 +882,9 @@ class MigrationService:
             raise MigrationFailed(
                 f"{rec.target} says it runs a copy that was never committed", rolled_back=False
             )
-        return await self._restore_record(dataclasses.replace(rec, report=data))
+        return await self._restore_record(
+            dataclasses.replace(rec, report=data), f"agent restarted during {rec.phase}; "
+        )
 
     async def resolve(self, migration_id: str, keep: str) -> str:
         """An operator ends an in-doubt migration: keep the source's or the target's copy."""
@@ -923,7 +926,9 @@ class MigrationService:
             )
         data["decision"] = rp.DECISION_ROLLBACK
         self.journal.update_report(rec.id, data)
-        how = await self._restore_record(dataclasses.replace(rec, report=data))
+        how = await self._restore_record(
+            dataclasses.replace(rec, report=data), "resolved by an operator: kept the source; "
+        )
         log.warning("migration.resolved", migration=rec.id, keep="source", how=how)
         return how
 
