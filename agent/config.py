@@ -196,15 +196,50 @@ def _refuse_duplicates(names: list[str], what: str) -> None:
         raise ValueError(f"duplicate {what} name(s): {', '.join(dupes)}")
 
 
+class PluginSpec(_Model):
+    """One configured plugin instance: `type` picks the factory registered under that
+    entry-point name, `name` names this instance (a policy's `action:`, a source's
+    signal prefix). Every other key belongs to the plugin; its own pydantic model
+    checks them when the agent (or `ferry check-config`) loads the plugin."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _unique_plugins(value: list[PluginSpec], what: str) -> list[PluginSpec]:
+    _refuse_duplicates([p.name for p in value], what)
+    return value
+
+
 class SignalsConfig(_Model):
     poll_interval: Duration = Field(default=2.0, gt=0)
     commands: list[CommandMonitor] = []
+    plugins: list[PluginSpec] = []  # third-party sources (`ferry.signals` entry points)
 
     @field_validator("commands")
     @classmethod
     def _unique(cls, value: list[CommandMonitor]) -> list[CommandMonitor]:
         _refuse_duplicates([c.name for c in value], "command monitor")
         return value
+
+    @field_validator("plugins")
+    @classmethod
+    def _unique_plugins(cls, value: list[PluginSpec]) -> list[PluginSpec]:
+        return _unique_plugins(value, "signal plugin")
+
+
+class ActionsConfig(_Model):
+    plugins: list[PluginSpec] = []  # third-party actions (`ferry.actions` entry points)
+
+    @field_validator("plugins")
+    @classmethod
+    def _unique_plugins(cls, value: list[PluginSpec]) -> list[PluginSpec]:
+        return _unique_plugins(value, "action plugin")
 
 
 class FerryConfig(_Model):
@@ -223,6 +258,7 @@ class FerryConfig(_Model):
     markers: MarkersConfig = MarkersConfig()
     metrics: MetricsConfig = MetricsConfig()
     signals: SignalsConfig = SignalsConfig()
+    actions: ActionsConfig = ActionsConfig()
 
     @field_validator("peers")
     @classmethod
@@ -301,7 +337,7 @@ def apply_env(
                     node[part] = value
                 else:
                     if node.get(part) is None:
-                        node[part] = [] if part in ("peers", "commands") else {}
+                        node[part] = [] if part in ("peers", "commands", "plugins") else {}
                         origin.setdefault(tuple(path), var)
                     node = node[part]
         except ValueError as exc:

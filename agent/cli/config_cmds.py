@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import NoReturn
 
@@ -18,9 +17,10 @@ import click
 from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from agent.config import FerryConfig, load_config
 from agent.errors import InputError
-from agent.policy.actions import ENTRY_POINT_GROUP
+from agent.plugin_loader import Plugins, plugins_for_checks
+from agent.policy.actions import needs_target
 from agent.policy.loader import load_policies, policy_files
-from agent.policy.models import MIGRATING_ACTIONS, Policy
+from agent.policy.models import Policy
 from agent.policy.timeline import describe_transition, load_timeline, run_timeline
 
 _EXIT_CODES = """
@@ -31,27 +31,47 @@ Exit codes:
 """
 
 
-def known_actions() -> set[str]:
-    """Built-in actions plus installed plugins' names (from metadata, without importing them)."""
-    return {*MIGRATING_ACTIONS, "log", *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))}
+_PLUGIN_HINT = (
+    "note: plugin signals and actions are known only with the config that names them "
+    "(--config PATH)"
+)
+
+# Read a config only to learn its plugins (signals and actions policies may use).
+_plugins_config = click.option(
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Agent config whose signals.plugins and actions.plugins the policies may use.",
+)
 
 
-def _bad_input(exc: InputError) -> NoReturn:
+def _bad_input(exc: InputError, hint: str | None = None) -> NoReturn:
     for line in exc.lines():
         click.echo(line, err=True)
+    if hint and any("unknown signal" in ln or "unknown action" in ln for ln in exc.lines()):
+        click.echo(hint, err=True)
     sys.exit(EXIT_BAD_INPUT)
 
 
-def _policies_for(cfg: FerryConfig, config_path: str) -> list[Policy]:
+def _plugins(config_path: Path | None) -> Plugins:
+    """The config's plugins, built as `ferry run` builds them; none without a config."""
+    if config_path is None:
+        return Plugins()
+    return plugins_for_checks(load_config(config_path), str(config_path))
+
+
+def _policies_for(cfg: FerryConfig, config_path: str, plugins: Plugins) -> list[Policy]:
     if not cfg.policies_dir.is_dir():
         raise InputError.single(
             config_path, "policies_dir", f"{cfg.policies_dir} is not a directory"
         )
     return load_policies(
         cfg.policies_dir,
+        known_signals=plugins.signal_patterns(),
         known_markers=set(cfg.marker_paths()),
         known_peers={p.name for p in cfg.peers},
-        known_actions=known_actions(),
+        known_actions=plugins.action_names(),
     )
 
 
@@ -72,7 +92,8 @@ def check_config(path: Path) -> None:
     """
     try:
         cfg = load_config(path)
-        policies = _policies_for(cfg, str(path))
+        plugins = plugins_for_checks(cfg, str(path))
+        policies = _policies_for(cfg, str(path), plugins)
     except InputError as exc:
         _bad_input(exc)
     mode = ", DRY RUN (no action will execute)" if cfg.dry_run else ""
@@ -82,24 +103,35 @@ def check_config(path: Path) -> None:
     click.echo(f"peers:    {peers}")
     markers = ", ".join(f"{n}={p}" for n, p in cfg.marker_paths().items())
     click.echo(f"markers:  {markers}")
+    for name, declared in plugins.declared.items():
+        click.echo(f"signal plugin {name}: publishes {', '.join(declared)}")
+    for action in plugins.actions:
+        click.echo(f"action plugin {action.name}: {type(action).__module__}")
     click.echo(f"policies: {len(policies)} in {cfg.policies_dir}")
     _print_policies(policies)
 
 
 @main.command("check-policies", epilog=_EXIT_CODES)
 @click.argument("directory", type=click.Path(path_type=Path))
-def check_policies(directory: Path) -> None:
+@_plugins_config
+def check_policies(directory: Path, config_path: Path | None) -> None:
     """Validate every policy file (*.yaml, *.yml) in DIRECTORY (or one file).
 
     Signal names, durations and every key are checked; marker and peer names
-    are checked by `ferry check-config`, which knows the config.
+    are checked by `ferry check-config`, which knows the config. With --config,
+    the signals and actions of the plugins it configures are known too.
     """
     try:
         if directory.is_dir() and not policy_files(directory):
             raise InputError.single(str(directory), "", "no policy files (*.yaml, *.yml) here")
-        policies = load_policies(directory, known_actions=known_actions())
+        plugins = _plugins(config_path)
+        policies = load_policies(
+            directory,
+            known_signals=plugins.signal_patterns(),
+            known_actions=plugins.action_names(),
+        )
     except InputError as exc:
-        _bad_input(exc)
+        _bad_input(exc, None if config_path else _PLUGIN_HINT)
     click.echo(f"ok: {len(policies)} policies in {directory}")
     _print_policies(policies)
 
@@ -124,7 +156,14 @@ Exit codes:
 )
 @click.option("--policy", "only", multiple=True, help="Run only this policy (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print transitions as JSON lines.")
-def test_policy(timeline: Path, policies_path: Path, only: tuple[str, ...], as_json: bool) -> None:
+@_plugins_config
+def test_policy(
+    timeline: Path,
+    policies_path: Path,
+    only: tuple[str, ...],
+    as_json: bool,
+    config_path: Path | None,
+) -> None:
     """Replay TIMELINE (YAML or JSON) through the policies on a simulated clock.
 
     Prints every transition: pending, firing, cleared, skipped (with the
@@ -135,15 +174,21 @@ def test_policy(timeline: Path, policies_path: Path, only: tuple[str, ...], as_j
     """
     try:
         tl = load_timeline(timeline)
-        policies = load_policies(policies_path, known_actions=known_actions())
+        plugins = _plugins(config_path)
+        policies = load_policies(
+            policies_path,
+            known_signals=plugins.signal_patterns(),
+            known_actions=plugins.action_names(),
+        )
         if only:
             unknown = sorted(set(only) - {p.name for p in policies})
             if unknown:
                 raise InputError.single("--policy", "", f"no such policy: {', '.join(unknown)}")
             policies = [p for p in policies if p.name in only]
     except InputError as exc:
-        _bad_input(exc)
-    result = asyncio.run(run_timeline(tl, policies))
+        _bad_input(exc, None if config_path else _PLUGIN_HINT)
+    targets = {a.name: needs_target(a) for a in plugins.actions}
+    result = asyncio.run(run_timeline(tl, policies, needs_target=targets))
     for t in result.transitions:
         if as_json:
             click.echo(json.dumps({"at": t.at, **t.to_dict()}))

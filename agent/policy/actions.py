@@ -1,9 +1,11 @@
 """The explicit registry of actions policies can trigger, and the built-in ``log`` action.
 
 The runtime builds one registry, registers the migration engine's
-``evacuate``/``move`` actions, optionally loads third-party actions from the
-``ferry.actions`` entry point group, and hands it to the PolicyEngine. There
-is no module-level registry, so tests and ``ferry test-policy`` build their own.
+``evacuate``/``move`` actions and the third-party actions the config names
+under ``actions.plugins`` (built by factories from the ``ferry.actions`` entry
+point group, see agent/plugin_loader.py), and hands it to the PolicyEngine.
+There is no module-level registry, so tests and ``ferry test-policy`` build
+their own.
 
 An action may set ``needs_target = False`` (as ``log`` does) when it does not
 move containers; the engine then skips placement and the global migration
@@ -12,17 +14,110 @@ caps for it. Without the attribute an action is assumed to need targets.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from importlib.metadata import entry_points
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
-from agent.model import Action, ActionResult, Decision
+from agent.model import Action, ActionResult, Clock, Decision
+from agent.plugin_registry import FactoryRegistry, PluginError, factory_problem, validate_params
 
 ENTRY_POINT_GROUP = "ferry.actions"
 
 log = structlog.get_logger("ferry.actions")
+
+
+BUILTIN_ACTIONS = frozenset({"evacuate", "move", "log"})
+
+
+class MigrationHooks(Protocol):
+    """What the agent's migration service offers an action plugin.
+
+    ``evacuate``/``move`` run a decision through the same evacuator as the
+    built-in actions (targets re-checked, stuck containers retried); the
+    decision's ``targets`` were placed by the policy engine when the action
+    declares ``needs_target = True``.
+    """
+
+    async def evacuate(self, decision: Decision) -> ActionResult: ...
+
+    async def move(self, decision: Decision) -> ActionResult: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class NoMigrations:
+    """The hooks where nothing may migrate (`ferry check-config`, `ferry test-policy`)."""
+
+    def __init__(self, why: str = "migrations are not available here") -> None:
+        self._why = why
+
+    async def evacuate(self, decision: Decision) -> ActionResult:
+        raise RuntimeError(self._why)
+
+    async def move(self, decision: Decision) -> ActionResult:
+        raise RuntimeError(self._why)
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class ActionContext:
+    """What the agent offers an action besides its own parameters."""
+
+    name: str  # the instance name from the config; policies use it as `action:`
+    host: str  # this agent's name (the config's `name`)
+    clock: Clock
+    log: Any  # a structlog logger bound with plugin=<name>
+    migrations: MigrationHooks
+
+
+ActionFactory = Callable[..., Action]
+
+
+class ActionFactories(FactoryRegistry[ActionFactory]):
+    """Action plugin factories by type name, from the ``ferry.actions`` entry point group."""
+
+    def __init__(self) -> None:
+        super().__init__(ENTRY_POINT_GROUP, "action")
+
+    def create(self, kind: str, raw_params: Mapping[str, Any], context: ActionContext) -> Action:
+        """Build a configured action; raises PluginError or pydantic's ValidationError.
+
+        Building must not start anything: `ferry check-config` builds actions too.
+        """
+        factory = self.factory(kind)
+        problem = factory_problem(factory)
+        if problem is not None:
+            raise PluginError(f"action plugin {kind!r} ({self.origin(kind)}): {problem}")
+        params = validate_params(factory, raw_params)
+        try:
+            action = factory(context, params)
+        except Exception as exc:
+            raise PluginError(
+                f"action plugin {kind!r} refused its parameters: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(action, Action):
+            raise PluginError(
+                f"action plugin {kind!r} ({self.origin(kind)}) returned "
+                f"{type(action).__name__}, which has no `name` and `async execute(decision)`"
+            )
+        if action.name != context.name:
+            raise PluginError(
+                f"action plugin {kind!r} named its action {action.name!r}; "
+                f"it must use the configured name (context.name = {context.name!r})"
+            )
+        return action
+
+
+def default_action_factories(*, plugins: bool = True) -> ActionFactories:
+    """A new factory registry with the installed ``ferry.actions`` plugins."""
+    factories = ActionFactories()
+    if plugins:
+        factories.load_entry_points()
+    return factories
 
 
 def needs_target(action: Action) -> bool:
@@ -88,22 +183,3 @@ class ActionRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._actions)
-
-    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> dict[str, str]:
-        """Register third-party actions; returns {entry point: problem} for those that failed.
-
-        An entry point may name an Action instance, an Action class, or a
-        zero-argument factory returning an Action. A broken plugin is reported,
-        not fatal: the built-in actions still work.
-        """
-        failed: dict[str, str] = {}
-        for ep in entry_points(group=group):
-            try:
-                obj: Any = ep.load()
-                # Check for a class first: a class has .name and .execute too.
-                action = obj() if isinstance(obj, type) or not isinstance(obj, Action) else obj
-                self.register(action)
-            except Exception as exc:
-                failed[ep.name] = f"{type(exc).__name__}: {exc}"
-                log.warning("action.plugin_failed", entry_point=ep.name, error=failed[ep.name])
-        return failed

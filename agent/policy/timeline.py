@@ -26,7 +26,7 @@ The engine runs on a manual clock in dry-run: no action is ever executed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,10 +174,10 @@ class TimelineResult:
     failures: list[str] = field(default_factory=list)
 
 
-def _registry(policies: Sequence[Policy]) -> ActionRegistry:
+def _registry(policies: Sequence[Policy], needs_target: Mapping[str, bool]) -> ActionRegistry:
     registry = ActionRegistry([LogAction()])
     for name in sorted({p.action for p in policies} - {"log"}):
-        registry.register(DryRunAction(name))
+        registry.register(DryRunAction(name, needs_target.get(name, True)))
     return registry
 
 
@@ -195,6 +195,7 @@ async def run_timeline(
     policies: Sequence[Policy],
     host: str = "this-host",
     logger: Any = None,
+    needs_target: Mapping[str, bool] | None = None,
 ) -> TimelineResult:
     clock = ManualClock()
     signals = MemorySignals()
@@ -204,7 +205,7 @@ async def run_timeline(
     lim = timeline.limits
     engine = PolicyEngine(
         list(policies),
-        _registry(policies),
+        _registry(policies, needs_target or {}),
         signals,
         peers,
         clock,

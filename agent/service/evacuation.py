@@ -483,3 +483,30 @@ class MoveAction:
 
     async def execute(self, decision: Decision) -> ActionResult:
         return await self._evacuator.execute(decision, kind="move")
+
+
+class EvacuationHooks:
+    """`MigrationHooks` for action plugins: the agent's evacuator, looked up when called.
+
+    Plugins are built before the migration engine exists (their parameters are
+    checked with the rest of the input), so the evacuator is found late.
+    """
+
+    def __init__(self, evacuator: Callable[[], Evacuator | None]) -> None:
+        self._evacuator = evacuator
+
+    def _get(self) -> Evacuator:
+        evacuator = self._evacuator()
+        if evacuator is None:
+            raise RuntimeError("the migration service is not running yet")
+        return evacuator
+
+    async def evacuate(self, decision: Decision) -> ActionResult:
+        return await self._get().execute(decision, kind="evacuate")
+
+    async def move(self, decision: Decision) -> ActionResult:
+        return await self._get().execute(decision, kind="move")
+
+    def status(self) -> dict[str, Any]:
+        evacuator = self._evacuator()
+        return evacuator.status() if evacuator is not None else {}

@@ -31,7 +31,8 @@ from agent.errors import InputError
 from agent.logging import configure_logging
 from agent.model import Clock, PeerDirectory, SignalSource, SystemClock
 from agent.peer.health import PeerHealthMonitor
-from agent.policy.actions import ActionRegistry
+from agent.plugin_loader import Plugins, load_plugins
+from agent.policy.actions import ActionContext, ActionRegistry, default_action_factories
 from agent.policy.engine import EngineLimits, PolicyEngine
 from agent.policy.loader import load_policies
 from agent.service.control import (
@@ -42,15 +43,16 @@ from agent.service.control import (
 )
 from agent.service.control_service import AgentControl
 from agent.service.drain import DrainMarker
-from agent.service.evacuation import EvacuateAction, Evacuator, MoveAction
+from agent.service.evacuation import EvacuateAction, EvacuationHooks, Evacuator, MoveAction
 from agent.service.metrics import FerryMetrics, MetricsServer
 from agent.service.migrations import MeteredMigrator, MigrationParts, build_migration
 from agent.service.notify import Notifier
 from agent.service.peer_endpoint import DrainAwareHandlers, local_health
 from agent.service.policy_loop import PolicyLoop, shedding_load
 from agent.service.prereqs import fatal, run_prereqs
-from agent.signals import SignalStore, build_default_sources
+from agent.signals import SignalStore, build_default_sources, default_registry
 from agent.signals.command import CommandMonitorSpec
+from agent.signals.registry import SourceContext
 from agent.signals.runner import run_sources
 
 log = structlog.get_logger(__name__)
@@ -85,8 +87,11 @@ class Overrides:
 class Agent:
     """One running Ferry agent: its parts, how they are started, and how they are stopped."""
 
-    def __init__(self, config: FerryConfig, overrides: Overrides | None = None) -> None:
+    def __init__(
+        self, config: FerryConfig, overrides: Overrides | None = None, config_file: str = "config"
+    ) -> None:
         self.config = config
+        self.config_file = config_file  # how errors name the config (its path, for `ferry run`)
         self._o = overrides or Overrides()
         self.clock: Clock = self._o.clock or SystemClock()
         self.notifier = self._o.notifier or Notifier.from_env()
@@ -106,6 +111,7 @@ class Agent:
         self.metrics: FerryMetrics | None = None
         self.control: ControlServer | None = None
         self.policy_loop: PolicyLoop | None = None
+        self.plugins = Plugins()
 
     # ------------------------------------------------------------------ drain state
 
@@ -132,6 +138,8 @@ class Agent:
             self.docker = DockerAdapter(cfg.docker.url)
         self._on_close("docker", self.docker.close)
 
+        # Plugins before policies: their signal and action names are what policies may use.
+        self.plugins = self._load_plugins()
         policies = self._load_policies()
         # Before anything touches the journal or Docker: a second agent must not
         # reconcile the first one's migrations.
@@ -161,6 +169,7 @@ class Agent:
                 clock=self.clock,
                 interval=cfg.signals.poll_interval,
             )
+        sources = [*sources, *self.plugins.sources]
         self.store.adopt_hints(sources)
         self._spawn("signal-sources", run_sources(sources, self.store), critical=False)
 
@@ -193,7 +202,8 @@ class Agent:
         actions = ActionRegistry.with_builtins()
         actions.register(EvacuateAction(self.evacuator))
         actions.register(MoveAction(self.evacuator))
-        actions.load_entry_points()
+        for action in self.plugins.actions:
+            actions.register(action)
         self.engine = PolicyEngine(
             policies,
             actions,
@@ -239,16 +249,45 @@ class Agent:
             draining=self.draining(),
         )
 
+    def _load_plugins(self) -> Plugins:
+        cfg = self.config
+        hooks = EvacuationHooks(lambda: self.evacuator)
+        plugin_log = structlog.get_logger("ferry.plugins")
+        return load_plugins(
+            cfg,
+            self.config_file,
+            default_registry(plugins=bool(cfg.signals.plugins)),
+            default_action_factories(plugins=bool(cfg.actions.plugins)),
+            SourceContext(
+                clock=self.clock,
+                proc_root=self._o.proc_root,
+                # Plugins are built before Docker is asked for its data root.
+                data_root=cfg.docker.data_root or Path("/var/lib/docker"),
+                interval=cfg.signals.poll_interval,
+                docker_adapter=self.docker,
+                host=cfg.name,
+            ),
+            lambda name: ActionContext(
+                name=name,
+                host=cfg.name,
+                clock=self.clock,
+                log=plugin_log.bind(plugin=name),
+                migrations=hooks,
+            ),
+        )
+
     def _load_policies(self) -> list[Any]:
         cfg = self.config
         if not cfg.policies_dir.is_dir():
             raise InputError.single(
-                "config", "policies_dir", f"{cfg.policies_dir} is not a directory"
+                self.config_file, "policies_dir", f"{cfg.policies_dir} is not a directory"
             )
         return load_policies(
             cfg.policies_dir,
+            known_signals=self.plugins.signal_patterns(),
             known_markers=set(cfg.marker_paths()),
             known_peers={p.name for p in cfg.peers},
+            known_actions=self.plugins.action_names(),
         )
 
     def _tls_files(self) -> tuple[Path, Path, Path]:
@@ -426,7 +465,7 @@ def run_agent(config_path: Path, environ: dict[str, str] | None = None) -> int:
     configure_logging(config.logging.level, config.logging.format)
 
     async def main() -> int:
-        return await serve(Agent(config))
+        return await serve(Agent(config, config_file=str(config_path)))
 
     try:
         return asyncio.run(main())

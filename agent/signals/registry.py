@@ -1,12 +1,14 @@
-"""Which signal sources exist, by name: built-ins plus third-party plugins.
+"""Which signal sources exist, by type name: built-ins plus third-party plugins.
 
 Modelled on prometheus_client's CollectorRegistry, but explicit: there is no
 module-level default registry, the runtime creates one (`default_registry()`)
 and passes it on, so tests and embedders never share hidden state.
 
-A source factory is called as `factory(context, **params)` and returns a
-`SignalSource`. Third-party packages publish factories (or classes with that
-signature) under the `ferry.signals` entry point group:
+Built-in factories are called as `factory(context, **params)` by
+`build_default_sources`. Plugin factories come from the `ferry.signals` entry
+point group and are called as `factory(context, params)`, with `params`
+validated by the factory's own `Params` model; the config names them under
+`signals.plugins` (agent/plugin_loader.py, docs/plugins.md):
 
     [project.entry-points."ferry.signals"]
     smart = "ferry_smart:SmartSource"
@@ -14,120 +16,160 @@ signature) under the `ferry.signals` entry point group:
 
 from __future__ import annotations
 
-import importlib.metadata
-from collections.abc import Callable, Iterable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
-from agent.model import Clock, SignalSource, SystemClock
+from agent.model import Clock, Sample, SignalSink, SignalSource, SystemClock
+from agent.plugin_registry import FactoryRegistry, PluginError, factory_problem, validate_params
 from agent.signals.command import CommandMonitorSpec, CommandSource
 from agent.signals.docker_events import DockerEventsAPI, DockerEventsSource
 from agent.signals.markers import MarkerSource
 from agent.signals.memory import MemoryDiskSource
 from agent.signals.pressure import HostLoadSource
+from agent.signals.store import StalenessHints
 
 log = structlog.get_logger(__name__)
 
 ENTRY_POINT_GROUP = "ferry.signals"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceContext:
     """What every factory may need besides its own parameters."""
 
     clock: Clock = field(default_factory=SystemClock)
     proc_root: Path = Path("/proc")
     data_root: Path = Path("/var/lib/docker")
-    interval: float = 5.0
+    interval: float = 5.0  # the config's signals.poll_interval
     docker_adapter: DockerEventsAPI | None = None
+    host: str = ""  # this agent's name (the config's `name`)
+    name: str = ""  # a plugin's instance name from its config entry; "" for built-ins
+
+
+@runtime_checkable
+class PluginSource(Protocol):
+    """A third-party source: a `SignalSource` that says which signals it publishes.
+
+    `publishes()` returns signal names or glob patterns (``http_probe.web.*``);
+    policies may use exactly those, and the agent drops anything else it publishes.
+    """
+
+    name: str
+
+    async def run(self, sink: SignalSink) -> None: ...
+
+    def publishes(self) -> Sequence[str]: ...
 
 
 SourceFactory = Callable[..., SignalSource]
 
 
-class SourceError(Exception):
+class SourceError(PluginError):
     pass
 
 
-class SourceRegistry:
+class SourceRegistry(FactoryRegistry[SourceFactory]):
     def __init__(self) -> None:
-        self._factories: dict[str, SourceFactory] = {}
-        self._origin: dict[str, str] = {}
+        super().__init__(ENTRY_POINT_GROUP, "signal source")
 
     def register(self, name: str, factory: SourceFactory, *, origin: str = "builtin") -> None:
-        """Add a factory; a name can be registered once (like duplicate collectors)."""
-        if name in self._factories:
-            raise SourceError(
-                f"signal source {name!r} already registered (by {self._origin[name]})"
-            )
-        self._factories[name] = factory
-        self._origin[name] = origin
-
-    def unregister(self, name: str) -> None:
-        self._factories.pop(name, None)
-        self._origin.pop(name, None)
-
-    def names(self) -> list[str]:
-        return sorted(self._factories)
-
-    def origin(self, name: str) -> str:
-        return self._origin[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._factories
+        try:
+            super().register(name, factory, origin=origin)
+        except PluginError as exc:
+            raise SourceError(exc.reason) from None
 
     def create(self, kind: str, context: SourceContext, /, **params: Any) -> SignalSource:
-        """Build a source of registered type `kind` with its config parameters."""
+        """Build a built-in source of type `kind` with its parameters."""
         try:
-            factory = self._factories[kind]
-        except KeyError:
-            raise SourceError(
-                f"unknown signal source {kind!r}; known: {', '.join(self.names()) or 'none'}"
-            ) from None
+            factory = self.factory(kind)
+        except PluginError as exc:
+            raise SourceError(exc.reason) from None
         try:
             source = factory(context, **params)
         except TypeError as exc:
             raise SourceError(f"signal source {kind!r}: bad parameters: {exc}") from exc
         if not isinstance(source, SignalSource):
             raise SourceError(
-                f"signal source {kind!r} from {self._origin[kind]} returned "
+                f"signal source {kind!r} from {self.origin(kind)} returned "
                 f"{type(source).__name__}, which has no `name` and `async run(sink)`"
             )
         return source
 
-    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> list[str]:
-        """Register every plugin in `group`; returns the names added.
+    def create_plugin(
+        self, kind: str, name: str, raw_params: Mapping[str, Any], context: SourceContext
+    ) -> PluginSource:
+        """Build a configured plugin source; raises PluginError or pydantic's ValidationError.
 
-        A broken or clashing plugin is logged and skipped: one bad package must
-        not stop the agent from watching the host.
+        Building must not start anything: `ferry check-config` builds sources too.
         """
-        added: list[str] = []
-        for ep in importlib.metadata.entry_points(group=group):
-            if ep.name in self._factories:
-                log.warning(
-                    "signals.plugin_name_taken",
-                    plugin=ep.name,
-                    value=ep.value,
-                    taken_by=self._origin[ep.name],
-                )
-                continue
-            try:
-                factory = ep.load()
-            except Exception as exc:
-                log.warning(
-                    "signals.plugin_load_failed", plugin=ep.name, value=ep.value, error=repr(exc)
-                )
-                continue
-            if not callable(factory):
-                log.warning("signals.plugin_not_callable", plugin=ep.name, value=ep.value)
-                continue
-            self.register(ep.name, factory, origin=f"entry point {ep.value}")
-            added.append(ep.name)
-            log.info("signals.plugin_loaded", plugin=ep.name, value=ep.value)
-        return added
+        factory = self.factory(kind)
+        if self.is_builtin(kind):
+            raise PluginError(
+                f"{kind!r} is a built-in source; Ferry runs it itself (see signals.*)", key="type"
+            )
+        problem = factory_problem(factory)
+        if problem is not None:
+            raise PluginError(f"signal source plugin {kind!r} ({self.origin(kind)}): {problem}")
+        params = validate_params(factory, raw_params)
+        try:
+            source = factory(dataclasses.replace(context, name=name), params)
+        except Exception as exc:
+            raise PluginError(
+                f"signal source plugin {kind!r} refused its parameters: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(source, PluginSource):
+            raise PluginError(
+                f"signal source plugin {kind!r} ({self.origin(kind)}) returned "
+                f"{type(source).__name__}, which lacks `name`, `async run(sink)` or `publishes()`"
+            )
+        return source
+
+
+class DeclaredOnlySink:
+    """Passes on only the samples a plugin declared; a plugin must not write `load.1`."""
+
+    def __init__(self, sink: SignalSink, source: str, allowed: Callable[[str], bool]) -> None:
+        self._sink = sink
+        self._source = source
+        self._allowed = allowed
+        self._refused: set[str] = set()
+
+    def publish(self, sample: Sample) -> None:
+        if self._allowed(sample.name):
+            self._sink.publish(sample)
+        elif sample.name not in self._refused:
+            self._refused.add(sample.name)  # once per name: a loop must not flood the log
+            log.warning(
+                "signals.undeclared_sample_dropped",
+                source=self._source,
+                signal=sample.name,
+                reason="not in the names the source declared with publishes()",
+            )
+
+    def publish_event(self, event: Any) -> None:
+        log.warning("signals.plugin_event_dropped", source=self._source, action=event.action)
+
+
+class GuardedSource:
+    """Runs a plugin source against a `DeclaredOnlySink`; keeps its name and staleness hints."""
+
+    def __init__(self, source: PluginSource, allowed: Callable[[str], bool]) -> None:
+        self.source = source
+        self.name = source.name
+        self._allowed = allowed
+
+    def max_ages(self) -> dict[str, float | None]:
+        if isinstance(self.source, StalenessHints):
+            return self.source.max_ages()
+        return {}
+
+    async def run(self, sink: SignalSink) -> None:
+        await self.source.run(DeclaredOnlySink(sink, self.name, self._allowed))
 
 
 # -- built-in factories ------------------------------------------------------
@@ -174,7 +216,11 @@ BUILTINS: dict[str, SourceFactory] = {
 
 
 def default_registry(*, plugins: bool = True) -> SourceRegistry:
-    """A new registry with the built-ins, and the `ferry.signals` plugins unless disabled."""
+    """A new registry with the built-ins, and the `ferry.signals` plugins unless disabled.
+
+    `build_default_sources` needs only the built-ins; the agent and the CLI load the
+    plugins too, through `agent.plugin_loader`.
+    """
     registry = SourceRegistry()
     for name, factory in BUILTINS.items():
         registry.register(name, factory)

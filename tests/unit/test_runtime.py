@@ -1,29 +1,34 @@
 """The assembled agent against fakes: READY on a real NOTIFY_SOCKET, drain over the control
-socket and the peer API, a policy firing an evacuation, and a clean shutdown."""
+socket and the peer API, a policy firing an evacuation, configured plugins feeding a policy
+and running its action, and a clean shutdown."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from agent.config import load_config
 from agent.journal import Journal
-from agent.model import ContainerInfo, PeerHealth
+from agent.model import ActionResult, ContainerInfo, Decision, PeerHealth, Sample, SignalSink
 from agent.peer.certs import init_ca, issue_host_cert
 from agent.peer.client import PeerClient, PeerRefused
 from agent.peer.tls import client_context
+from agent.policy.actions import ActionContext
 from agent.service.control import ControlClient
 from agent.service.notify import Notifier
 from agent.service.runtime import (
@@ -34,6 +39,7 @@ from agent.service.runtime import (
     serve,
 )
 from agent.signals.markers import MarkerSource
+from agent.signals.registry import SourceContext
 from tests.helpers import run_async
 
 REPO = Path(__file__).resolve().parents[2]
@@ -363,3 +369,117 @@ def test_second_agent_on_the_same_socket_refuses_and_first_keeps_serving(env: En
             assert await asyncio.wait_for(serving, 30) == 0
 
     run_async(scenario(), timeout=60)
+
+
+# -- plugins, loaded the way `ferry run` loads them ----------------------------------
+
+
+class SwitchParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    initial: float
+
+
+class SwitchSource:
+    """A plugin source whose value the test flips."""
+
+    Params = SwitchParams
+
+    def __init__(self, ctx: SourceContext, params: SwitchParams) -> None:
+        self.name = f"switch.{ctx.name}"
+        self.signal = f"switch.{ctx.name}.up"
+        self.value = params.initial
+        self.changed = asyncio.Event()
+
+    def publishes(self) -> list[str]:
+        return [self.signal]
+
+    async def run(self, sink: SignalSink) -> None:
+        while True:
+            sink.publish(Sample(self.signal, self.value, time.time()))
+            self.changed.clear()
+            await self.changed.wait()
+
+
+class RecordParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tag: str
+
+
+class EvacuateAndRecord:
+    """A plugin action that evacuates through the agent's hooks, then records the result."""
+
+    Params = RecordParams
+    needs_target = True
+    results: ClassVar[list[tuple[str, str, ActionResult]]] = []
+    done: ClassVar[asyncio.Event | None] = None
+
+    def __init__(self, ctx: ActionContext, params: RecordParams) -> None:
+        self.ctx = ctx
+        self.name = ctx.name
+        self.tag = params.tag
+
+    async def execute(self, decision: Decision) -> ActionResult:
+        result = await self.ctx.migrations.evacuate(decision)
+        self.results.append((self.tag, self.ctx.host, result))
+        assert self.done is not None
+        self.done.set()
+        return result
+
+
+def test_configured_plugins_feed_policies_and_run_actions(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = __name__
+    eps = {
+        "ferry.signals": [
+            importlib.metadata.EntryPoint("switch", f"{here}:SwitchSource", "ferry.signals")
+        ],
+        "ferry.actions": [
+            importlib.metadata.EntryPoint("record", f"{here}:EvacuateAndRecord", "ferry.actions")
+        ],
+    }
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda *, group: eps.get(group, []))
+    cfg = yaml.safe_load(env.config_path.read_text())
+    cfg["signals"] = {"plugins": [{"type": "switch", "name": "web", "initial": 1}]}
+    cfg["actions"] = {"plugins": [{"type": "record", "name": "evac-record", "tag": "t1"}]}
+    env.config_path.write_text(yaml.safe_dump(cfg))
+    policies = Path(cfg["policies_dir"])
+    (policies / "web.yaml").write_text(
+        "policies:\n"
+        "  - name: web-down\n"
+        "    when: {signal: switch.web.up, op: '<', value: 1}\n"
+        "    amount: all\n"
+        "    action: evac-record\n"
+    )
+    EvacuateAndRecord.results.clear()
+    migrator = FakeMigrator()
+    agent = make_agent(env, migrator)
+
+    async def scenario() -> None:
+        EvacuateAndRecord.done = asyncio.Event()
+        stop = asyncio.Event()
+        serving = asyncio.create_task(serve(agent, stop))
+        try:
+            await asyncio.wait_for(next_notify(env.notify, "READY=1"), 20)
+            assert agent.store is not None
+            [guarded] = agent.plugins.sources
+            source = guarded.source
+            assert isinstance(source, SwitchSource)
+            while agent.store.value("switch.web.up") != 1.0:
+                await asyncio.wait_for(agent.store.wait_changed(), 5)
+            agent.store.set_containers(
+                [ContainerInfo("c1", "web", "i", "s", {"ferry.migrate": "true"}, "running")]
+            )
+            assert not migrator.calls  # the signal is up: nothing fires
+            source.value = 0.0
+            source.changed.set()
+            await asyncio.wait_for(EvacuateAndRecord.done.wait(), 10)
+        finally:
+            stop.set()
+            assert await asyncio.wait_for(serving, 30) == 0
+
+    run_async(scenario(), timeout=60)
+    assert migrator.calls == [("web", "node-b")]
+    [(tag, host, result)] = EvacuateAndRecord.results
+    assert (tag, host, result.ok) == ("t1", "node-a", True), result
+    assert result.per_container["web"].startswith("moved"), result

@@ -1,13 +1,15 @@
-"""SourceRegistry: built-ins by name, plugins from the `ferry.signals` entry point group."""
+"""SourceRegistry: the built-in sources by name, as `build_default_sources` creates them.
+
+Plugins from the `ferry.signals` entry point group are tested where production
+loads them, through the config: tests/unit/test_plugins.py.
+"""
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
 
 from agent.model import SignalSink
 from agent.signals.command import CommandMonitorSpec, CommandSource
@@ -16,7 +18,6 @@ from agent.signals.markers import MarkerSource
 from agent.signals.memory import MemoryDiskSource
 from agent.signals.pressure import HostLoadSource
 from agent.signals.registry import (
-    ENTRY_POINT_GROUP,
     SourceContext,
     SourceError,
     SourceRegistry,
@@ -26,13 +27,9 @@ from agent.signals.registry import (
 from agent.signals.store import SignalStore
 
 
-class PluginSource:
-    """What a third-party package would ship."""
-
-    def __init__(self, ctx: SourceContext, device: str = "/dev/sda") -> None:
-        self.name = f"smart.{device}"
-        self.device = device
-        self.ctx = ctx
+class SomeSource:
+    def __init__(self, ctx: SourceContext) -> None:
+        self.name = "some"
 
     async def run(self, sink: SignalSink) -> None:
         return None
@@ -53,13 +50,6 @@ class NoAdapter:
         return {}
 
 
-def _entry_points(*eps: importlib.metadata.EntryPoint) -> Any:
-    def fake(*, group: str) -> list[importlib.metadata.EntryPoint]:
-        return [ep for ep in eps if ep.group == group]
-
-    return fake
-
-
 def test_builtins_registered_by_name_and_registries_are_independent() -> None:
     registry = default_registry(plugins=False)
     assert registry.names() == ["command", "docker_events", "host_load", "markers", "memory"]
@@ -78,7 +68,7 @@ def test_create_builtins_with_params(tmp_path: Path) -> None:
     cmd = registry.create("command", ctx, name="ntp", command=["true"], interval=9, timeout=1)
     assert isinstance(cmd, CommandSource) and cmd.name == "command.ntp"
 
-    with pytest.raises(SourceError, match="unknown signal source 'nope'"):
+    with pytest.raises(SourceError, match="unknown signal source type 'nope'"):
         registry.create("nope", ctx)
     with pytest.raises(SourceError, match="bad parameters"):
         registry.create("host_load", ctx, colour="blue")
@@ -88,9 +78,9 @@ def test_create_builtins_with_params(tmp_path: Path) -> None:
 
 def test_duplicate_registration_is_refused() -> None:
     registry = SourceRegistry()
-    registry.register("x", PluginSource)
+    registry.register("x", SomeSource)
     with pytest.raises(SourceError, match="already registered"):
-        registry.register("x", PluginSource)
+        registry.register("x", SomeSource)
 
 
 def test_factory_must_return_a_signal_source() -> None:
@@ -98,32 +88,6 @@ def test_factory_must_return_a_signal_source() -> None:
     registry.register("bad", not_a_source, origin="test")
     with pytest.raises(SourceError, match="returned object"):
         registry.create("bad", SourceContext())
-
-
-def test_entry_point_plugins_loaded_and_bad_ones_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    here = __name__
-    eps = (
-        importlib.metadata.EntryPoint("smart", f"{here}:PluginSource", ENTRY_POINT_GROUP),
-        importlib.metadata.EntryPoint("broken", "ferry_no_such_module:X", ENTRY_POINT_GROUP),
-        importlib.metadata.EntryPoint("memory", f"{here}:PluginSource", ENTRY_POINT_GROUP),
-        importlib.metadata.EntryPoint("other", f"{here}:PluginSource", "ferry.actions"),
-    )
-    monkeypatch.setattr(importlib.metadata, "entry_points", _entry_points(*eps))
-
-    with capture_logs() as logs:
-        registry = default_registry()
-    assert "smart" in registry and "broken" not in registry and "other" not in registry
-    assert registry.origin("smart") == f"entry point {here}:PluginSource"
-    assert registry.origin("memory") == "builtin"  # a plugin cannot shadow a built-in
-    events = {e["event"]: e for e in logs}
-    assert events["signals.plugin_load_failed"]["plugin"] == "broken"
-    assert events["signals.plugin_name_taken"]["plugin"] == "memory"
-    assert events["signals.plugin_loaded"]["plugin"] == "smart"
-
-    ctx = SourceContext(interval=3.0)
-    source = registry.create("smart", ctx, device="/dev/nvme0n1")
-    assert isinstance(source, PluginSource)
-    assert source.name == "smart./dev/nvme0n1" and source.ctx is ctx
 
 
 def test_build_default_sources(tmp_path: Path) -> None:
