@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help deps venv test unit lint demo bench testbed-up testbed-down testbed-status install clean
+.PHONY: help deps venv test test-chaos unit lint demo bench testbed-up testbed-down testbed-status install clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -28,6 +28,11 @@ unit: venv  ## unit tests only (no root, no testbed)
 test: deps venv  ## the whole suite: unit + real Docker/CRIU testbed end-to-end (root)
 	@$(BIN)/python -m tests.testbed up --hosts 3
 	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	  if [ -z "$$KEEP_TESTBED" ]; then $(BIN)/python -m tests.testbed down; fi; exit $$rc
+
+test-chaos: deps venv  ## the chaos suite alone: faults and hostile inputs on the testbed (root)
+	@$(BIN)/python -m tests.testbed up --hosts 3
+	@rc=0; $(BIN)/python -m pytest -m chaos tests/chaos $(PYTEST_ARGS) || rc=$$?; \
 	  if [ -z "$$KEEP_TESTBED" ]; then $(BIN)/python -m tests.testbed down; fi; exit $$rc
 
 lint: venv  ## ruff + mypy
