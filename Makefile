@@ -36,9 +36,10 @@ test-chaos: deps venv  ## the chaos suite alone: faults and hostile inputs on th
 	  if [ -z "$$KEEP_TESTBED" ]; then $(BIN)/python -m tests.testbed down; fi; exit $$rc
 
 lint: venv  ## ruff + mypy
-	$(BIN)/ruff check agent tests
-	$(BIN)/ruff format --check agent tests
+	$(BIN)/ruff check agent tests examples
+	$(BIN)/ruff format --check agent tests examples
 	$(BIN)/mypy
+	$(BIN)/mypy examples/ferry-http-probe/src
 
 testbed-up: deps venv  ## start the namespaced Docker+CRIU hosts (HOSTS=N, default 2)
 	$(BIN)/python -m tests.testbed up $(if $(HOSTS),--hosts $(HOSTS))

@@ -436,3 +436,44 @@ def test_test_policy_runs_plugin_policies_with_config(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "expectations: 2/2 held" in result.output
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ferry-http-probe"
+
+
+def test_example_package_checks_out_through_check_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/ferry-http-probe as its own pyproject.toml registers it (not installed here)."""
+    import tomllib
+
+    meta = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]["entry-points"]
+    monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
+    entry_points(
+        monkeypatch, ferry_signals=meta["ferry.signals"], ferry_actions=meta["ferry.actions"]
+    )
+    path = write_config(
+        tmp_path,
+        [{"type": "http_probe", "name": "web", "url": "http://127.0.0.1:8080/", "interval": "5s"}],
+        [{"type": "evacuate_then_run", "name": "evacuate-and-tell", "argv": ["true"]}],
+    )
+    (tmp_path / "policies" / "web.yaml").write_text(
+        "policies:\n  - name: web-down\n"
+        "    when: {signal: http_probe.web.up, op: '<', value: 1}\n"
+        "    action: evacuate-and-tell\n"
+    )
+    result = ferry("check-config", str(path))
+    assert result.exit_code == 0, result.output
+    assert (
+        "signal plugin web: publishes http_probe.web.up, http_probe.web.status, "
+        "http_probe.web.latency_seconds"
+    ) in result.stdout
+    bad = write_config(
+        tmp_path / "policies",
+        [{"type": "http_probe", "name": "web", "url": "ftp://x", "timeout": "1m"}],
+    )
+    result = ferry("check-config", str(bad))
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.stderr.splitlines() == [
+        f"{bad}: signals.plugins[0].url: expected an http:// or https:// URL, got 'ftp://x'"
+    ]
