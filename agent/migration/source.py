@@ -283,15 +283,19 @@ class MigrationService:
 
         return emit
 
-    def _save(self, run: _Run) -> None:
+    @staticmethod
+    def _journal_data(run: _Run) -> dict[str, Any]:
         data = run.report.to_dict()
         data["checkpoint"] = run.checkpoint
         data["restart_policy"] = run.spec.restart_policy
         data["staged"] = run.staged
         data["restore_sent"] = run.restore_sent
         data["decision"] = run.decision
+        return data
+
+    def _save(self, run: _Run) -> None:
         with contextlib.suppress(JournalError):
-            self.journal.update_report(run.mid, data)
+            self.journal.update_report(run.mid, self._journal_data(run))
 
     def _phase(self, run: _Run, phase: str, emit: Callable[..., None], message: str = "") -> None:
         self.journal.set_phase(run.mid, phase)
@@ -498,7 +502,7 @@ class MigrationService:
                 answer = await peer.post_json(
                     migration_path(run.mid, "restore"),
                     {"digest": digest, "checkpoint": run.checkpoint},
-                    timeout=mig.restore_timeout + 30,
+                    timeout=mig.restore_timeout + 15,
                 )
             except PeerRefused as exc:
                 raise MigrationFailed(f"{peer.name} could not restore: {exc.reason}") from exc
@@ -840,8 +844,7 @@ class MigrationService:
         run.report.reason = reason
         if not run.report.total_s:
             run.timer.finish()
-        data = run.report.to_dict()
-        data["checkpoint"] = run.checkpoint
+        data = self._journal_data(run)
         try:
             self.journal.finish(run.mid, outcome, reason=reason, report=data)
         except JournalError:

@@ -77,3 +77,7 @@ class MeteredMigrator:
         moved = _report_number(report, "bytes_sent", "bytes_moved", "bytes_total", "bytes")
         self._metrics.migration_succeeded(downtime, int(moved) if moved is not None else None)
         return report
+
+    async def resolve(self, migration_id: str, keep: str) -> str:
+        result: str = await self._inner.resolve(migration_id, keep)
+        return result
