@@ -18,6 +18,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -95,9 +96,7 @@ def load_plugins(
             problems,
             file,
             where,
-            lambda spec=spec: sources.create_plugin(  # type: ignore[misc]
-                spec.type, spec.name, spec.params(), source_context
-            ),
+            partial(sources.create_plugin, spec.type, spec.name, spec.params(), source_context),
         )
         if source is None:
             continue
@@ -128,9 +127,7 @@ def load_plugins(
             problems,
             file,
             where,
-            lambda spec=spec: actions.create(  # type: ignore[misc]
-                spec.type, spec.params(), action_context(spec.name)
-            ),
+            partial(actions.create, spec.type, spec.params(), action_context(spec.name)),
         )
         if action is not None:
             out.actions.append(action)
