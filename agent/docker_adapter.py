@@ -453,6 +453,52 @@ class DockerAdapter:
         nets = self._call("list networks", lambda api: api.networks())
         return {str(n.get("Name")) for n in nets}
 
+    def inspect_network(self, name: str) -> dict[str, Any]:
+        return self._call(f"inspect network {name}", lambda api: api.inspect_network(name))
+
+    def networks_labelled(self, label: str) -> list[dict[str, Any]]:
+        return self._call(
+            f"list networks labelled {label}",
+            lambda api: api.networks(filters={"label": label}),
+        )
+
+    def create_network(self, name: str, spec: dict[str, Any], labels: dict[str, str]) -> str:
+        """Create a network from `agent.migration.networks.NetworkSpec` fields."""
+        ipam = spec.get("ipam") or None
+
+        def create(api: Any) -> str:
+            import docker.types
+
+            pool = None
+            if ipam:
+                configs = [
+                    docker.types.IPAMPool(
+                        subnet=c.get("Subnet"),
+                        iprange=c.get("IPRange"),
+                        gateway=c.get("Gateway"),
+                    )
+                    for c in ipam.get("Config") or []
+                ]
+                pool = docker.types.IPAMConfig(
+                    driver=str(ipam.get("Driver") or "default"), pool_configs=configs
+                )
+            result = api.create_network(
+                name,
+                driver=spec.get("driver") or "bridge",
+                options=spec.get("options") or None,
+                ipam=pool,
+                internal=bool(spec.get("internal")),
+                attachable=bool(spec.get("attachable")),
+                enable_ipv6=bool(spec.get("enable_ipv6")),
+                labels={**(spec.get("labels") or {}), **labels},
+            )
+            return str(result.get("Id"))
+
+        return self._call(f"create network {name}", create)
+
+    def remove_network(self, name: str) -> None:
+        self._call(f"remove network {name}", lambda api: api.remove_network(name))
+
     def inspect_volume(self, name: str) -> dict[str, Any]:
         return self._call(f"inspect volume {name}", lambda api: api.inspect_volume(name))
 

@@ -155,6 +155,22 @@ class Journal:
             if cur.rowcount != 1:
                 raise JournalError(f"no unfinished migration {migration_id}")
 
+    def decide(self, reports: dict[str, dict[str, Any]], phase: str) -> None:
+        """Record one decision for several migrations at once: all of them or none.
+
+        `reports` maps each migration id to its full report (with the decision).
+        """
+        now = self._clock()
+        with self._tx() as db:
+            for migration_id, report in reports.items():
+                cur = db.execute(
+                    "UPDATE migrations SET report = ?, phase = ?, updated = ? "
+                    "WHERE id = ? AND outcome IS NULL",
+                    (json.dumps(report), phase, now, migration_id),
+                )
+                if cur.rowcount != 1:
+                    raise JournalError(f"no unfinished migration {migration_id}")
+
     def update_report(self, migration_id: str, report: dict[str, Any]) -> None:
         """Replace the report of a running migration (e.g. timings so far)."""
         with self._tx() as db:

@@ -29,7 +29,7 @@ from agent.archive import ArchiveError, Packer
 from agent.config import FerryConfig
 from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
 from agent.journal import Journal, JournalError, MigrationRecord
-from agent.migration import held, hooks
+from agent.migration import held, hooks, networks
 from agent.migration import report as rp
 from agent.migration.checkpointers import Checkpointer, make_checkpointer
 from agent.migration.errors import MigrationError, MigrationFailed, MigrationRefused
@@ -40,7 +40,14 @@ from agent.migration.rollback import (
     restore_locally,
     wait_checkpoint_settled,
 )
-from agent.migration.spec import ContainerSpec, SpecError, source_problems, spec_from_inspect
+from agent.migration.spec import (
+    DEFAULT_NETWORKS,
+    ContainerSpec,
+    SpecError,
+    container_name,
+    source_problems,
+    spec_from_inspect,
+)
 from agent.migration.streams import aiter_blocking
 from agent.migration.target import TargetHandlers
 from agent.model import Clock, SystemClock
@@ -68,6 +75,18 @@ class PeerLike(Protocol):
     async def upload_image(
         self, migration_id: str, chunks: Any, meta: dict[str, Any]
     ) -> dict[str, Any]: ...
+
+
+GROUP_LABELS = ("ferry.group", "com.docker.compose.project")
+
+
+def group_of(inspect: dict[str, Any]) -> str | None:
+    """The group a container moves with (`ferry.group`, else its compose project)."""
+    labels = (inspect.get("Config") or {}).get("Labels") or {}
+    for key in GROUP_LABELS:
+        if labels.get(key):
+            return str(labels[key])
+    return None
 
 
 def new_migration_id(clock: Clock) -> str:
@@ -100,6 +119,7 @@ class _Run:
         self.staged = False
         self.restore_sent = False
         self.frozen_ok = False  # the checkpointer returned: the images are whole
+        self.group_id: str | None = None  # the lead member's migration id
         self.decision: str | None = None
 
 
@@ -234,6 +254,21 @@ class MigrationService:
             ) from None
         except DockerError as exc:
             raise MigrationRefused(f"cannot inspect {container}: {exc}") from exc
+        group = group_of(inspect)
+        if group is not None:
+            return await self._migrate_group(group, peer, progress)
+        spec = self._check_source(inspect)
+        run = self._start_run(spec, peer)
+        emit = self._emitter(run, progress)
+        try:
+            return await self._run(run, inspect, emit)
+        except MigrationError as exc:
+            exc.report = run.report
+            raise
+        finally:
+            self.active.pop(spec.id, None)
+
+    def _check_source(self, inspect: dict[str, Any]) -> ContainerSpec:
         try:
             spec = spec_from_inspect(inspect)
         except SpecError as exc:
@@ -243,30 +278,155 @@ class MigrationService:
             problems.append(f"{spec.name} is already being migrated ({self.active[spec.id]})")
         if problems:
             raise MigrationRefused("; ".join(problems))
+        return spec
 
+    def _start_run(self, spec: ContainerSpec, peer: PeerLike, group: str | None = None) -> _Run:
         mid = new_migration_id(self.clock)
-        report = MigrationReport(mid, spec.name, self.config.name, target)
+        report = MigrationReport(mid, spec.name, self.config.name, peer.name)
+        if group is not None:
+            report.details["group"] = group
         run = _Run(mid, spec, peer, report, self.clock)
         self.journal.begin(
             mid,
             container_id=spec.id,
             container_name=spec.name,
             source=self.config.name,
-            target=target,
+            target=peer.name,
             role="source",
             phase=rp.PREPARE,
         )
         self._save(run)
         self.active[spec.id] = mid
-        log.info("migration.started", migration=mid, container=spec.name, target=target)
-        emit = self._emitter(run, progress)
+        log.info(
+            "migration.started", migration=mid, container=spec.name, target=peer.name, group=group
+        )
+        return run
+
+    # ---------------------------------------------------------------- groups
+
+    async def _migrate_group(
+        self, group: str, peer: PeerLike, progress: ProgressFn | None
+    ) -> MigrationReport:
+        """Move every running member of a group to one target, in one freeze window.
+
+        All are frozen, all transferred, all restored held; then one journalled
+        decision covers all of them: all run on the target, or all roll back here.
+        """
+        listed = await asyncio.to_thread(self.adapter.list_containers)
+        member_ids = [
+            str(c["Id"])
+            for c in listed
+            if c.get("State") == "running"
+            and group_of({"Config": {"Labels": c.get("Labels")}}) == group
+        ]
+        inspects = [
+            await asyncio.to_thread(self.adapter.inspect_container, cid) for cid in member_ids
+        ]
+        inspects.sort(key=container_name)
+        problems: list[str] = []
+        specs: list[tuple[ContainerSpec, dict[str, Any]]] = []
+        for inspect in inspects:
+            try:
+                specs.append((self._check_source(inspect), inspect))
+            except MigrationRefused as exc:
+                problems.append(f"{container_name(inspect)}: {exc.reason}")
+        if problems or not specs:
+            raise MigrationRefused(
+                f"group {group} cannot move as a unit: " + ("; ".join(problems) or "no members")
+            )
+        runs = [self._start_run(spec, peer, group) for spec, _ in specs]
+        members = [r.spec.name for r in runs]
+        for r in runs:
+            r.report.details["members"] = members
+            r.group_id = runs[0].mid
+        emits = {r.mid: self._emitter(r, progress) for r in runs}
+        log.info("migration.group_started", group=group, members=members, target=peer.name)
         try:
-            return await self._run(run, inspect, emit)
-        except MigrationError as exc:
-            exc.report = run.report
-            raise
+            return await self._run_group(group, runs, [i for _, i in specs], emits)
         finally:
-            self.active.pop(spec.id, None)
+            for r in runs:
+                self.active.pop(r.spec.id, None)
+
+    async def _run_group(
+        self,
+        group: str,
+        runs: list[_Run],
+        inspects: list[dict[str, Any]],
+        emits: dict[str, Callable[..., None]],
+    ) -> MigrationReport:
+        lead = runs[0]
+        try:
+            for r, inspect in zip(runs, inspects, strict=True):
+                await self._before_freeze(r, inspect, emits[r.mid])
+        except BaseException as exc:
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+            for r in runs:
+                await asyncio.shield(self._abort_target(r, str(reason)))
+                self._end(r, "refused", f"group {group}: {reason}")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            refused = MigrationRefused(f"group {group}: {reason}")
+            refused.report = lead.report
+            raise refused from exc
+        try:
+            for r in runs:
+                await self._freeze(r, emits[r.mid])
+            for r in runs:
+                await self._transfer(r, emits[r.mid])
+            for r in runs:
+                await self._restore_held(r, emits[r.mid])
+        except BaseException as exc:
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, asyncio.CancelledError):
+                reason = "migration cancelled"
+            why = f"group {group}: {reason}"
+            for r in runs:
+                with contextlib.suppress(MigrationFailed):
+                    await asyncio.shield(self._roll_back(r, why, emits[r.mid]))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            failed = MigrationFailed(
+                why, rolled_back=all(r.report.outcome == "rolled_back" for r in runs)
+            )
+            failed.report = self._group_report(group, runs)
+            raise failed from exc
+        # One decision for every member, in one journal transaction.
+        for r in runs:
+            r.decision = rp.DECISION_COMMIT
+        self.journal.decide({r.mid: self._journal_data(r) for r in runs}, rp.COMMIT)
+        in_doubt: list[str] = []
+        for r in runs:
+            emits[r.mid](rp.COMMIT, f"committing: {r.peer.name} runs it")
+            try:
+                await self._commit(r, emits[r.mid])
+                await self._finish(r, emits[r.mid])
+            except MigrationFailed as exc:
+                in_doubt.append(f"{r.spec.name}: {exc.reason}")
+                if not exc.in_doubt:
+                    self._mark_in_doubt(r, exc.reason)
+        report = self._group_report(group, runs)
+        if in_doubt:
+            failed = MigrationFailed(f"group {group}: " + "; ".join(in_doubt), in_doubt=True)
+            failed.report = report
+            raise failed
+        log.info("migration.group_succeeded", group=group, downtime_s=report.downtime_s)
+        return report
+
+    def _group_report(self, group: str, runs: list[_Run]) -> MigrationReport:
+        """The lead member's report, with the whole group's outcome in details."""
+        lead = runs[0].report
+        outcomes = {r.spec.name: r.report.outcome for r in runs}
+        lead.details["group"] = group
+        lead.details["member_reports"] = [r.report.to_dict() for r in runs[1:]]
+        lead.details["member_outcomes"] = outcomes
+        frozen = [r.frozen_at for r in runs if r.frozen_at is not None]
+        if frozen and all(r.report.outcome == "succeeded" for r in runs):
+            # From the first freeze until the last member runs on the target.
+            lead.downtime_s = max(
+                (r.frozen_at or 0) + (r.report.downtime_s or 0) for r in runs
+            ) - min(frozen)
+            lead.downtime_s = round(lead.downtime_s, 4)
+        return lead
 
     def _emitter(self, run: _Run, progress: ProgressFn | None) -> Callable[..., None]:
         def emit(phase: str, message: str = "", done: int = 0, total: int | None = None) -> None:
@@ -385,7 +545,9 @@ class MigrationService:
                 "state_bytes_estimate": memory + upper_bytes,
                 "ports": [{"host_ip": p.host_ip, "host_port": p.host_port} for p in spec.ports],
                 "networks": spec.networks,
+                "network_specs": await asyncio.to_thread(self._network_specs, spec),
                 "volumes": [v.name for v in spec.volumes],
+                "group_id": run.group_id,
             }
             answer = await self._call(peer.post_json(MIGRATIONS_PATH, body))
             run.staged = True  # from here the target may hold something to clean up
@@ -412,6 +574,13 @@ class MigrationService:
             )
         run.report.target_container_id = str(staged.get("container_id"))
         self._save(run)
+
+    def _network_specs(self, spec: ContainerSpec) -> list[dict[str, Any]]:
+        out = []
+        for name in spec.networks:
+            if name not in DEFAULT_NETWORKS:
+                out.append(networks.describe(self.adapter.inspect_network(name)))
+        return out
 
     async def _ship_image(
         self, run: _Run, image: dict[str, Any], size: int, emit: Callable[..., None]
@@ -453,7 +622,19 @@ class MigrationService:
     # ------------------------------------------------------------ freeze and move
 
     async def _freeze_and_move(self, run: _Run, emit: Callable[..., None]) -> None:
-        spec, peer = run.spec, run.peer
+        await self._freeze(run, emit)
+        await self._transfer(run, emit)
+        await self._restore_held(run, emit)
+        # The decision is durable before anyone acts on it; from here there is no rollback.
+        run.decision = rp.DECISION_COMMIT
+        self.journal.decide({run.mid: self._journal_data(run)}, rp.COMMIT)
+        log.info("migration.phase", migration=run.mid, phase=rp.COMMIT, container=run.spec.name)
+        emit(rp.COMMIT, f"committing: {run.peer.name} runs it")
+        await self._commit(run, emit)
+        await self._finish(run, emit)
+
+    async def _freeze(self, run: _Run, emit: Callable[..., None]) -> None:
+        spec = run.spec
         self._phase(run, rp.FREEZE, emit, "checkpointing")
         run.frozen_at = self.clock.monotonic()
         with run.timer.phase(rp.FREEZE):
@@ -466,6 +647,8 @@ class MigrationService:
             Path(self.config.state_dir), hooks.AFTER_FREEZE, self.clock, {"migration": run.mid}
         )
 
+    async def _transfer(self, run: _Run, emit: Callable[..., None]) -> None:
+        spec, peer = run.spec, run.peer
         self._phase(run, rp.TRANSFER, emit, "streaming state")
         root = await asyncio.to_thread(self.data_root.get)
         sections = {
@@ -494,6 +677,9 @@ class MigrationService:
             digest = packer.digest
         run.report.details["digest"] = digest
 
+    async def _restore_held(self, run: _Run, emit: Callable[..., None]) -> None:
+        peer = run.peer
+        digest = run.report.details["digest"]
         run.restore_sent = True
         self._phase(run, rp.RESTORE, emit, f"restoring on {peer.name}")
         mig = self.config.migration
@@ -516,9 +702,10 @@ class MigrationService:
             Path(self.config.state_dir), hooks.BEFORE_DECISION, self.clock, {"migration": run.mid}
         )
 
-        # The decision is durable before anyone acts on it; from here there is no rollback.
-        run.decision = rp.DECISION_COMMIT
-        self._phase(run, rp.COMMIT, emit, f"committing: {peer.name} runs it")
+    async def _commit(self, run: _Run, emit: Callable[..., None]) -> None:
+        """Tell the target to run its copy; the commit is already journalled."""
+        assert run.decision == rp.DECISION_COMMIT and run.frozen_at is not None
+        peer, mig = run.peer, self.config.migration
         await hooks.gate(
             Path(self.config.state_dir), hooks.AFTER_DECISION, self.clock, {"migration": run.mid}
         )
@@ -538,6 +725,8 @@ class MigrationService:
         run.report.downtime_s = round(self.clock.monotonic() - run.frozen_at, 4)
         emit(rp.COMMIT, f"running on {peer.name}")
 
+    async def _finish(self, run: _Run, emit: Callable[..., None]) -> None:
+        spec, peer = run.spec, run.peer
         self._phase(run, rp.FINISH, emit, "cleaning up the source")
         with run.timer.phase(rp.FINISH):
             run.report.details["source_copy"] = await self._dispose_source(run)
@@ -773,7 +962,10 @@ class MigrationService:
                 self._end(run, "succeeded", f"target refused the abort, it runs there: {reason}")
                 return
             try:
-                how = await self._restore_here(run)
+                if run.frozen_at is None:
+                    how = "never frozen: it kept running"
+                else:
+                    how = await self._restore_here(run)
             except Exception as exc:
                 run.timer.finish()
                 detail = exc.message if isinstance(exc, DockerError) else str(exc)

@@ -35,7 +35,7 @@ from agent.docker_adapter import (
     DockerUnavailable,
 )
 from agent.journal import Journal, JournalError
-from agent.migration import criu_config, held, hooks
+from agent.migration import criu_config, held, hooks, networks
 from agent.migration.paths import DataRootResolver
 from agent.migration.resources import CapacityRefused, Reservations
 from agent.migration.spec import DEFAULT_NETWORKS, ContainerSpec
@@ -71,6 +71,9 @@ class Incoming:
     upper_dir: str | None = None  # local path
     volume_dirs: dict[str, str] = field(default_factory=dict)  # section -> local path
     created_volumes: list[str] = field(default_factory=list)
+    network_specs: list[dict[str, Any]] = field(default_factory=list)  # from prepare
+    created_networks: list[str] = field(default_factory=list)
+    group_id: str | None = None  # members of one group migration share it
     archive: str | None = None  # a spool file of older agents; removed with the migration
     staging_dirs: list[str] = field(default_factory=list)  # state unpacked, not yet in place
     archive_digest: str | None = None
@@ -165,9 +168,12 @@ class TargetHandlers:
         await self._drop_stale()
         if mid in self.incoming:
             raise _refuse(f"migration {mid} is already in progress here", "conflict")
-        if len(self.incoming) >= self.config.limits.max_concurrent_migrations:
+        # The members of one group migration count as one.
+        group = str(body.get("group_id") or "") or None
+        units = {i.group_id or m for m, i in self.incoming.items()}
+        if group not in units and len(units) >= self.config.limits.max_concurrent_migrations:
             raise _refuse(
-                f"{self.config.name} is already receiving {len(self.incoming)} migration(s)",
+                f"{self.config.name} is already receiving {len(units)} migration(s)",
                 "busy",
                 503,
             )
@@ -191,6 +197,8 @@ class TargetHandlers:
             raise _refuse(f"{self.config.name}: {exc}", "no_capacity") from exc
         inc = Incoming(mid, peer, name, str(body.get("container_id", "")))
         inc.checkpoint = f"ferry-{mid}"
+        inc.network_specs = [n for n in body.get("network_specs") or [] if isinstance(n, dict)]
+        inc.group_id = group
         try:
             self.journal.begin(
                 mid,
@@ -246,9 +254,17 @@ class TargetHandlers:
                             ip in ("", "0.0.0.0", "::") or used_ip in ("", "0.0.0.0", "::", ip)
                         ):
                             reasons.append(f"port {port} is already published on {here}")
+        described = {
+            str(n.get("name")): n for n in body.get("network_specs") or [] if isinstance(n, dict)
+        }
+        existing = self.adapter.network_names()
         for net in body.get("networks", []):
-            if net not in DEFAULT_NETWORKS and net not in self.adapter.network_names():
+            if net in DEFAULT_NETWORKS or net in existing:
+                continue
+            if net not in described:
                 reasons.append(f"network {net} does not exist on {here}")
+            else:
+                reasons.extend(networks.problems(described[net]))
         for vol in body.get("volumes", []):
             with contextlib.suppress(DockerNotFound):
                 self.adapter.inspect_volume(vol)
@@ -326,6 +342,7 @@ class TargetHandlers:
         host_cfg["RestartPolicy"] = {"Name": "no", "MaximumRetryCount": 0}
         body["HostConfig"] = host_cfg
         before = {v.name for v in spec.volumes if self._volume_exists(v.name)}
+        self._create_networks(inc, spec)
         try:
             cid = self.adapter.create_container(body, name=spec.name)
         except DockerError as exc:
@@ -353,6 +370,38 @@ class TargetHandlers:
         if not Path(inc.upper_dir).is_dir():
             raise DockerError("stage", f"upper dir {inc.upper_dir} is not visible to the agent")
         return {"container_id": cid, "image": body["Image"]}
+
+    def _create_networks(self, inc: Incoming, spec: ContainerSpec) -> None:
+        """The user-defined networks the container needs and this host lacks."""
+        wanted = {str(n.get("name")): n for n in inc.network_specs}
+        existing = self.adapter.network_names()
+        for name in spec.networks:
+            if name in DEFAULT_NETWORKS or name in existing:
+                continue
+            net = wanted.get(name)
+            if net is None or networks.problems(net):
+                raise DockerError("stage", f"network {name} does not exist on {self.config.name}")
+            self.adapter.create_network(name, net, {networks.LABEL: inc.migration_id})
+            inc.created_networks.append(name)
+            # Journalled at once: a crash from here on must find and remove it.
+            self.journal.update_report(inc.migration_id, inc.journal_report())
+            log.info("migration.target.network_created", migration=inc.migration_id, network=name)
+
+    def _sweep_networks(self) -> None:
+        """Remove networks Ferry made for migrations that were abandoned, once unused."""
+        for net in self.adapter.networks_labelled(networks.LABEL):
+            mid = str((net.get("Labels") or {}).get(networks.LABEL) or "")
+            try:
+                rec = self.journal.get(mid)
+            except JournalError:
+                continue
+            if rec.outcome in (None, "succeeded"):
+                continue
+            with contextlib.suppress(DockerError):
+                info = self.adapter.inspect_network(str(net.get("Id") or net.get("Name")))
+                if not info.get("Containers"):
+                    self.adapter.remove_network(str(info.get("Id")))
+                    log.info("migration.target.network_removed", network=info.get("Name"))
 
     def _volume_exists(self, name: str) -> bool:
         try:
@@ -706,6 +755,9 @@ class TargetHandlers:
                 inc.migration_id, "aborted", reason=reason, report=inc.journal_report()
             )
         self._forget(inc.migration_id)
+        # A network another member of the same group still used goes with the last one.
+        with contextlib.suppress(DockerError):
+            await asyncio.to_thread(self._sweep_networks)
         log.info("migration.target.aborted", migration=inc.migration_id, reason=reason)
         return True
 
@@ -739,6 +791,8 @@ class TargetHandlers:
                     continue
                 with contextlib.suppress(JournalError):
                     self.journal.finish(inc.migration_id, "aborted", reason=reason)
+                with contextlib.suppress(DockerError):
+                    await asyncio.to_thread(self._sweep_networks)
                 log.info("migration.target.cleanup_done", migration=inc.migration_id)
                 return
 

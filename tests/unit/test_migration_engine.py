@@ -101,7 +101,14 @@ class FakeDocker:
                 for bs in (c["HostConfig"].get("PortBindings") or {}).values()
                 for b in bs
             ]
-            out.append({"Id": c["Id"], "State": c["State"]["Status"], "Ports": ports})
+            out.append(
+                {
+                    "Id": c["Id"],
+                    "State": c["State"]["Status"],
+                    "Ports": ports,
+                    "Labels": dict(c["Config"].get("Labels") or {}),
+                }
+            )
         return out
 
     def memory_usage(self, ref: str) -> int:
@@ -586,3 +593,43 @@ def test_source_copy_can_be_kept_renamed_for_a_while(tmp_path: Path) -> None:
     finally:
         a.journal.close()
         b.journal.close()
+
+
+def _group(a: Host, *names: str) -> list[str]:
+    cids = []
+    for name in names:
+        cid = a.docker.add_running(name)
+        a.docker.containers[cid]["Config"]["Labels"] = {"com.docker.compose.project": "stack"}
+        cids.append(cid)
+    return cids
+
+
+def test_a_group_moves_as_a_unit_with_one_decision(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    cids = _group(a, "app", "cache")
+    report = run_async(a.service.migrate("app", "b"))
+    assert report.outcome == "succeeded"
+    assert report.details["group"] == "stack"
+    assert report.details["member_outcomes"] == {"app": "succeeded", "cache": "succeeded"}
+    for name in ("app", "cache"):
+        moved = b.docker._get(name)
+        assert moved["State"]["Running"] and not moved["held"]
+    assert not any(cid in a.docker.containers for cid in cids)
+    # Every member froze before any was committed: one freeze window.
+    calls = [c[0] for c in a.docker.calls]
+    assert calls.count("checkpoint") == 2
+    assert all(rec.outcome == "succeeded" for rec in a.journal.history(10))
+
+
+def test_a_failure_inside_a_group_rolls_every_member_back(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    cids = _group(a, "app", "cache")
+    b.docker.fail_restore = "criu: restore failed"
+    with pytest.raises(MigrationFailed) as err:
+        run_async(a.service.migrate("cache", "b"))
+    assert err.value.rolled_back and "group stack" in err.value.reason
+    for cid in cids:
+        assert a.docker.containers[cid]["State"]["Running"]
+    assert b.docker.find_container("app") is None and b.docker.find_container("cache") is None
+    assert {rec.outcome for rec in a.journal.history(10)} == {"rolled_back"}
+    assert all(rec.report["decision"] == "rollback" for rec in a.journal.history(10))
