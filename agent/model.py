@@ -153,3 +153,16 @@ class SignalView(Protocol):
     def containers(self) -> list[ContainerInfo]:
         """Current container inventory of this host."""
         ...
+
+
+# A container moves with every other container sharing one of these labels
+# (first found wins): an explicit Ferry group, else its compose project.
+GROUP_LABELS = ("ferry.group", "com.docker.compose.project")
+
+
+def group_of_labels(labels: dict[str, str] | None) -> str | None:
+    for key in GROUP_LABELS:
+        value = (labels or {}).get(key)
+        if value:
+            return str(value)
+    return None

@@ -50,7 +50,7 @@ from agent.migration.spec import (
 )
 from agent.migration.streams import aiter_blocking
 from agent.migration.target import TargetHandlers
-from agent.model import Clock, SystemClock
+from agent.model import Clock, SystemClock, group_of_labels
 from agent.peer.api import MIGRATIONS_PATH, migration_path
 from agent.peer.client import PeerError, PeerRefused, PeerUnavailable
 
@@ -77,16 +77,9 @@ class PeerLike(Protocol):
     ) -> dict[str, Any]: ...
 
 
-GROUP_LABELS = ("ferry.group", "com.docker.compose.project")
-
-
 def group_of(inspect: dict[str, Any]) -> str | None:
     """The group a container moves with (`ferry.group`, else its compose project)."""
-    labels = (inspect.get("Config") or {}).get("Labels") or {}
-    for key in GROUP_LABELS:
-        if labels.get(key):
-            return str(labels[key])
-    return None
+    return group_of_labels((inspect.get("Config") or {}).get("Labels"))
 
 
 def new_migration_id(clock: Clock) -> str:

@@ -23,7 +23,15 @@ from typing import Any, Literal, Protocol
 import structlog
 
 from agent.migration.errors import MigrationFailed, MigrationRefused
-from agent.model import ActionResult, Clock, ContainerInfo, Decision, PeerDirectory, SystemClock
+from agent.model import (
+    ActionResult,
+    Clock,
+    ContainerInfo,
+    Decision,
+    PeerDirectory,
+    SystemClock,
+    group_of_labels,
+)
 from agent.policy.placement import peer_rejection, place
 
 log = structlog.get_logger(__name__)
@@ -99,6 +107,10 @@ class Item:
             out["finished_at"] = self.finished_at
             out["report"] = self.report
         return out
+
+
+def _group_key(item: Item) -> str | None:
+    return group_of_labels(item.info.labels if item.info is not None else None)
 
 
 def _report_dict(report: Any) -> dict[str, Any] | None:
@@ -298,15 +310,39 @@ class Evacuator:
         plan = self._resolve_targets(batch, policy)
         results: dict[str, str] = {}
         jobs = []
+        # A group (compose project or ferry.group) moves as one unit with its first
+        # member: the engine takes the others along to the same target.
+        followers: dict[str, list[Item]] = {}
+        leads: dict[str, str] = {}
         for item, target, why in plan:
+            group = _group_key(item)
+            if group is not None and group in leads:
+                followers.setdefault(leads[group], []).append(item)
+                continue
             if target is None:
                 self._stick(item, why, retry=True)
                 results[item.container] = f"stuck: {why}"
-            else:
-                jobs.append(self._migrate_one(item, target))
-        for outcome in await asyncio.gather(*jobs):
-            results.update([outcome])
+                continue
+            if group is not None:
+                leads[group] = item.container
+            jobs.append(self._migrate_one(item, target))
+        for name, outcome in await asyncio.gather(*jobs):
+            results[name] = outcome
+            for item in followers.get(name, []):
+                results[item.container] = self._follow(item, name, outcome)
         return results
+
+    def _follow(self, item: Item, lead: str, outcome: str) -> str:
+        """A group member's fate is its group's, decided by the lead's migration."""
+        if outcome.startswith("moved"):
+            item.state, item.phase, item.reason = "done", None, None
+            item.finished_at = self._clock.time()
+            self._active.pop(item.container, None)
+            self._done.append(item)
+            self._changed()
+            return f"{outcome} (with its group, led by {lead})"
+        self._stick(item, f"its group did not move: {outcome}", retry=True)
+        return f"stuck: its group did not move (led by {lead})"
 
     async def _migrate_one(self, item: Item, target: str) -> tuple[str, str]:
         item.target = target

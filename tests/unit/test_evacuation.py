@@ -341,3 +341,20 @@ def test_cancel_drops_stuck_evacuation_items() -> None:
         assert ev.status()["state"] == "idle"
 
     run_async(scenario())
+
+
+def test_a_group_moves_once_with_its_first_member() -> None:
+    async def scenario() -> None:
+        mig = FakeMigrator()
+        ev = Evacuator(mig, FakePeers(peer("b"), peer("c")), concurrency=2, host="a")
+        d = decision(["app", "cache", "lone"], ["b", "b", "c"])
+        for c in d.containers[:2]:
+            c.labels["com.docker.compose.project"] = "shop"
+        result = await EvacuateAction(ev).execute(d)
+        assert result.ok, result
+        # The engine moves the whole group with its first member; nobody asks for the rest.
+        assert sorted(mig.calls) == [("app", "b"), ("lone", "c")]
+        assert result.per_container["cache"] == "moved to b (with its group, led by app)"
+        assert {x["container"] for x in ev.status()["done"]} == {"app", "cache", "lone"}
+
+    run_async(scenario())
