@@ -50,7 +50,22 @@ from pydantic import (
 )
 
 from agent.durations import Duration
-from agent.errors import InputError, Problem, problems_from_validation, read_yaml
+from agent.errors import InputError, Problem, problems_from_validation
+from agent.input_bounds import (
+    DAY,
+    GIB,
+    HOUR,
+    MIB,
+    PIB,
+    check_path_text,
+    check_socket_path,
+    count_in,
+    duration_in,
+    expand_user,
+    refuse_system_root,
+    size_in,
+)
+from agent.yaml_input import parse_yaml, read_yaml
 
 ENV_PREFIX = "FERRY__"
 _BASE_DIR = "base_dir"
@@ -58,35 +73,42 @@ _ENV_BASE = "env_paths"
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
-    value = value.expanduser()
+    value = expand_user(check_path_text(value))
     ctx = info.context or {}
     if value.is_absolute() or _BASE_DIR not in ctx:
-        return value
+        return Path(os.path.normpath(value))
     base: Path = ctx[_BASE_DIR]
     return Path(os.path.normpath(base / value))
 
 
 # A filesystem path; relative ones resolve against the config file's directory.
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+# A directory Ferry writes into: never `/`, /etc, /usr, ... or below /proc, /sys, /dev.
+OwnDir = Annotated[ConfigPath, AfterValidator(refuse_system_root)]
+# The control socket: absolute as written, since it is what `ferry status` dials.
+SocketPath = Annotated[Path, AfterValidator(check_socket_path)]
 
 
 def _check_host_port(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host:
         raise ValueError(f"expected host:port, got {value!r}")
+    if any(c.isspace() for c in value):
+        raise ValueError(f"whitespace in address {value!r}")
     if host.startswith("["):
         if not host.endswith("]"):
             raise ValueError(f"bad IPv6 address in {value!r}; write [addr]:port")
     elif ":" in host:
         raise ValueError(f"IPv6 addresses need brackets: [addr]:port, got {value!r}")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"port must be 1-65535, got {port!r}")
     return value
 
 
 HostPort = Annotated[str, AfterValidator(_check_host_port)]
 
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# Host and peer names end up in certificates (CN at most 64 characters) and log lines.
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 # Marker names become signal names ("marker.<name>"), so they follow signal naming.
 _MARKER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -96,26 +118,41 @@ def _lower(value: Any) -> Any:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False
+    )
+
+
+# One argv word; an empty one is never meant (and `exec` of "" fails late, at runtime).
+_Word = Annotated[str, Field(min_length=1)]
 
 
 class PeerConfig(_Model):
     name: str = Field(pattern=_NAME)
     address: HostPort
-    weight: float = Field(default=1.0, gt=0)
-    tags: list[str] = []
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    tags: list[_Word] = []
+
+
+def _docker_url(value: str) -> str:
+    if value != value.strip() or not value:
+        raise ValueError(f"{value!r}: no leading or trailing whitespace, not empty")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("unix", "tcp", "http", "https", "ssh") or not rest:
+        raise ValueError(f"{value!r}: expected unix:///path, tcp://host:port or ssh://host")
+    return value
 
 
 class DockerConfig(_Model):
-    url: str = "unix:///var/run/docker.sock"
-    data_root: ConfigPath | None = None  # None: ask the daemon (docker info)
+    url: Annotated[str, AfterValidator(_docker_url)] = "unix:///var/run/docker.sock"
+    data_root: OwnDir | None = None  # None: ask the daemon (docker info)
     # Start-up check that dockerd's CRIU is >= 4.2 (`criu check` also accepted). CRIU
     # runs where dockerd runs, e.g. ["nsenter", "-t", "<dockerd pid>", "-m", "criu", "--version"].
-    criu_check: list[str] = Field(default=["criu", "--version"], min_length=1)
+    criu_check: list[_Word] = Field(default=["criu", "--version"], min_length=1)
     # How to run dockerd's runc when migration.checkpoint_via is "runc": an argv prefix
     # that `checkpoint ...` is appended to. It must run in dockerd's mount and PID
     # namespaces with dockerd's runc state root (moby's default shown).
-    runc_command: list[str] = Field(
+    runc_command: list[_Word] = Field(
         default=["runc", "--root", "/run/docker/runtime-runc/moby"], min_length=1
     )
 
@@ -128,29 +165,29 @@ class TLSConfig(_Model):
 
 
 class LimitsConfig(_Model):
-    max_concurrent_migrations: int = Field(default=1, ge=1)
-    max_migrations: int = Field(default=10, ge=1)
-    window: Duration = 3600.0
-    max_request_bytes: ByteSize = ByteSize(16 * 1024**3)
+    max_concurrent_migrations: Annotated[int, count_in(1, 64)] = 1
+    max_migrations: Annotated[int, count_in(1, 100_000)] = 10
+    window: Annotated[Duration, duration_in(0, 366 * DAY, lo_open=True)] = 3600.0
+    max_request_bytes: Annotated[ByteSize, size_in(MIB, PIB)] = ByteSize(16 * GIB)
 
 
 class MigrationConfig(_Model):
     allow_image_shipping: bool = True
-    max_image_bytes: ByteSize = ByteSize(4 * 1024**3)
+    max_image_bytes: Annotated[ByteSize, size_in(MIB, PIB)] = ByteSize(4 * GIB)
     copy_named_volumes: bool = True
-    keep_source_copy_for: Duration = 0.0
+    keep_source_copy_for: Annotated[Duration, duration_in(0, 30 * DAY)] = 0.0
     # "engine": Docker's checkpoint API (images go through containerd's content store).
     # "runc": run dockerd's runc directly, writing the images straight where
     # `docker start --checkpoint` reads them (much faster for large memory).
     checkpoint_via: Annotated[Literal["engine", "runc"], BeforeValidator(_lower)] = "engine"
-    checkpoint_timeout: Duration = Field(default=120.0, gt=0)
-    restore_timeout: Duration = Field(default=120.0, gt=0)
-    health_timeout: Duration = Field(default=60.0, gt=0)
+    checkpoint_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 120.0
+    restore_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 120.0
+    health_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 60.0
     # A state upload with no progress for this long aborts, and the source rolls back.
-    stall_timeout: Duration = Field(default=30.0, gt=0)
+    stall_timeout: Annotated[Duration, duration_in(0, HOUR, lo_open=True)] = 30.0
     # How long the source retries its commit before it reports the migration in doubt
     # (it keeps retrying in the background after that).
-    commit_timeout: Duration = Field(default=30.0, gt=0)
+    commit_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 30.0
 
 
 class LoggingConfig(_Model):
@@ -179,9 +216,9 @@ class MetricsConfig(_Model):
 
 class CommandMonitor(_Model):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_]*$")
-    command: list[str] = Field(min_length=1)
-    interval: Duration = Field(default=30.0, gt=0)
-    timeout: Duration = Field(default=10.0, gt=0)
+    command: list[_Word] = Field(min_length=1)
+    interval: Annotated[Duration, duration_in(1.0, DAY)] = 30.0
+    timeout: Annotated[Duration, duration_in(0, HOUR, lo_open=True)] = 10.0
 
     @model_validator(mode="after")
     def _timeout_fits(self) -> CommandMonitor:
@@ -217,7 +254,8 @@ def _unique_plugins(value: list[PluginSpec], what: str) -> list[PluginSpec]:
 
 
 class SignalsConfig(_Model):
-    poll_interval: Duration = Field(default=2.0, gt=0)
+    # Below 100ms the agent would spend its time reading /proc.
+    poll_interval: Annotated[Duration, duration_in(0.1, HOUR)] = 2.0
     commands: list[CommandMonitor] = []
     plugins: list[PluginSpec] = []  # third-party sources (`ferry.signals` entry points)
 
@@ -245,9 +283,9 @@ class ActionsConfig(_Model):
 class FerryConfig(_Model):
     name: str = Field(default_factory=socket.gethostname, pattern=_NAME)
     listen: HostPort = "0.0.0.0:7443"
-    state_dir: ConfigPath = Path("/var/lib/ferry")
+    state_dir: OwnDir = Path("/var/lib/ferry")
     policies_dir: ConfigPath = Path("policies")
-    control_socket: ConfigPath = Path("/run/ferry/ferry.sock")
+    control_socket: SocketPath = Path("/run/ferry/ferry.sock")
     dry_run: bool = False
     docker: DockerConfig = DockerConfig()
     peers: list[PeerConfig] = []
@@ -309,8 +347,8 @@ def apply_env(
             problems.append(Problem(f"${var}", "", "empty key part (use FERRY__SECTION__KEY)"))
             continue
         try:
-            value = yaml.safe_load(environ[var])
-        except yaml.YAMLError:
+            value = parse_yaml(environ[var], max_nodes=1000)
+        except (yaml.YAMLError, ValueError):
             value = environ[var]
         path: list[str | int] = []
         node: Any = data

@@ -14,28 +14,41 @@ from pydantic import BeforeValidator, PlainSerializer
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# No duration Ferry reads means more than a year; anything longer is a typo that would
+# overflow the event loop's timers, not a setting.
+MAX_SECONDS = 366 * 86400.0
 _HINT = "use a number of seconds or units ms, s, m, h, d (e.g. 500ms, 30s, 1m30s, 2h)"
 
 
 def parse_duration(value: str | int | float) -> float:
     """Seconds in `value`; ValueError with a hint if it is not a duration."""
     if isinstance(value, bool):  # bool is an int; `true` is never meant as 1s
-        raise ValueError(f"invalid duration {value!r}: {_HINT}")
+        raise ValueError(f"invalid duration {_shown(value)}: {_HINT}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
     elif isinstance(value, str):
         seconds = _parse_text(value)
     else:
-        raise ValueError(f"invalid duration {value!r}: {_HINT}")
+        raise ValueError(f"invalid duration {_shown(value)}: {_HINT}")
     if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
-        raise ValueError(f"invalid duration {value!r}: must be a finite, non-negative time")
+        raise ValueError(f"invalid duration {_shown(value)}: must be a finite, non-negative time")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"invalid duration {_shown(value)}: longer than a year")
     return seconds
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _parse_text(value: str) -> float:
     text = value.strip().lower()
     if not text:
-        raise ValueError(f"invalid duration {value!r}: {_HINT}")
+        raise ValueError(f"invalid duration {_shown(value)}: {_HINT}")
     try:
         return float(text)
     except ValueError:
@@ -49,12 +62,14 @@ def _parse_text(value: str) -> float:
         scale = _UNITS[match.group(2)]
         # Units must go from large to small, each once: "1m30s" yes, "30s1m" no.
         if last_rank >= 0 and scale >= last_rank:
-            raise ValueError(f"invalid duration {value!r}: units must go from largest to smallest")
+            raise ValueError(
+                f"invalid duration {_shown(value)}: units must go from largest to smallest"
+            )
         last_rank = scale
         total += float(match.group(1)) * scale
         pos = match.end()
     if pos != len(text) or pos == 0:
-        raise ValueError(f"invalid duration {value!r}: {_HINT}")
+        raise ValueError(f"invalid duration {_shown(value)}: {_HINT}")
     return total
 
 

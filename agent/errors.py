@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 
@@ -29,8 +28,17 @@ class Problem:
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
-        parts = [p for p in (where, self.key) if p]
-        return ": ".join([*parts, self.reason])
+        parts = [one_line(p) for p in (where, self.key) if p]
+        return ": ".join([*parts, one_line(self.reason)])
+
+
+_MAX_PART = 300
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line of bounded length: what a user typed may hold anything."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: _MAX_PART + 1])
+    return shown if len(shown) <= _MAX_PART else shown[:_MAX_PART] + "..."
 
 
 class InputError(Exception):
@@ -104,22 +112,7 @@ def problems_from_validation(
 
 
 def read_yaml(path: Path, shown: str | None = None) -> Any:
-    """Parse a YAML file; syntax errors become a Problem with file:line, never a traceback."""
-    name = shown if shown is not None else str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError.single(name, "", "file not found") from None
-    except IsADirectoryError:
-        raise InputError.single(name, "", "is a directory, expected a YAML file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError.single(name, "", f"cannot read: {exc}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
-        what = exc.problem or exc.context or "invalid YAML"
-        raise InputError.single(name, "", f"YAML syntax error: {what}", line) from None
-    except yaml.YAMLError as exc:
-        raise InputError.single(name, "", f"YAML syntax error: {exc}") from None
+    """The strict reader in agent.yaml_input, for callers that import it from here."""
+    from agent.yaml_input import read_yaml as strict_read_yaml
+
+    return strict_read_yaml(path, shown)

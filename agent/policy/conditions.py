@@ -33,8 +33,9 @@ from pydantic import (
 )
 
 from agent.durations import Duration, format_duration
+from agent.input_bounds import DAY, count_in, duration_in
 from agent.model import SignalView
-from agent.policy.known_signals import is_known_signal, suggest
+from agent.policy.known_signals import is_known_signal, signal_range, suggest
 
 _MARKER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -61,7 +62,9 @@ class EvalContext:
 
 
 class _Cond(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
     def evaluate(self, ctx: EvalContext) -> bool | None:
         raise NotImplementedError
@@ -87,6 +90,21 @@ class SignalCondition(_Cond):
             extra = f"; did you mean {hint!r}?" if hint else ""
             raise ValueError(f"unknown signal {name!r}{extra}")
         return name
+
+    @field_validator("value")
+    @classmethod
+    def _in_range(cls, value: float, info: ValidationInfo) -> float:
+        name = info.data.get("signal")
+        known = signal_range(name) if isinstance(name, str) else None
+        if known is None:
+            return value
+        lo, hi, what = known
+        if lo <= value <= hi:
+            return value
+        hint = ""
+        if hi == 1.0 and what.startswith("a ratio") and 1 < value <= 100:
+            hint = f" (a percentage? {value:g}% is {value / 100:g})"
+        raise ValueError(f"{name} is {what}; {value:g} is outside that{hint}")
 
     def evaluate(self, ctx: EvalContext) -> bool | None:
         current = ctx.signals.value(self.signal)
@@ -135,9 +153,9 @@ class MarkerCondition(_Cond):
 
 
 class EventCondition(_Cond):
-    event: str = Field(min_length=1)
-    count_gte: int = Field(default=1, ge=1)
-    within: Duration = Field(gt=0)
+    event: str = Field(min_length=1, max_length=100)
+    count_gte: Annotated[int, count_in(1, 1_000_000)] = 1
+    within: Annotated[Duration, duration_in(0, 30 * DAY, lo_open=True)]
 
     def evaluate(self, ctx: EvalContext) -> bool | None:
         return ctx.signals.event_count(self.event, ctx.now - self.within) >= self.count_gte

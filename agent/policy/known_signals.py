@@ -39,6 +39,30 @@ BUILTIN_SIGNAL_PATTERNS: tuple[str, ...] = (
 )
 
 
+# What a signal's values can be, first match wins: a threshold outside the range is a
+# condition that is always or never true (`mem.available_ratio < 5` is a percentage
+# written where a ratio belongs). Third-party signals have no entry and are not checked.
+SIGNAL_RANGES: tuple[tuple[str, float, float, str], ...] = (
+    ("psi.available", 0.0, 1.0, "1 or 0"),
+    ("docker.connected", 0.0, 1.0, "1 or 0"),
+    ("marker.*", 0.0, 1.0, "1 (present) or 0 (absent)"),
+    ("command.*", 0.0, 2.0, "0 (ok), 1 (problem) or 2 (unknown)"),
+    ("*_ratio", 0.0, 1.0, "a ratio between 0 and 1"),
+    ("psi.*", 0.0, 100.0, "a percentage between 0 and 100"),
+    ("*_bytes", 0.0, float("inf"), "a number of bytes, never negative"),
+    ("load.*", 0.0, float("inf"), "a load average, never negative"),
+    ("containers.running", 0.0, float("inf"), "a count, never negative"),
+)
+
+
+def signal_range(name: str) -> tuple[float, float, str] | None:
+    """(lowest, highest, what it is) for a built-in signal; None when unknown."""
+    for pattern, lo, hi, what in SIGNAL_RANGES:
+        if fnmatch.fnmatchcase(name, pattern):
+            return lo, hi, what
+    return None
+
+
 def known_signal_patterns() -> list[str]:
     """The registry of signal names a policy may use (glob patterns)."""
     return list(BUILTIN_SIGNAL_PATTERNS)

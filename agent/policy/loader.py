@@ -8,9 +8,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.errors import InputError, Problem, problems_from_validation, read_yaml
+from agent.errors import InputError, Problem, problems_from_validation
 from agent.policy.conditions import CTX_ACTIONS, CTX_MARKERS, CTX_PEERS, CTX_SIGNALS
 from agent.policy.models import Policy, PolicyFile
+from agent.yaml_input import read_yaml
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 

@@ -12,12 +12,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from agent.durations import Duration, format_duration
+from agent.input_bounds import DAY, count_in, duration_in
 from agent.policy.conditions import CTX_ACTIONS, CTX_PEERS, Condition
 
 OPT_IN_LABEL = "ferry.migrate"
@@ -28,16 +30,22 @@ MIGRATING_ACTIONS = frozenset({"evacuate", "move"})
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
+
+
+# A glob or label that is empty matches nothing, or everything: never what was meant.
+_Text = Annotated[str, Field(min_length=1, max_length=253)]
 
 
 class Match(_Model):
     """Which containers a rule matches; every given field must hold."""
 
-    labels: dict[str, str] = {}
-    has_labels: list[str] = []
-    name: str | None = None  # glob, e.g. "web-*"
-    image: str | None = None  # glob, e.g. "redis:*"
+    labels: dict[_Text, str] = {}
+    has_labels: list[_Text] = []
+    name: _Text | None = None  # glob, e.g. "web-*"
+    image: _Text | None = None  # glob, e.g. "redis:*"
 
     def is_empty(self) -> bool:
         return not (self.labels or self.has_labels or self.name or self.image)
@@ -50,8 +58,8 @@ class Selector(Match):
 
 
 class RateLimit(_Model):
-    max: int = Field(ge=1)
-    per: Duration = Field(gt=0)
+    max: Annotated[int, count_in(1, 100_000)]
+    per: Annotated[Duration, duration_in(0, 366 * DAY, lo_open=True)]
 
 
 def _targets_shorthand(value: Any) -> Any:
@@ -61,13 +69,41 @@ def _targets_shorthand(value: Any) -> Any:
     return value
 
 
+MAX_AMOUNT = 100_000
+
+
+def _amount(value: Any) -> Any:
+    # One message instead of one per union member ("literal['all']", "int").
+    if value is None or value == "all":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected `all` or a number of containers, got {value!r:.40}")
+    if not 1 <= value <= MAX_AMOUNT:
+        raise ValueError(f"must be `all` or between 1 and {MAX_AMOUNT} (got {value})")
+    return value
+
+
+def _peer_list(value: Any) -> Any:
+    if value == "any":
+        return value
+    if isinstance(value, list) and all(isinstance(p, str) and p for p in value):
+        return value
+    raise ValueError(f"expected `any` or a list of peer names, got {value!r:.40}")
+
+
 class Targets(_Model):
-    peers: Literal["any"] | list[Annotated[str, Field(min_length=1)]] = "any"
+    peers: Annotated[Literal["any"] | list[str], PlainValidator(_peer_list)] = "any"
     placement: Literal["least_loaded", "weighted", "spread"] = "least_loaded"
 
     @field_validator("peers")
     @classmethod
     def _known(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list names no peer; list peers or write `any`")
+            dupes = sorted({p for p in value if value.count(p) > 1})
+            if dupes:
+                raise ValueError(f"peer(s) listed twice: {', '.join(dupes)}")
         known = (info.context or {}).get(CTX_PEERS)
         if known is not None and isinstance(value, list):
             unknown = [p for p in value if p not in known]
@@ -80,21 +116,21 @@ class Targets(_Model):
 
 
 class Policy(_Model):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     description: str = ""
     when: Condition
-    for_: Duration = Field(default=0.0, alias="for")
+    for_: Annotated[Duration, duration_in(0, 30 * DAY)] = Field(default=0.0, alias="for")
     clear_when: Condition | None = None
-    keep_firing_for: Duration = 0.0
-    cooldown: Duration = 300.0
+    keep_firing_for: Annotated[Duration, duration_in(0, 30 * DAY)] = 0.0
+    cooldown: Annotated[Duration, duration_in(0, 30 * DAY)] = 300.0
     rate_limit: RateLimit | None = None
-    max_concurrent: int = Field(default=1, ge=1)
+    max_concurrent: Annotated[int, count_in(1, 64)] = 1
     dry_run: bool = False
     select: Selector = Selector()
     order: Literal["priority", "memory_asc", "memory_desc"] = "priority"
     # None: "all" for evacuate, 1 for everything else.
-    amount: Literal["all"] | Annotated[int, Field(ge=1)] | None = None
-    action: str = Field(min_length=1)
+    amount: Annotated[Literal["all"] | int | None, PlainValidator(_amount)] = None
+    action: str = Field(min_length=1, max_length=100)
     targets: Annotated[Targets, BeforeValidator(_targets_shorthand)] = Targets()
 
     @field_validator("action")

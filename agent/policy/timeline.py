@@ -34,17 +34,23 @@ from typing import Any
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
 from agent.durations import Duration, format_duration
-from agent.errors import InputError, problems_from_validation, read_yaml
+from agent.errors import InputError, problems_from_validation
 from agent.model import ContainerInfo, DockerEvent, PeerHealth
 from agent.policy.actions import ActionRegistry, DryRunAction, LogAction
 from agent.policy.engine import EngineLimits, PolicyEngine
 from agent.policy.models import Policy
 from agent.policy.sim import ManualClock, MemorySignals, StaticPeers
 from agent.policy.state import Status, Transition
+from agent.yaml_input import read_yaml
+
+
+# Ticks a replay may take: each is a full engine evaluation, so 1ms steps over a
+# month would run for hours instead of failing fast.
+MAX_EVALUATIONS = 200_000
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ContainerSpec(_Model):
@@ -155,10 +161,21 @@ class Timeline(_Model):
     def end(self) -> float:
         return self.until if self.until is not None else max(s.at for s in self.steps) + 60.0
 
+    @model_validator(mode="after")
+    def _bounded(self) -> Timeline:
+        ticks = self.end() / self.step
+        if ticks > MAX_EVALUATIONS:
+            raise ValueError(
+                f"{format_duration(self.end())} in steps of {format_duration(self.step)} is "
+                f"{ticks:.0f} evaluations; at most {MAX_EVALUATIONS}: use a longer step"
+            )
+        return self
+
 
 def load_timeline(path: str | Path) -> Timeline:
     shown = str(path)
-    raw = read_yaml(Path(path), shown)  # JSON is YAML, so .json timelines load too
+    # JSON is YAML, so .json timelines load too; recorded ones may be large.
+    raw = read_yaml(Path(path), shown, max_bytes=32 * 1024 * 1024, max_nodes=5_000_000)
     if not isinstance(raw, dict):
         raise InputError.single(shown, "", "expected a mapping with `steps:`")
     try:
