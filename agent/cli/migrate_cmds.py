@@ -24,6 +24,8 @@ from rich.table import Table
 
 from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
 from agent.cli.options import config_option, load_config_or_exit
+from agent.errors import one_line
+from agent.service.control import agent_down_line
 
 MIGRATE_ROUTE = "/v1/migrate"
 
@@ -50,7 +52,7 @@ async def stream_migration(
 ) -> dict[str, Any]:
     """POST /v1/migrate on the control socket; feed progress lines; return the result line."""
     if not socket_path.exists():
-        raise Unreachable(f"no agent socket at {socket_path} (is `ferry run` running?)")
+        raise Unreachable(agent_down_line(socket_path))
     connector = aiohttp.UnixConnector(path=str(socket_path))
     # No total timeout: a big container takes minutes. The agent reports as it goes.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
@@ -65,11 +67,13 @@ async def stream_migration(
             if resp.status == 404:
                 raise Unreachable("the agent has no migration engine (no /v1/migrate route)")
             if resp.status >= 400:
-                text = await resp.text()
+                text = await resp.text(errors="replace")
                 try:
-                    msg = json.loads(text).get("error", text)
+                    answer = json.loads(text)
                 except ValueError:
-                    msg = text
+                    answer = None
+                error = answer.get("error") if isinstance(answer, dict) else None
+                msg = one_line(str(error) if error else text[:300] or f"HTTP {resp.status}")
                 return {
                     "type": "result",
                     "ok": False,
@@ -81,17 +85,18 @@ async def stream_migration(
                 line = raw.strip()
                 if not line:
                     continue
-                item = json.loads(line)
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    continue  # not ours to show; the result line decides
+                if not isinstance(item, dict):
+                    continue
                 if item.get("type") == "result":
                     result = item
                 else:
                     on_line(item)
-    except PermissionError as exc:
-        raise Unreachable(f"no permission to use {socket_path} (run as root)") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise Unreachable(f"agent not answering on {socket_path}: {exc.os_error}") from exc
-    except aiohttp.ClientError as exc:
-        raise Unreachable(f"connection to the agent broke: {exc!r}") from exc
+    except (PermissionError, aiohttp.ClientError, TimeoutError) as exc:
+        raise Unreachable(agent_down_line(socket_path, exc)) from exc
     if result is None:
         raise Unreachable("the agent closed the stream without a result (did it stop?)")
     return result

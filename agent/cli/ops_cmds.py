@@ -23,7 +23,12 @@ from rich.table import Table
 from agent.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
 from agent.cli.options import config_option, load_config_or_exit
 from agent.config import FerryConfig
-from agent.service.control import AgentUnreachable, ControlClient, ControlRequestFailed
+from agent.service.control import (
+    MAX_HISTORY,
+    AgentUnreachable,
+    ControlClient,
+    ControlRequestFailed,
+)
 from agent.service.drain import DrainMarker
 
 T = TypeVar("T")
@@ -322,7 +327,7 @@ def render_history(items: list[dict[str, Any]], console: Console) -> None:
 
 @main.command("history", epilog=_EXIT_CODES)
 @click.option("--json", "as_json", is_flag=True, help="Print the records with full reports.")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, MAX_HISTORY))
 @config_option()
 def history_cmd(as_json: bool, limit: int, config_path: Path) -> None:
     """Past migrations (newest first) with their outcome and report.

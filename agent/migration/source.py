@@ -266,9 +266,13 @@ class MigrationService:
             spec = spec_from_inspect(inspect)
         except SpecError as exc:
             raise MigrationRefused(str(exc)) from exc
-        problems = source_problems(inspect, spec, self.config.migration.copy_named_volumes)
         if spec.id in self.active:
-            problems.append(f"{spec.name} is already being migrated ({self.active[spec.id]})")
+            # Alone: mid-migration the container is frozen, so the other checks would
+            # also say "paused", which is only a symptom of this.
+            raise MigrationRefused(
+                f"{spec.name} is already being migrated ({self.active[spec.id]})"
+            )
+        problems = source_problems(inspect, spec, self.config.migration.copy_named_volumes)
         if problems:
             raise MigrationRefused("; ".join(problems))
         return spec

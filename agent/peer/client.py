@@ -12,15 +12,18 @@ from typing import Any
 import aiohttp
 import structlog
 
+from agent.net_errors import describe, unreachable_line
 from agent.peer.api import DIGEST_HEADER, HEALTH_PATH, META_HEADER, migration_path
 
 log = structlog.get_logger(__name__)
 
 
 class PeerError(Exception):
-    def __init__(self, peer: str, message: str) -> None:
-        super().__init__(f"peer {peer}: {message}")
+    def __init__(self, peer: str, message: str, address: str | None = None) -> None:
+        super().__init__(unreachable_line(f"peer {peer}", address, message))
         self.peer = peer
+        self.address = address
+        self.what = message  # the reason alone, without who and where
 
 
 class PeerUnavailable(PeerError):
@@ -173,14 +176,11 @@ class PeerClient:
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
-        except TimeoutError:
-            raise PeerUnavailable(self.name, f"{method} {path} timed out") from None
-        except aiohttp.ClientConnectorCertificateError as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # One line: which peer, where, what failed; never aiohttp's repr.
             raise PeerUnavailable(
-                self.name, f"TLS verification failed: {exc.certificate_error}"
+                self.name, f"{describe(exc)} ({method} {path})", self.address
             ) from exc
-        except aiohttp.ClientError as exc:
-            raise PeerUnavailable(self.name, f"{method} {path} failed: {exc!r}") from exc
         try:
             data = json.loads(raw) if raw else {}
         except ValueError:
@@ -195,5 +195,7 @@ class PeerClient:
                 )
             raise PeerRefused(self.name, status, "error", raw[:200].decode("utf-8", "replace"))
         if not isinstance(data, dict):
-            raise PeerUnavailable(self.name, f"{method} {path}: answer is not a JSON object")
+            raise PeerUnavailable(
+                self.name, f"answer is not a JSON object ({method} {path})", self.address
+            )
         return data

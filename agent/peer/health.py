@@ -8,11 +8,11 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-import aiohttp
 import structlog
 
 from agent.model import Clock, PeerHealth, SystemClock
-from agent.peer.client import PeerClient, PeerTimeouts
+from agent.net_errors import describe, unreachable_line
+from agent.peer.client import PeerClient, PeerError, PeerTimeouts
 
 if TYPE_CHECKING:
     from agent.config import PeerConfig
@@ -61,23 +61,12 @@ def health_from_answer(name: str, answer: Mapping[str, Any]) -> PeerHealth:
 
 
 def short_error(exc: BaseException) -> str:
-    """A one-line reason for `ferry status`, not a repr of aiohttp's connection key.
-
-    The client wraps transport errors, so the useful one is found down the
-    cause chain.
-    """
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, aiohttp.ClientConnectorCertificateError):
-            return f"TLS verification failed: {seen.certificate_error}"
-        if isinstance(seen, ssl.SSLError):
-            return f"TLS: {seen}"
-        if isinstance(seen, aiohttp.ClientConnectorError):
-            return f"cannot connect: {seen.os_error.strerror or seen.os_error}"
-        if isinstance(seen, TimeoutError):
-            return "timed out"
-        seen = seen.__cause__ or seen.__context__
-    return str(exc) or type(exc).__name__
+    """What failed, without who and where: "connection refused", "timed out", ..."""
+    if isinstance(exc, PeerError):
+        return exc.what
+    if isinstance(exc, ValueError):
+        return f"bad health answer: {exc}"
+    return describe(exc)
 
 
 class _WithoutTLS:
@@ -126,6 +115,9 @@ class PeerHealthMonitor:
         }
         self._last_ok: dict[str, float] = {}
         self._owned: list[PeerClient] = []
+        self._addresses: dict[str, str] = {
+            s.name: str(getattr(s, "address", "")) for s in self._sources
+        }
 
     @classmethod
     def for_peers(
@@ -158,7 +150,12 @@ class PeerHealthMonitor:
             clock=clock,
         )
         monitor._owned = clients
+        monitor._addresses.update({p.name: p.address for p in peers})
         return monitor
+
+    def _line(self, name: str, reason: str) -> str:
+        """The one line `ferry status` and the log both show for an unusable peer."""
+        return unreachable_line(f"peer {name}", self._addresses.get(name), reason)
 
     def peers(self) -> list[PeerHealth]:
         now = self._clock.monotonic()
@@ -168,7 +165,9 @@ class PeerHealthMonitor:
             last_ok = self._last_ok.get(source.name)
             if health.reachable and last_ok is not None and now - last_ok > self.stale_after:
                 health = dataclasses.replace(
-                    health, reachable=False, error=f"no answer for {now - last_ok:.0f}s"
+                    health,
+                    reachable=False,
+                    error=self._line(source.name, f"no answer for {now - last_ok:.0f}s"),
                 )
             if source.name in self._weights:
                 health = dataclasses.replace(health, weight=self._weights[source.name])
@@ -197,9 +196,9 @@ class PeerHealthMonitor:
             answer = await asyncio.wait_for(source.health(), self.timeout)
             health = health_from_answer(source.name, answer)
         except Exception as exc:  # any failure means "not usable now", with why
-            error = short_error(exc)
+            error = self._line(source.name, short_error(exc))
             previous = self._state[source.name]
-            if previous.reachable:
+            if previous.reachable or previous.error != error:
                 log.warning("peer.unreachable", peer=source.name, error=error)
             self._state[source.name] = dataclasses.replace(previous, reachable=False, error=error)
             return

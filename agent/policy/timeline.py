@@ -43,7 +43,6 @@ from agent.policy.sim import ManualClock, MemorySignals, StaticPeers
 from agent.policy.state import Status, Transition
 from agent.yaml_input import read_yaml
 
-
 # Ticks a replay may take: each is a full engine evaluation, so 1ms steps over a
 # month would run for hours instead of failing fast.
 MAX_EVALUATIONS = 200_000

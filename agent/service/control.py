@@ -23,7 +23,7 @@ import json
 import os
 import socket
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,12 +31,16 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from agent.errors import one_line
+from agent.net_errors import describe, unreachable_line
+
 log = structlog.get_logger(__name__)
 
 RouteHook = Callable[[web.Application], None]
 JSON = dict[str, Any]
 
 MAX_REASON_CHARS = 500
+MAX_HISTORY = 10_000
 
 
 class ControlService(Protocol):
@@ -59,6 +63,32 @@ def _json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def history_limit(raw: str) -> int | None:
+    """`limit` as given in the query, or None when it is not a whole number in range."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(MAX_HISTORY)):
+        return None
+    value = int(raw)
+    return value if 1 <= value <= MAX_HISTORY else None
+
+
+@web.middleware
+async def _no_exception_text(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A bug behind a route answers 500 with one line; the details go to the log only."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("control.request_failed", method=request.method, path=request.path)
+        return _json_error(
+            500,
+            f"the agent failed to answer {request.method} {one_line(request.path[:100])}; "
+            "see its log",
+        )
+
+
 def build_app(service: ControlService, route_hooks: Sequence[RouteHook] = ()) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         return web.json_response(await service.status(), dumps=_dumps)
@@ -79,12 +109,16 @@ def build_app(service: ControlService, route_hooks: Sequence[RouteHook] = ()) ->
 
     async def history(request: web.Request) -> web.Response:
         raw = request.query.get("limit", "50")
-        if not raw.isdigit() or int(raw) < 1:
-            return _json_error(400, f"limit must be a positive integer, got {raw!r}")
-        items = await service.history(int(raw))
+        limit = history_limit(raw)
+        if limit is None:
+            return _json_error(
+                400,
+                f"limit must be a whole number from 1 to {MAX_HISTORY}, got {one_line(raw[:40])!r}",
+            )
+        items = await service.history(limit)
         return web.json_response({"migrations": items}, dumps=_dumps)
 
-    app = web.Application()
+    app = web.Application(middlewares=[_no_exception_text])
     app.router.add_get("/v1/status", status)
     app.router.add_post("/v1/drain", drain)
     app.router.add_post("/v1/undrain", undrain)
@@ -198,6 +232,24 @@ class AgentUnreachable(Exception):
     """No agent answers on the control socket (not running, or no permission)."""
 
 
+_NOT_RUNNING_HINT = " (is `ferry run` running?)"
+
+
+def agent_down_line(path: Path, exc: BaseException | None = None) -> str:
+    """'agent at /run/ferry/ferry.sock: connection refused (is `ferry run` running?)'."""
+    if exc is None:
+        reason = "no socket" + _NOT_RUNNING_HINT
+    elif isinstance(exc, PermissionError) or (
+        isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, PermissionError)
+    ):
+        reason = "permission denied (run as root)"
+    else:
+        reason = describe(exc)
+        if reason in ("connection refused", "no such socket"):
+            reason += _NOT_RUNNING_HINT
+    return unreachable_line("agent", str(path), reason)
+
+
 class ControlRequestFailed(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -213,7 +265,7 @@ class ControlClient:
 
     async def request(self, method: str, route: str, body: JSON | None = None) -> Any:
         if not self.path.exists():
-            raise AgentUnreachable(f"no agent socket at {self.path} (is `ferry run` running?)")
+            raise AgentUnreachable(agent_down_line(self.path))
         connector = aiohttp.UnixConnector(path=str(self.path))
         try:
             async with (
@@ -228,14 +280,8 @@ class ControlClient:
                     msg = data.get("error") if isinstance(data, dict) else None
                     raise ControlRequestFailed(resp.status, msg or f"HTTP {resp.status}")
                 return data
-        except PermissionError as exc:
-            raise AgentUnreachable(f"no permission to use {self.path} (run as root)") from exc
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, PermissionError):
-                raise AgentUnreachable(f"no permission to use {self.path} (run as root)") from exc
-            raise AgentUnreachable(f"agent not answering on {self.path}: {exc.os_error}") from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AgentUnreachable(f"agent not answering on {self.path}: {exc!r}") from exc
+        except (PermissionError, aiohttp.ClientError, TimeoutError) as exc:
+            raise AgentUnreachable(agent_down_line(self.path, exc)) from exc
 
     async def status(self) -> JSON:
         result: JSON = await self.request("GET", "/v1/status")

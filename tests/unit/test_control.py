@@ -127,14 +127,20 @@ def test_stale_socket_is_replaced_but_live_one_is_not(sock_dir: Path) -> None:
 
 def test_client_reports_unreachable_agent(sock_dir: Path) -> None:
     async def scenario() -> None:
-        with pytest.raises(AgentUnreachable, match="no agent socket"):
-            await ControlClient(sock_dir / "missing.sock").status()
+        missing = sock_dir / "missing.sock"
+        with pytest.raises(AgentUnreachable) as gone:
+            await ControlClient(missing).status()
+        assert str(gone.value) == f"agent at {missing}: no socket (is `ferry run` running?)"
         dead = sock_dir / "dead.sock"
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(str(dead))
         s.close()
-        with pytest.raises(AgentUnreachable, match="not answering"):
+        with pytest.raises(AgentUnreachable) as refused:
             await ControlClient(dead).status()
+        # One line: who, where, what failed; no aiohttp repr.
+        assert str(refused.value) == (
+            f"agent at {dead}: connection refused (is `ferry run` running?)"
+        )
 
     run_async(scenario())
 

@@ -150,4 +150,4 @@ def test_cli_bad_config_is_2(tmp_path: Path) -> None:
 
 def test_cli_without_agent_is_3(config: Path) -> None:
     result = CliRunner().invoke(main, ["migrate", "web", "--to", "b", "--config", str(config)])
-    assert result.exit_code == 3 and "no agent socket" in result.output
+    assert result.exit_code == 3 and ": no socket (is `ferry run` running?)" in result.output

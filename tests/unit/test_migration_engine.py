@@ -633,3 +633,15 @@ def test_a_failure_inside_a_group_rolls_every_member_back(hosts: tuple[Host, Hos
     assert b.docker.find_container("app") is None and b.docker.find_container("cache") is None
     assert {rec.outcome for rec in a.journal.history(10)} == {"rolled_back"}
     assert all(rec.report["decision"] == "rollback" for rec in a.journal.history(10))
+
+
+def test_already_migrating_says_only_that(hosts: tuple[Host, Host]) -> None:
+    a, _ = hosts
+    cid = a.docker.add_running("web")
+    # Mid-migration the container is frozen: Docker shows it paused.
+    a.docker.containers[cid]["State"]["Paused"] = True
+    a.service.active[cid] = "m-first"
+    with pytest.raises(MigrationRefused) as err:
+        run_async(a.service.migrate("web", "b"))
+    assert err.value.reason == "web is already being migrated (m-first)"
+    assert not any(call[0] in ("checkpoint", "policy") for call in a.docker.calls)

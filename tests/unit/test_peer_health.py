@@ -4,6 +4,7 @@ built from the config it polls real peers over mTLS and says in one line why one
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections import deque
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_answers_failures_and_staleness() -> None:
     a = ScriptedPeer(
         "a",
         {"draining": False, "load1": 1.5, "mem_available_bytes": 2048, "tags": ["ssd"], "x": 1},
-        ConnectionError("peer a: connection refused"),
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
         {"draining": True, "overloaded": True},
     )
     b = ScriptedPeer("b", {"draining": "yes"})
@@ -79,7 +80,9 @@ def test_answers_failures_and_staleness() -> None:
             tags=("ssd",),
             weight=2.0,
         )
-        assert not pb.reachable and pb.error == "draining must be true or false, not 'yes'"
+        assert not pb.reachable and pb.error == (
+            "peer b: bad health answer: draining must be true or false, not 'yes'"
+        )
 
         await mon.poll_once()
         pa = mon.peers()[0]
@@ -91,7 +94,7 @@ def test_answers_failures_and_staleness() -> None:
 
         clock.mono += 16  # > 3 intervals without a good answer
         pa = mon.peers()[0]
-        assert (pa.reachable, pa.error) == (False, "no answer for 16s")
+        assert (pa.reachable, pa.error) == (False, "peer a: no answer for 16s")
 
     run_async(go())
 
@@ -101,7 +104,7 @@ def test_hanging_peer_times_out_without_blocking_others() -> None:
     mon = PeerHealthMonitor([HangingPeer(), ok], interval=5, timeout=0.05, clock=FakeClock())
     run_async(mon.poll_once())
     hang, good = mon.peers()
-    assert (hang.reachable, hang.error) == (False, "timed out")
+    assert (hang.reachable, hang.error) == (False, f"peer {hang.name}: timed out")
     assert good.reachable
 
 
@@ -181,7 +184,11 @@ def test_for_peers_over_mtls_reports_health_config_and_one_line_errors(tmp_path:
             assert not got["node-b"].draining
             assert not got["node-c"].reachable and "node-b" in (got["node-c"].error or "")
             assert not got["node-d"].reachable
-            assert (got["node-d"].error or "").startswith("cannot connect")
+            d_addr = peers[2].address
+            assert got["node-d"].error == (
+                f"peer node-d at {d_addr}: connection refused (GET /v1/health)"
+            )
+            assert (got["node-c"].error or "").startswith(f"peer node-c at {peers[1].address}: ")
 
             handlers.draining = True
             got = {p.name: p for p in await monitor.poll_once()}
@@ -199,7 +206,10 @@ def test_for_peers_without_tls_lists_every_peer_with_the_reason() -> None:
 
     async def go() -> None:
         (peer,) = await mon.poll_once()
-        assert (peer.reachable, peer.error) == (False, "no TLS client (check tls.* files)")
+        assert (peer.reachable, peer.error) == (
+            False,
+            "peer node-b at 127.0.0.1:1: no TLS client (check tls.* files)",
+        )
         assert (peer.weight, peer.tags) == (3, ("ssd",))
         await mon.close()
 

@@ -144,7 +144,8 @@ def test_status_json_and_human(config: Path) -> None:
 def test_status_without_agent_exits_3(config: Path) -> None:
     r = invoke("status", "--config", str(config))
     assert r.exit_code == EXIT_UNAVAILABLE
-    assert "no agent socket" in r.output
+    assert "agent at " in r.output and ": no socket (is `ferry run` running?)" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_history(config: Path) -> None:
