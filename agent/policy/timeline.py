@@ -29,12 +29,13 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
 from agent.durations import Duration, format_duration
 from agent.errors import InputError, problems_from_validation
+from agent.input_bounds import DAY, count_in, duration_in
 from agent.model import ContainerInfo, DockerEvent, PeerHealth
 from agent.policy.actions import ActionRegistry, DryRunAction, LogAction
 from agent.policy.engine import EngineLimits, PolicyEngine
@@ -100,7 +101,7 @@ class PeerSpec(_Model):
 class EventSpec(_Model):
     action: str
     container: str = ""
-    count: int = Field(default=1, ge=1)
+    count: Annotated[int, count_in(1, 100_000)] = 1  # one event each: bounded
     attributes: dict[str, str] = {}
 
 
@@ -113,9 +114,9 @@ class StepSpec(_Model):
 
 
 class LimitsSpec(_Model):
-    max_concurrent_migrations: int = Field(default=1, ge=1)
-    max_migrations: int = Field(default=10, ge=1)
-    window: Duration = 3600.0
+    max_concurrent_migrations: Annotated[int, count_in(1, 64)] = 1
+    max_migrations: Annotated[int, count_in(1, 100_000)] = 10
+    window: Annotated[Duration, duration_in(0, 366 * DAY, lo_open=True)] = 3600.0
 
 
 class Expectation(_Model):

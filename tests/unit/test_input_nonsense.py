@@ -348,3 +348,11 @@ def test_messages_are_one_printable_line(tmp_path: Path) -> None:
     result = ferry("check-config", str(path))
     assert result.exit_code == EXIT_BAD_INPUT
     assert result.stderr.splitlines() == [f"{path}: limits.evil\\nkey\\u2028\\x07: unknown key"]
+
+
+def test_test_policy_refuses_an_endless_event_count(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(POLICY)
+    timeline = tmp_path / "t.yaml"
+    timeline.write_text("steps: [{at: 0s, events: [{action: oom, count: 1000000000000}]}]\n")
+    result = ferry("test-policy", str(timeline), "--policies", str(tmp_path / "p.yaml"))
+    assert_refused(result, str(timeline), "steps[0].events[0].count", "between 1 and 100000")
