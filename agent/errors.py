@@ -38,7 +38,7 @@ _MAX_PART = 300
 def one_line(text: str) -> str:
     """`text` as one printable line of bounded length: what a user typed may hold anything."""
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: _MAX_PART + 1])
-    return shown if len(shown) <= _MAX_PART else shown[:_MAX_PART] + "..."
+    return shown.strip() if len(shown) <= _MAX_PART else shown[:_MAX_PART].strip() + "..."
 
 
 class InputError(Exception):

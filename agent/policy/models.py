@@ -72,12 +72,17 @@ def _targets_shorthand(value: Any) -> Any:
 MAX_AMOUNT = 100_000
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
 def _amount(value: Any) -> Any:
     # One message instead of one per union member ("literal['all']", "int").
     if value is None or value == "all":
         return value
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected `all` or a number of containers, got {value!r:.40}")
+        raise ValueError(f"expected `all` or a number of containers, got {_shown(value)}")
     if not 1 <= value <= MAX_AMOUNT:
         raise ValueError(f"must be `all` or between 1 and {MAX_AMOUNT} (got {value})")
     return value
@@ -88,7 +93,7 @@ def _peer_list(value: Any) -> Any:
         return value
     if isinstance(value, list) and all(isinstance(p, str) and p for p in value):
         return value
-    raise ValueError(f"expected `any` or a list of peer names, got {value!r:.40}")
+    raise ValueError(f"expected `any` or a list of peer names, got {_shown(value)}")
 
 
 class Targets(_Model):
