@@ -155,6 +155,9 @@ class DockerConfig(_Model):
     runc_command: list[_Word] = Field(
         default=["runc", "--root", "/run/docker/runtime-runc/moby"], min_length=1
     )
+    # How to run CRIU where dockerd runs (its mount and PID namespaces), for the local
+    # lazy-pages daemon of migration.restore_via: lazy; an argv prefix.
+    criu_command: list[str] = Field(default=["criu"], min_length=1)
 
 
 class TLSConfig(_Model):
@@ -183,6 +186,11 @@ class MigrationConfig(_Model):
     checkpoint_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 120.0
     restore_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 120.0
     health_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 60.0
+    # "lazy": Docker gets the checkpoint without its memory pages and a local CRIU
+    # lazy-pages daemon fills them in from the full copy on this host before the copy
+    # may run (downtime no longer grows with containerd copying every page).
+    # "docker": plain `docker start --checkpoint` of the full images.
+    restore_via: Annotated[Literal["lazy", "docker"], BeforeValidator(_lower)] = "lazy"
     # A state upload with no progress for this long aborts, and the source rolls back.
     stall_timeout: Annotated[Duration, duration_in(0, HOUR, lo_open=True)] = 30.0
     # How long the source retries its commit before it reports the migration in doubt

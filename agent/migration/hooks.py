@@ -28,6 +28,7 @@ MID_TRANSFER = "mid-transfer"  # source: the first MID_TRANSFER_BYTES of state a
 BEFORE_DECISION = "before-decision"  # source: target holds its copy stopped; nothing decided
 AFTER_DECISION = "after-decision"  # source: "commit" journalled, not yet sent
 BEFORE_CONTINUE = "before-continue"  # target: commit received, processes still stopped
+LAZY_DAEMON = "lazy-daemon"  # target: lazy-pages daemon listening, restore not started
 MID_TRANSFER_BYTES = 8 << 20
 
 

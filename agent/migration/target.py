@@ -36,6 +36,7 @@ from agent.docker_adapter import (
 )
 from agent.journal import Journal, JournalError
 from agent.migration import criu_config, held, hooks, networks
+from agent.migration.lazy_restore import LazyRestore, LazyRestoreError
 from agent.migration.paths import DataRootResolver
 from agent.migration.resources import CapacityRefused, Reservations
 from agent.migration.spec import DEFAULT_NETWORKS, ContainerSpec
@@ -497,6 +498,7 @@ class TargetHandlers:
                 t1 = self.clock.monotonic()
                 await asyncio.to_thread(self._start_held, inc)
                 timings["start_s"] = round(self.clock.monotonic() - t1, 4)
+                timings.update(inc.timings)  # how many pages the lazy path left to its daemon
             except HandlerError as exc:
                 await self._discard(inc, exc.reason)
                 raise
@@ -587,8 +589,76 @@ class TargetHandlers:
         await asyncio.to_thread(staged.commit, digest)
         inc.staging_dirs = []
 
+    def _lazy(self, inc: Incoming) -> LazyRestore:
+        assert inc.container_id
+        return LazyRestore(
+            self.data_root.get(),
+            inc.migration_id,
+            inc.container_id,
+            inc.checkpoint,
+            self.config.docker.criu_command,
+        )
+
     def _start_held(self, inc: Incoming) -> None:
-        """Restore, and prove that nothing of it runs yet."""
+        """Restore (lazily when it can), and prove that nothing of it runs yet."""
+        assert inc.container_id
+        conf = criu_config.for_migration(self.data_root.get(), inc.migration_id)
+        lazy: LazyRestore | None = None
+        extra: list[str] = []
+        if self.config.migration.restore_via == "lazy":
+            lazy = self._lazy(inc)
+            try:
+                kept, left = lazy.prepare()
+                lazy.start_daemon()
+                extra = lazy.criu_options()
+                inc.timings["lazy_pages"] = left
+                inc.timings["present_pages"] = kept
+            except LazyRestoreError as exc:
+                # Like a missing inotify: say so, and take the slower path that works.
+                log.warning(
+                    "migration.target.lazy_unavailable", migration=inc.migration_id, reason=str(exc)
+                )
+                lazy.stop_daemon()
+                lazy.undo()
+                lazy.cleanup()
+                lazy = None
+        conf.write(criu_config.restore_options(conf.daemon_log, extra=extra))
+        if lazy is None:
+            self._restore_once(inc)
+            return
+        for attempt in (1, 2):
+            try:
+                self._gate_sync(hooks.LAZY_DAEMON, inc.migration_id)
+                self._restore_once(inc)
+                lazy.wait_all_pages(float(self.config.migration.restore_timeout))
+                return
+            except (DockerError, LazyRestoreError) as exc:
+                # The copy may hold zero-filled pages: it must never run. Kill it and
+                # restore again from the same local images.
+                log.error(
+                    "migration.target.lazy_failed",
+                    migration=inc.migration_id,
+                    attempt=attempt,
+                    error=str(exc),
+                )
+                lazy.stop_daemon()
+                with contextlib.suppress(DockerError):
+                    self.adapter.kill(inc.container_id)
+                if attempt == 2:
+                    raise DockerError("restore", f"lazy restore failed twice: {exc}") from exc
+                lazy.start_daemon()
+
+    def _gate_sync(self, name: str, mid: str) -> None:
+        """hooks.gate for code running in a worker thread."""
+        path = Path(self.config.state_dir) / hooks.HOOKS_DIR / name
+        if not path.exists():
+            return
+        (path.parent / f"{name}.reached").write_text(mid)
+        deadline = time.monotonic() + hooks.HOOK_MAX_WAIT
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _restore_once(self, inc: Incoming) -> None:
         assert inc.container_id
         mig = self.config.migration
         self.adapter.start(inc.container_id, checkpoint=inc.checkpoint)
@@ -651,6 +721,7 @@ class TargetHandlers:
         root = self.data_root.get()
         shutil.rmtree(root.checkpoint_dir(cid, inc.checkpoint), ignore_errors=True)
         criu_config.for_migration(root, inc.migration_id).remove()
+        self._lazy(inc).cleanup()
 
     def _watch_decision(self, inc: Incoming) -> None:
         """If the commit does not come, ask the source for its decision until it answers."""
@@ -778,6 +849,8 @@ class TargetHandlers:
                 self.adapter.remove_volume(vol)
         with contextlib.suppress(DockerError, OSError):
             criu_config.for_migration(self.data_root.get(), inc.migration_id).remove()
+            if inc.container_id:
+                self._lazy(inc).cleanup()
 
     def _spawn_cleanup(self, inc: Incoming, reason: str) -> None:
         async def retry() -> None:

@@ -79,6 +79,8 @@ def write_config(
                 *("nsenter", "-t", str(host.init_pid), "-m", "-p", "-r"),
                 *("runc", "--root", "/run/docker/runtime-runc/moby"),
             ],
+            # The local lazy-pages daemon runs beside dockerd, like runc.
+            "criu_command": ["nsenter", "-t", str(host.init_pid), "-m", "-p", "-r", "criu"],
         },
         "peers": [
             {"name": p.name, "address": f"{p.ip}:{AGENT_PORT}"}

@@ -209,6 +209,12 @@ class FakeDocker:
             c["held"] = "org.criu.config" in annotations
         c["State"] = {"Status": "running", "Running": True}
 
+    def networks_labelled(self, label: str) -> list[dict[str, Any]]:
+        return []
+
+    def kill(self, ref: str) -> None:
+        self._get(ref)["State"] = {"Status": "exited", "Running": False, "ExitCode": 137}
+
     def pause(self, ref: str) -> None:
         self.calls.append(("pause", self._get(ref)["Id"]))
 

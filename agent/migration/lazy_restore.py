@@ -1,0 +1,183 @@
+"""Local lazy restore: stop-and-copy without Docker copying every page twice.
+
+`docker start --checkpoint` copies the whole image set through containerd's
+content store before CRIU runs: most of a large container's downtime. Here the
+full images stay in a directory of Ferry's own; Docker's checkpoint dir gets
+every image but the pages, a page map whose lazy entries are marked not
+present, and a pages file holding only the rest (a few pages). A local
+`criu lazy-pages` daemon serves the missing pages from the full copy while the
+restored process stays held stopped, and Ferry waits for it to report every
+page in before it calls the copy held. All pages are already on this host and
+the source has exited, so nothing depends on the network or the source.
+
+If the daemon fails, the copy it half-filled is killed and the restore is tried
+again from the same local images (POSTCOPY-NOTES.md: a retry worked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from agent.migration import criu_images
+from agent.migration.criu_config import CRIU_DIR
+from agent.migration.paths import DataRoot
+
+log = structlog.get_logger(__name__)
+
+SOCKET = "lazy-pages.socket"
+LOG = "lazy-pages.log"
+
+
+class LazyRestoreError(Exception):
+    """The lazy path cannot be used or failed; the message says why."""
+
+
+@dataclass
+class LazyRestore:
+    root: DataRoot
+    migration_id: str
+    container_id: str
+    checkpoint: str
+    criu_command: Sequence[str]
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------ paths
+
+    def _rel(self, suffix: str) -> tuple[str, ...]:
+        return (*CRIU_DIR, f"{self.migration_id}.{suffix}")
+
+    @property
+    def full_dir(self) -> Path:
+        return self.root.local_root.joinpath(*self._rel("images"))
+
+    @property
+    def work_dir(self) -> Path:
+        return self.root.local_root.joinpath(*self._rel("work"))
+
+    @property
+    def docker_dir(self) -> Path:
+        return self.root.checkpoint_dir(self.container_id, self.checkpoint)
+
+    def criu_options(self) -> list[str]:
+        """Lines for the restore's CRIU config: lazy, with our work dir (and its socket)."""
+        return ["lazy-pages", f"work-dir {self.root.daemon_path(*self._rel('work'))}"]
+
+    # ------------------------------------------------------------ steps
+
+    def prepare(self) -> tuple[int, int]:
+        """Move the full images aside; leave Docker the lazy set. Returns (kept, lazy) pages."""
+        full, docker_dir = self.full_dir, self.docker_dir
+        if not (docker_dir / "inventory.img").exists():
+            raise LazyRestoreError(f"no checkpoint images in {docker_dir}")
+        pagemaps = sorted(p.name for p in docker_dir.glob("pagemap-*.img"))
+        if not pagemaps:
+            raise LazyRestoreError("the checkpoint has no page maps")
+        shutil.rmtree(full, ignore_errors=True)
+        full.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(docker_dir, full)
+        docker_dir.mkdir(mode=0o700)
+        try:
+            for item in full.iterdir():
+                if item.name.startswith(("pages-", "pagemap-")) or not item.is_file():
+                    continue
+                os.link(item, docker_dir / item.name)  # same file system: no copy
+            kept = lazy = 0
+            for name in pagemaps:
+                k, lz = criu_images.make_lazy(full, docker_dir, name)
+                kept, lazy = kept + k, lazy + lz
+        except (OSError, criu_images.ImageFormatError) as exc:
+            self.undo()
+            raise LazyRestoreError(f"cannot build the lazy image set: {exc}") from exc
+        return kept, lazy
+
+    def undo(self) -> None:
+        """Put the full images back where Docker reads them (plain restore)."""
+        if self.full_dir.is_dir():
+            shutil.rmtree(self.docker_dir, ignore_errors=True)
+            os.rename(self.full_dir, self.docker_dir)
+
+    def start_daemon(self, timeout: float = 10.0) -> None:
+        """Run `criu lazy-pages` on the full copy; return once it listens."""
+        self.stop_daemon()
+        work = self.work_dir
+        work.mkdir(parents=True, exist_ok=True)
+        (work / SOCKET).unlink(missing_ok=True)
+        argv = [
+            *self.criu_command,
+            "lazy-pages",
+            "-D",
+            self.root.daemon_path(*self._rel("images")),
+            "-W",
+            self.root.daemon_path(*self._rel("work")),
+            "-o",
+            LOG,
+            "-v2",
+        ]
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # killpg reaches criu under nsenter's fork too
+            )
+        except OSError as exc:
+            raise LazyRestoreError(f"cannot run {argv[0]}: {exc}") from exc
+        deadline = time.monotonic() + timeout
+        while not (work / SOCKET).exists():
+            if self.proc.poll() is not None:
+                raise LazyRestoreError(
+                    f"criu lazy-pages exited {self.proc.returncode} before listening: "
+                    f"{self._tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.stop_daemon()
+                raise LazyRestoreError(f"criu lazy-pages did not listen within {timeout:.0f}s")
+            time.sleep(0.01)
+
+    def wait_all_pages(self, timeout: float) -> None:
+        """Block until the daemon has served every page (it then exits 0)."""
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop_daemon()
+            raise LazyRestoreError(f"not every page was in after {timeout:.0f}s") from None
+        if code != 0:
+            raise LazyRestoreError(f"criu lazy-pages exited {code}: {self._tail()}")
+
+    def stop_daemon(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+    def cleanup(self) -> None:
+        """Everything but Docker's own checkpoint dir (that goes with the container)."""
+        self.stop_daemon()
+        shutil.rmtree(self.full_dir, ignore_errors=True)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _tail(self) -> str:
+        lines: list[str] = []
+        with contextlib.suppress(OSError):
+            text = (self.work_dir / LOG).read_text(errors="replace")
+            lines = [ln for ln in text.splitlines() if "Error" in ln][:2] or text.splitlines()[-2:]
+        if not lines and self.proc is not None and self.proc.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                lines = self.proc.stderr.read().decode(errors="replace").splitlines()[-2:]
+        where = self.work_dir / LOG
+        return ("; ".join(lines) or "no log") + f" (log {where})"

@@ -1,0 +1,139 @@
+"""Local lazy restore on the testbed: the default restore path.
+
+Docker gets the checkpoint without its memory pages; a CRIU lazy-pages daemon
+on the target fills them in from the full local copy before the held copy may
+run. The memhog's checksum series must continue (same memory, same process),
+and a daemon that dies is replaced and the restore retried from the local images.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from tests.e2e.agents_fixtures import log_events
+from tests.e2e.migration_support import (
+    MEMHOG,
+    container_or_none,
+    engine_agents,
+    ferry_migrate,
+    hook_path,
+    migrate_in_background,
+    readings,
+    result_of,
+)
+from tests.helpers import wait_for
+from tests.testbed.layout import Host
+
+pytestmark = [pytest.mark.testbed, pytest.mark.e2e]
+
+NAME = "lazy-hog"
+
+
+@pytest.fixture(scope="module")
+def agents(testbed_hosts: list[Host]) -> Iterator[list[Host]]:
+    hosts = testbed_hosts[:2]
+    with engine_agents(hosts, migration={"restore_via": "lazy"}):
+        yield hosts
+
+
+@pytest.fixture
+def hog(
+    agents: list[Host], docker_clients: dict[str, docker.DockerClient]
+) -> Iterator[docker.models.containers.Container]:
+    h1, _ = agents
+    yield docker_clients[h1.name].containers.run(
+        MEMHOG, name=NAME, detach=True, environment={"MEMHOG_MIB": "128"}
+    )
+    for client in docker_clients.values():
+        c = container_or_none(client, NAME)
+        if c is not None:
+            c.remove(force=True)
+
+
+def _continues(
+    before: list[tuple[int, str]], container: docker.models.containers.Container
+) -> None:
+    after = wait_for(
+        lambda: (r := readings(container)) and r[-1][0] > before[-1][0] and r,
+        timeout=60,
+        what="the memhog to go on",
+    )
+    # Same process (the iteration goes on, never back to 0), same memory (same checksum).
+    assert after[0][0] >= before[-1][0], (before, after)
+    assert {c for _, c in before + after} == {before[0][1]}
+
+
+def _no_lazy_leftovers(host: Host) -> None:
+    criu_dir = Path(host.data_root, "ferry", "criu")
+    leftovers = list(criu_dir.glob("*")) if criu_dir.exists() else []
+    assert not leftovers, leftovers
+
+
+def test_there_and_back_with_every_page(
+    agents: list[Host],
+    docker_clients: dict[str, docker.DockerClient],
+    hog: docker.models.containers.Container,
+) -> None:
+    h1, h2 = agents
+    before = wait_for(lambda: len(r := readings(hog)) >= 2 and r, timeout=60, what="readings")
+    for src, dst in ((h1, h2), (h2, h1)):
+        rc, lines, err = ferry_migrate(src, NAME, dst.name, timeout=600)
+        assert rc == 0, err
+        timings = result_of(lines)["report"]["details"]["target_timings"]
+        # Docker was handed only the eager pages; the daemon brought the 128 MiB.
+        assert timings["lazy_pages"] * 4096 >= 128 * 1024 * 1024, timings
+        assert timings["present_pages"] < 256, timings
+        moved = docker_clients[dst.name].containers.get(NAME)
+        _continues(before, moved)
+        before = readings(moved)
+        assert container_or_none(docker_clients[src.name], NAME) is None
+        _no_lazy_leftovers(dst)
+
+
+def _lazy_daemons(mid: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"lazy-pages" in argv and any(mid.encode() in a for a in argv):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_a_dead_lazy_pages_daemon_is_replaced_and_the_restore_retried(
+    agents: list[Host],
+    docker_clients: dict[str, docker.DockerClient],
+    hog: docker.models.containers.Container,
+) -> None:
+    h1, h2 = agents
+    before = wait_for(lambda: len(r := readings(hog)) >= 2 and r, timeout=60, what="readings")
+    gate = hook_path(h2, "lazy-daemon")
+    reached = gate.with_name("lazy-daemon.reached")
+    reached.unlink(missing_ok=True)
+    gate.write_text("e2e")
+    try:
+        cli = migrate_in_background(h1, NAME, h2.name)
+        wait_for(reached.exists, timeout=120, what="the target's lazy-pages daemon")
+        mid = reached.read_text()
+        daemons = _lazy_daemons(mid)
+        assert daemons, "no criu lazy-pages process for this migration"
+        for pid in daemons:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        gate.unlink(missing_ok=True)
+    _, err = cli.communicate(timeout=300)
+    assert cli.returncode == 0, err
+    failed = [e for e in log_events(h2, "migration.target.lazy_failed") if e["migration"] == mid]
+    assert [e["attempt"] for e in failed] == [1], failed
+    assert container_or_none(docker_clients[h1.name], NAME) is None
+    _continues(before, docker_clients[h2.name].containers.get(NAME))
+    _no_lazy_leftovers(h2)
