@@ -23,6 +23,7 @@ import structlog
 
 from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
 from agent.migration import held
+from agent.migration.ctrd import CtrdSweeper
 from agent.migration.paths import DataRoot
 
 log = structlog.get_logger(__name__)
@@ -47,6 +48,7 @@ def restore_locally(
     checkpoint: str,
     restart_policy: dict[str, object],
     timeout: float,
+    ctrd: CtrdSweeper | None = None,
 ) -> str:
     """Blocking. Make the container run here again from its checkpoint; returns how.
 
@@ -66,7 +68,9 @@ def restore_locally(
                 f"no checkpoint images at {src}; {container_id[:12]} is left stopped "
                 "(start it by hand only if losing its memory state is acceptable)",
             )
-        how = _restore_from(adapter, root, container_id, src, checkpoint, timeout)
+        how = _restore_from(
+            adapter, root, container_id, src, checkpoint, timeout, ctrd or CtrdSweeper(None)
+        )
     if (restart_policy.get("Name") or "no") != "no":
         with contextlib.suppress(DockerNotFound):
             adapter.update_restart_policy(container_id, restart_policy)
@@ -80,6 +84,7 @@ def _restore_from(
     src: Path,
     checkpoint: str,
     timeout: float,
+    ctrd: CtrdSweeper,
 ) -> str:
     last: DockerError | None = None
     for attempt in range(3):
@@ -87,7 +92,8 @@ def _restore_from(
         dest = root.checkpoint_dir(container_id, fresh)
         os.rename(src, dest)
         try:
-            adapter.start(container_id, checkpoint=fresh)
+            with ctrd.restoring():
+                adapter.start(container_id, checkpoint=fresh)
             adapter.wait_running(container_id, timeout=timeout)
         except DockerError as exc:
             last = exc

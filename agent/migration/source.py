@@ -909,6 +909,7 @@ class MigrationService:
                     checkpoint,
                     policy,
                     self.config.migration.restore_timeout,
+                    self.handlers.ctrd,
                 )
         except StateNotRestored as exc:
             self.journal.finish(rec.id, "failed", reason=f"state not restored: {exc.message}")
@@ -1006,6 +1007,7 @@ class MigrationService:
             run.checkpoint,
             run.spec.restart_policy,
             self.config.migration.restore_timeout,
+            self.handlers.ctrd,
         )
 
     async def _abort_target(self, run: _Run, reason: str) -> bool:

@@ -36,6 +36,7 @@ from agent.docker_adapter import (
 )
 from agent.journal import Journal, JournalError
 from agent.migration import criu_config, held, hooks, networks
+from agent.migration.ctrd import CtrdSweeper
 from agent.migration.lazy_restore import LazyRestore, LazyRestoreError
 from agent.migration.paths import DataRootResolver
 from agent.migration.resources import CapacityRefused, Reservations
@@ -104,8 +105,10 @@ class TargetHandlers:
         clock: Clock | None = None,
         peer_status: Callable[[str, str], Awaitable[dict[str, Any] | None]] | None = None,
         processes: held.ProcessTable | None = None,
+        ctrd: CtrdSweeper | None = None,
     ) -> None:
         self.adapter = adapter
+        self.ctrd = ctrd or CtrdSweeper(config.docker.containerd_tmp)
         self.procs: held.ProcessTable = processes or held.HostProcesses()
         self.config = config
         self.journal = journal
@@ -661,7 +664,8 @@ class TargetHandlers:
     def _restore_once(self, inc: Incoming) -> None:
         assert inc.container_id
         mig = self.config.migration
-        self.adapter.start(inc.container_id, checkpoint=inc.checkpoint)
+        with self.ctrd.restoring():
+            self.adapter.start(inc.container_id, checkpoint=inc.checkpoint)
         self.adapter.wait_running(inc.container_id, timeout=mig.restore_timeout)
         procs = self.procs.processes(inc.container_id)
         if not held.all_stopped(procs):

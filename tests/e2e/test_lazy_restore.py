@@ -69,10 +69,16 @@ def _continues(
     assert {c for _, c in before + after} == {before[0][1]}
 
 
-def _no_lazy_leftovers(host: Host) -> None:
+def _ctrd_copies(host: Host) -> set[str]:
+    return {p.name for p in Path(host.host_dir, "tmp").glob("ctrd-checkpoint*")}
+
+
+def _no_lazy_leftovers(host: Host, ctrd_before: set[str]) -> None:
     criu_dir = Path(host.data_root, "ferry", "criu")
     leftovers = list(criu_dir.glob("*")) if criu_dir.exists() else []
     assert not leftovers, leftovers
+    # containerd's copy of each restored checkpoint is removed too.
+    assert _ctrd_copies(host) <= ctrd_before, _ctrd_copies(host) - ctrd_before
 
 
 def test_there_and_back_with_every_page(
@@ -81,6 +87,7 @@ def test_there_and_back_with_every_page(
     hog: docker.models.containers.Container,
 ) -> None:
     h1, h2 = agents
+    ctrd = {h.name: _ctrd_copies(h) for h in agents}
     before = wait_for(lambda: len(r := readings(hog)) >= 2 and r, timeout=60, what="readings")
     for src, dst in ((h1, h2), (h2, h1)):
         rc, lines, err = ferry_migrate(src, NAME, dst.name, timeout=600)
@@ -93,7 +100,7 @@ def test_there_and_back_with_every_page(
         _continues(before, moved)
         before = readings(moved)
         assert container_or_none(docker_clients[src.name], NAME) is None
-        _no_lazy_leftovers(dst)
+        _no_lazy_leftovers(dst, ctrd[dst.name])
 
 
 def _lazy_daemons(mid: str) -> list[int]:
@@ -115,6 +122,7 @@ def test_a_dead_lazy_pages_daemon_is_replaced_and_the_restore_retried(
     hog: docker.models.containers.Container,
 ) -> None:
     h1, h2 = agents
+    ctrd = _ctrd_copies(h2)
     before = wait_for(lambda: len(r := readings(hog)) >= 2 and r, timeout=60, what="readings")
     gate = hook_path(h2, "lazy-daemon")
     reached = gate.with_name("lazy-daemon.reached")
@@ -136,4 +144,4 @@ def test_a_dead_lazy_pages_daemon_is_replaced_and_the_restore_retried(
     assert [e["attempt"] for e in failed] == [1], failed
     assert container_or_none(docker_clients[h1.name], NAME) is None
     _continues(before, docker_clients[h2.name].containers.get(NAME))
-    _no_lazy_leftovers(h2)
+    _no_lazy_leftovers(h2, ctrd)

@@ -81,6 +81,8 @@ def write_config(
             ],
             # The local lazy-pages daemon runs beside dockerd, like runc.
             "criu_command": ["nsenter", "-t", str(host.init_pid), "-m", "-p", "-r", "criu"],
+            # The host's /tmp, where its containerd leaves a copy of each restored checkpoint.
+            "containerd_tmp": str(Path(host.host_dir) / "tmp"),
         },
         "peers": [
             {"name": p.name, "address": f"{p.ip}:{AGENT_PORT}"}
