@@ -83,8 +83,8 @@ class Reservations:
             )
         if need_disk > free_disk:
             raise CapacityRefused(
-                f"not enough disk under {self.data_root}: needs {_mib(need_disk)}, "
-                f"{_mib(max(free_disk, 0))} free"
+                f"not enough free disk under {self.data_root}: needs {amount(need_disk)}, "
+                f"{amount(max(free_disk, 0))} free"
             )
         r = Reservation(migration_id, peer, memory, disk, self.clock.monotonic() + ttl)
         self._held[migration_id] = r
@@ -101,3 +101,8 @@ class Reservations:
 
 def _mib(n: int) -> str:
     return f"{n / 1024 / 1024:.0f} MiB"
+
+
+def amount(n: int) -> str:
+    """MiB for people, and the exact bytes: refusals are compared against `df -B1`."""
+    return f"{_mib(n)} ({n} bytes)"

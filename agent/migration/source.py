@@ -32,6 +32,7 @@ from agent.journal import Journal, JournalError, MigrationRecord
 from agent.migration import held, hooks, networks
 from agent.migration import report as rp
 from agent.migration.checkpointers import Checkpointer, make_checkpointer
+from agent.migration.disk_space import shortfall, source_need
 from agent.migration.errors import MigrationError, MigrationFailed, MigrationRefused
 from agent.migration.paths import DataRootResolver, PathOutsideDataRoot
 from agent.migration.report import MigrationReport, PhaseTimer, ProgressEvent, ProgressFn
@@ -528,6 +529,12 @@ class MigrationService:
                     f"writable layer {upper} is not visible to the agent (check docker.data_root)"
                 )
             memory = await asyncio.to_thread(self.adapter.memory_usage, spec.id)
+            # Refused here, not mid-dump: a dump that runs out of disk loses the state.
+            short = await asyncio.to_thread(
+                shortfall, self.config.name, root.local_root, source_need(memory), "the checkpoint"
+            )
+            if short:
+                raise MigrationRefused(short)
             upper_bytes = await asyncio.to_thread(_dir_size, upper)
             image = await asyncio.to_thread(self.adapter.inspect_image, spec.image_id)
             image_bytes = int(image.get("Size") or 0)

@@ -37,6 +37,7 @@ from agent.docker_adapter import (
 from agent.journal import Journal, JournalError
 from agent.migration import criu_config, held, hooks, networks
 from agent.migration.ctrd import CtrdSweeper
+from agent.migration.disk_space import target_need
 from agent.migration.lazy_restore import LazyRestore, LazyRestoreError
 from agent.migration.paths import DataRootResolver
 from agent.migration.resources import CapacityRefused, Reservations
@@ -190,9 +191,14 @@ class TargetHandlers:
             ) from exc
         if reasons:
             raise _refuse("; ".join(reasons))
-        disk = int(body.get("state_bytes_estimate") or 0)
-        if not has_image:
-            disk += int(body.get("image_bytes") or 0)
+        # The data root Docker writes to, as this agent sees it (not state_dir's disk).
+        root = await asyncio.to_thread(self.data_root.get)
+        self.reservations.data_root = root.local_root
+        disk = target_need(
+            int(body.get("state_bytes_estimate") or 0),
+            int(body.get("memory_bytes") or 0),
+            0 if has_image else int(body.get("image_bytes") or 0),
+        )
         try:
             self.reservations.reserve(
                 mid, peer, int(body.get("memory_bytes") or 0), disk, RESERVATION_TTL

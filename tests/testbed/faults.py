@@ -153,7 +153,13 @@ def unmount_small_disk(host: Host) -> None:
         return
     info = json.loads(state.read_text())
     _hosts.stop_dockerd(host, signal.SIGTERM)
-    _mount_in_host(host, ["umount", "/var/lib/docker"])
+
+    # dockerd's containerd and shims exit just after it and hold the mount until then.
+    def released() -> bool:
+        umount = procs.nsenter_host(host, ["umount", "/var/lib/docker"])
+        return procs.run(umount, check=False).returncode == 0
+
+    procs.wait_until(released, 30, f"{host.name}'s small disk to be released", interval=0.2)
     procs.run(["umount", host.data_root])
     procs.run(["losetup", "-d", info["device"]], check=False)
     Path(info["image"]).unlink(missing_ok=True)

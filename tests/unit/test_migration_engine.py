@@ -651,3 +651,53 @@ def test_already_migrating_says_only_that(hosts: tuple[Host, Host]) -> None:
         run_async(a.service.migrate("web", "b"))
     assert err.value.reason == "web is already being migrated (m-first)"
     assert not any(call[0] in ("checkpoint", "policy") for call in a.docker.calls)
+
+
+def _free_disk(monkeypatch: pytest.MonkeyPatch, free: dict[Path, int]) -> None:
+    """Free bytes per data root, as statvfs would report them (both sides' checks)."""
+    import agent.migration.disk_space as disk_space
+    import agent.migration.resources as resources
+
+    def disk_free(path: Path) -> int:
+        return free.get(Path(path), 1 << 50)
+
+    monkeypatch.setattr(disk_space, "disk_free", disk_free)
+    monkeypatch.setattr(resources, "disk_free", disk_free)
+
+
+def test_source_without_room_for_its_checkpoint_refuses_before_the_freeze(
+    hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = hosts
+    cid = a.docker.add_running("web")
+    root = a.docker.root
+    _free_disk(monkeypatch, {root: 10 << 20})
+    with pytest.raises(MigrationRefused) as err:
+        run_async(a.service.migrate("web", "b"))
+    # 1 MiB of memory, twice (images + containerd's copy), +10%, +16 MiB.
+    need = int(2 * (1 << 20) * 1.1) + (16 << 20)
+    assert err.value.reason == (
+        f"a: not enough free disk under {root} for the checkpoint: "
+        f"needs {need >> 20} MiB ({need} bytes), 10 MiB ({10 << 20} bytes) free"
+    )
+    assert a.docker.containers[cid]["State"]["Running"]
+    assert not any(call[0] in ("checkpoint", "policy") for call in a.docker.calls)
+    assert b.journal.history() == []  # the target was never asked
+
+
+def test_target_without_room_for_state_and_restore_refuses_before_the_freeze(
+    hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = hosts
+    a.docker.add_running("web")
+    root = b.docker.root
+    # Enough for state + writable layer (the old estimate), not for containerd's copy too.
+    _free_disk(monkeypatch, {root: 18 << 20})
+    with pytest.raises(MigrationRefused) as err:
+        run_async(a.service.migrate("web", "b"))
+    reason = err.value.reason
+    assert reason.startswith(f"b refused: b: not enough free disk under {root}: needs "), reason
+    assert reason.endswith(f", 18 MiB ({18 << 20} bytes) free"), reason
+    assert not any(call[0] in ("checkpoint", "policy") for call in a.docker.calls)
+    (rec,) = a.journal.history()
+    assert rec.outcome == "refused" and rec.phase == "prepare"
