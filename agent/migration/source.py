@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 import structlog
 
 from agent.archive import ArchiveError, Packer
+from agent.backoff import Backoff
 from agent.config import FerryConfig
 from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
 from agent.journal import Journal, JournalError, MigrationRecord
@@ -203,10 +203,9 @@ class MigrationService:
         return await self.handlers.reconcile_record(rec)
 
     async def _retry_reconcile(self, pending: list[MigrationRecord]) -> None:
-        delay = 2.0
+        backoff = Backoff(2.0, 60.0)
         while pending:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
+            await asyncio.sleep(backoff.next())
             still: list[MigrationRecord] = []
             for rec in pending:
                 try:
@@ -803,7 +802,7 @@ class MigrationService:
         if peer is None:
             return _IN_DOUBT
         deadline = self.clock.monotonic() + patience
-        delay = 0.5
+        backoff = Backoff(0.5, 5.0)
         while True:
             try:
                 answer: dict[str, Any] = await peer.post_json(
@@ -817,10 +816,10 @@ class MigrationService:
                 log.warning("migration.commit_refused", migration=mid, error=str(exc))
             except PeerUnavailable as exc:
                 log.warning("migration.commit_unanswered", migration=mid, error=str(exc))
+            delay = backoff.next()
             if self.clock.monotonic() + delay > deadline:
                 return _IN_DOUBT
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
     def _mark_in_doubt(self, run: _Run, reason: str) -> None:
         log.error(
@@ -836,10 +835,9 @@ class MigrationService:
 
     async def _resolve_in_doubt(self, mid: str) -> None:
         """Keep asking the target until one side's state is proven (or an operator decides)."""
-        delay = 2.0
+        backoff = Backoff(2.0, 30.0)
         while True:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            await asyncio.sleep(backoff.next())
             try:
                 rec = self.journal.get(mid)
             except JournalError:
@@ -1135,7 +1133,3 @@ class MigrationService:
 
 
 _IN_DOUBT = object()  # _send_commit: the target stayed silent
-
-
-def remove_checkpoint_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from typing import Any
 import structlog
 
 from agent.archive import ArchiveError, DigestMismatch, StagedUnpack, UnsafeArchive
+from agent.backoff import Backoff
 from agent.config import FerryConfig
 from agent.docker_adapter import (
     CHECKPOINT_NAME_RE,
@@ -77,7 +77,6 @@ class Incoming:
     network_specs: list[dict[str, Any]] = field(default_factory=list)  # from prepare
     created_networks: list[str] = field(default_factory=list)
     group_id: str | None = None  # members of one group migration share it
-    archive: str | None = None  # a spool file of older agents; removed with the migration
     staging_dirs: list[str] = field(default_factory=list)  # state unpacked, not yet in place
     archive_digest: str | None = None
     archive_bytes: int = 0
@@ -738,7 +737,7 @@ class TargetHandlers:
 
         async def watch() -> None:
             await asyncio.sleep(float(self.config.migration.commit_timeout))
-            delay = 2.0
+            backoff = Backoff(2.0, DECISION_POLL_MAX)
             while True:
                 try:
                     outcome = await self.resolve_held(inc.migration_id)
@@ -747,8 +746,7 @@ class TargetHandlers:
                 if outcome != "waiting":
                     log.info("migration.target.decided", migration=inc.migration_id, how=outcome)
                     return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, DECISION_POLL_MAX)
+                await asyncio.sleep(backoff.next())
 
         task = asyncio.get_running_loop().create_task(watch())
         self._cleanup_tasks.add(task)
@@ -843,9 +841,6 @@ class TargetHandlers:
         return True
 
     def _remove_made(self, inc: Incoming) -> None:
-        if inc.archive:
-            with contextlib.suppress(OSError):
-                os.unlink(inc.archive)
         for staging in inc.staging_dirs:
             # Known from the journal after a restart; they also go with the container.
             if Path(staging).name.startswith(".ferry-stage-"):
@@ -864,13 +859,12 @@ class TargetHandlers:
 
     def _spawn_cleanup(self, inc: Incoming, reason: str) -> None:
         async def retry() -> None:
-            delay = 1.0
+            backoff = Backoff(1.0, 30.0)
             while True:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(backoff.next())
                 try:
                     await asyncio.to_thread(self._remove_made, inc)
                 except DockerError:
-                    delay = min(delay * 2, 30.0)
                     continue
                 with contextlib.suppress(JournalError):
                     self.journal.finish(inc.migration_id, "aborted", reason=reason)
@@ -947,7 +941,3 @@ def _incoming_from_record(rec: Any) -> Incoming:
     known.setdefault("name", rec.container_name)
     known.setdefault("source_container_id", rec.container_id)
     return Incoming(**known)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from agent.backoff import Backoff
 from agent.migration.errors import MigrationFailed, MigrationRefused
 from agent.model import (
     ActionResult,
@@ -154,6 +155,7 @@ class Evacuator:
         clock: Clock | None = None,
         retry_base: float = 30.0,
         retry_max: float = 600.0,
+        retry_jitter: float = 0.5,
         policy_targets: PolicyLookup | None = None,
         inventory: Callable[[], Sequence[ContainerInfo]] | None = None,
         keep_done: int = 50,
@@ -166,6 +168,7 @@ class Evacuator:
         self.concurrency = max(1, concurrency)
         self._retry_base = retry_base
         self._retry_max = retry_max
+        self._retry = Backoff(retry_base, retry_max, jitter=retry_jitter)
         self._policy_targets = policy_targets
         self._inventory = inventory
         self._active: dict[str, Item] = {}  # container -> queued / in_progress / stuck
@@ -397,7 +400,7 @@ class Evacuator:
     def _stick(self, item: Item, reason: str, retry: bool) -> None:
         item.state, item.phase, item.reason, item.retry = "stuck", None, reason, retry
         if retry:
-            delay = min(self._retry_base * 2 ** max(item.attempts - 1, 0), self._retry_max)
+            delay = self._retry.delay_for(item.attempts)
             item.next_retry = self._clock.monotonic() + delay
         else:
             item.next_retry = None

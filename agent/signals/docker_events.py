@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from agent.backoff import Backoff
 from agent.model import Clock, ContainerInfo, DockerEvent, Sample, SignalSink, SystemClock
 from agent.signals.store import InventorySink
 
@@ -197,7 +198,7 @@ class DockerEventsSource:
         return sorted(self._inventory.values(), key=lambda c: c.name)
 
     async def run(self, sink: SignalSink) -> None:
-        backoff = self.backoff_initial
+        backoff = Backoff(self.backoff_initial, self.backoff_max)
         # Until an event is seen, every (re)connect asks from when we first
         # connected, so even the very first events of a restarted daemon count.
         first_open = self.clock.time()
@@ -210,23 +211,23 @@ class DockerEventsSource:
                         await self._rebuild(sink)
                         self._set_connected(sink, True)
                         self.connects += 1
-                        backoff = self.backoff_initial
+                        backoff.reset()
                         log.info("signals.docker_events_connected", since=since)
                         error = await self._consume(queue, sink)
                 except Exception as exc:
                     error = exc
                 self._set_connected(sink, False)
+                delay = backoff.next()
                 if error is None:
-                    log.warning("signals.docker_events_ended", retry_in=backoff)
+                    log.warning("signals.docker_events_ended", retry_in=delay)
                 else:
                     log.warning(
                         "signals.docker_events_failed",
                         error=str(error),
                         error_type=type(error).__name__,
-                        retry_in=backoff,
+                        retry_in=delay,
                     )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.backoff_max)
+                await asyncio.sleep(delay)
         finally:
             self.connected = False
 

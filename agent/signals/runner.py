@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from agent.backoff import Backoff
 from agent.model import SignalSink, SignalSource
 
 log = structlog.get_logger(__name__)
@@ -24,13 +25,16 @@ async def supervise(
     backoff_max: float = 60.0,
 ) -> None:
     """Run `source` until cancelled, restarting it with capped backoff when it fails or returns."""
-    backoff = backoff_initial
+    backoff = Backoff(backoff_initial, backoff_max)
     loop = asyncio.get_running_loop()
     while True:
         started = loop.time()
+        # A source that ran fine for a while before failing starts over at
+        # the short delay; one that fails straight away backs off.
+        delay = backoff.next()
         try:
             await source.run(sink)
-            log.warning("signals.source_returned", source=source.name, restart_in=backoff)
+            log.warning("signals.source_returned", source=source.name, restart_in=delay)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -38,15 +42,13 @@ async def supervise(
                 "signals.source_crashed",
                 source=source.name,
                 error=repr(exc),
-                restart_in=backoff,
+                restart_in=delay,
                 exc_info=True,
             )
-        # A source that ran fine for a while before failing starts over at
-        # the short delay; one that fails straight away backs off.
         if loop.time() - started > backoff_max:
-            backoff = backoff_initial
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, backoff_max)
+            backoff.reset()
+            delay = backoff.next()
+        await asyncio.sleep(delay)
 
 
 async def run_sources(

@@ -164,6 +164,7 @@ def test_stuck_containers_are_reported_with_reason_and_retried_with_backoff() ->
             host="a",
             clock=clock,
             retry_base=30,
+            retry_jitter=0,  # exact delays for the assertions below
             inventory=lambda: [ctr("db"), ctr("web")],
         )
         result = await EvacuateAction(ev).execute(decision(["db", "web"], ["b", "b"]))
