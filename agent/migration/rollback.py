@@ -58,8 +58,10 @@ def restore_locally(
     state = info.get("State") or {}
     how: str
     if state.get("Running"):
-        # The freeze never completed (CRIU refused to dump): it never stopped.
+        # The freeze never completed (CRIU refused to dump): it never stopped, and
+        # whatever part of a dump exists describes a past it has already left.
         how = "still running (checkpoint did not complete)"
+        shutil.rmtree(root.checkpoint_dir(container_id, checkpoint), ignore_errors=True)
     else:
         src = root.checkpoint_dir(container_id, checkpoint)
         if not src.is_dir():
