@@ -228,10 +228,12 @@ async def check_peers(probe: PeerProbe, timeout: float = 10.0) -> list[PrereqPro
         if peer.reachable:
             continue
         why = peer.error or "unreachable"
+        # The health monitor's errors already say "peer NAME at ADDRESS: ...".
+        line = why if why.startswith(f"peer {peer.name} ") else f"peer {peer.name}: {why}"
         problems.append(
             PrereqProblem(
                 f"peer:{peer.name}",
-                f"peer {peer.name} is not usable: {why}",
+                f"not usable: {line}",
                 "start ferry there, check the address in peers[], the firewall, and that its "
                 "certificate was issued by this cluster's CA for that name",
                 fatal=False,

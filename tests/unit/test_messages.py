@@ -265,3 +265,20 @@ def test_a_failing_route_answers_500_without_exception_text(
     status, body = run_async(go())
     assert status == 500
     assert body == {"error": "the agent failed to answer GET /v1/status; see its log"}
+
+
+def test_start_up_warning_for_a_down_peer_is_the_monitor_line() -> None:
+    from agent.model import PeerHealth
+    from agent.service.prereqs import check_peers
+
+    line = "peer c at 10.0.0.3:7443: connection refused (GET /v1/health)"
+
+    async def probe() -> list[PeerHealth]:
+        return [
+            PeerHealth(name="c", reachable=False, error=line),
+            PeerHealth(name="d", reachable=False, error=None),
+        ]
+
+    c, d = run_async(check_peers(probe))
+    assert str(c).startswith(f"warning: peer:c: not usable: {line}; fix: ")
+    assert str(d).startswith("warning: peer:d: not usable: peer d: unreachable; fix: ")

@@ -31,7 +31,7 @@ POLICY_FILES = sorted((ROOT / "policies").glob("*.yaml"))
 POLICY_TEXTS = [p.read_text() for p in POLICY_FILES]
 
 FUZZ = settings(
-    max_examples=120,
+    max_examples=80,
     # ms per example: a hang fails, a busy shared CI machine does not (examples take ~20ms).
     deadline=10_000,
     database=None,  # nothing written into the work tree

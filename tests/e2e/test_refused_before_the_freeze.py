@@ -1,4 +1,4 @@
-"""Not enough disk on either side: refused before the freeze, the container never stops.
+"""Refused before the freeze, the container never stops: not enough disk, or the peer down.
 
 Each host's Docker data root sits on a small loop filesystem of its own
 (tests.testbed.faults.mount_small_disk), filled until a set amount is free.
@@ -11,7 +11,10 @@ after the whole checkpoint had been sent.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -19,6 +22,7 @@ import pytest
 
 from tests.e2e.migration_support import (
     MEMHOG,
+    Agents,
     container_or_none,
     engine_agents,
     ferry_migrate,
@@ -28,26 +32,27 @@ from tests.e2e.migration_support import (
 )
 from tests.helpers import wait_for
 from tests.testbed import faults
-from tests.testbed.layout import Host
+from tests.testbed.layout import AGENT_PORT, Host
 
 pytestmark = [pytest.mark.testbed, pytest.mark.e2e]
 
 NAME = "disk-hog"
 HOG_MIB = 64
 DISK_MIB = 512
+REPO = Path(__file__).resolve().parents[2]
 LEAVE_MIB = 100  # above the old estimate (71 MiB), below the real need (about 160 MiB)
 
 
 @pytest.fixture(scope="module")
-def hosts(testbed_hosts: list[Host]) -> Iterator[list[Host]]:
+def cluster(testbed_hosts: list[Host]) -> Iterator[tuple[list[Host], Agents]]:
     pair = testbed_hosts[:2]
     mounted: list[Host] = []
     try:
         for h in pair:
             faults.mount_small_disk(h, DISK_MIB)
             mounted.append(h)
-        with engine_agents(pair):
-            yield pair
+        with engine_agents(pair) as agents:
+            yield pair, agents
     finally:
         failures = []
         for h in mounted:  # each host is put back even if another one fails
@@ -58,6 +63,11 @@ def hosts(testbed_hosts: list[Host]) -> Iterator[list[Host]]:
                 failures.append(exc)
         if failures:
             raise failures[0]
+
+
+@pytest.fixture
+def hosts(cluster: tuple[list[Host], Agents]) -> list[Host]:
+    return cluster[0]
 
 
 @pytest.fixture
@@ -82,7 +92,7 @@ def hog(hosts: list[Host], docker_clients: dict[str, docker.DockerClient]) -> It
 
 def _refused_untouched(
     hosts: list[Host], hog: Any, clients: dict[str, docker.DockerClient], expected: str
-) -> None:
+) -> str:
     h1, h2 = hosts
     before = clients[h1.name].api.inspect_container(NAME)
     first = readings(hog)
@@ -92,7 +102,6 @@ def _refused_untouched(
     assert result["kind"] == "refused", result
     reason = result["reason"]
     assert expected in reason, reason
-    assert "needs " in reason and " bytes) free" in reason, reason
     assert "\n" not in reason and "Traceback" not in err
     assert err.strip() == f"ferry: migration refused, {NAME} untouched: {reason}"
     # Never frozen: the same process, never restarted, still counting with its memory.
@@ -109,6 +118,7 @@ def _refused_untouched(
     assert container_or_none(clients[h2.name], NAME) is None
     (rec,) = history(h1, result["report"]["migration_id"])
     assert rec.outcome == "refused" and rec.phase == "prepare", rec
+    return str(reason)
 
 
 def test_target_short_of_disk_refuses_before_the_freeze(
@@ -116,12 +126,13 @@ def test_target_short_of_disk_refuses_before_the_freeze(
 ) -> None:
     h2 = hosts[1]
     faults.fill_disk(h2, LEAVE_MIB)
-    _refused_untouched(
+    reason = _refused_untouched(
         hosts,
         hog,
         docker_clients,
         f"{h2.name} refused: {h2.name}: not enough free disk under {h2.data_root}: needs ",
     )
+    assert reason.endswith(f"{LEAVE_MIB} MiB ({LEAVE_MIB << 20} bytes) free"), reason
 
 
 def test_source_short_of_disk_refuses_before_the_freeze(
@@ -129,9 +140,39 @@ def test_source_short_of_disk_refuses_before_the_freeze(
 ) -> None:
     h1 = hosts[0]
     faults.fill_disk(h1, LEAVE_MIB)
-    _refused_untouched(
+    reason = _refused_untouched(
         hosts,
         hog,
         docker_clients,
         f"{h1.name}: not enough free disk under {h1.data_root} for the checkpoint: needs ",
     )
+    assert reason.endswith(f"{LEAVE_MIB} MiB ({LEAVE_MIB << 20} bytes) free"), reason
+
+
+def test_peer_down_is_refused_in_one_line_naming_peer_and_address(
+    cluster: tuple[list[Host], Agents], hog: Any, docker_clients: dict[str, docker.DockerClient]
+) -> None:
+    (h1, h2), agents = cluster
+    agents.stop(h2)
+    try:
+        address = f"{h2.ip}:{AGENT_PORT}"
+        _refused_untouched(
+            [h1, h2],
+            hog,
+            docker_clients,
+            f"peer {h2.name} at {address}: connection refused (POST /v1/migrations)",
+        )
+        # ferry status lists the peer with the same line once its health poll fails.
+        line = f"peer {h2.name} at {address}: connection refused (GET /v1/health)"
+
+        def peer_error() -> str | None:
+            proc = faults.netns_run(
+                h1, [sys.executable, "-m", "agent", "status", "--json", "--config",
+                     str(h1.agent_config)],
+            )  # fmt: skip
+            peers = json.loads(proc.stdout)["peers"]
+            return next(p.get("error") for p in peers if p["name"] == h2.name)
+
+        assert wait_for(lambda: peer_error() == line, 30, what="status to list host2 as down")
+    finally:
+        agents.start(h2)
