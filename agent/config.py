@@ -157,7 +157,7 @@ class DockerConfig(_Model):
     )
     # How to run CRIU where dockerd runs (its mount and PID namespaces), for the local
     # lazy-pages daemon of migration.restore_via: lazy; an argv prefix.
-    criu_command: list[str] = Field(default=["criu"], min_length=1)
+    criu_command: list[_Word] = Field(default=["criu"], min_length=1)
     # containerd's /tmp as this agent sees it: every restore leaves a copy of the
     # checkpoint there (ctrd-checkpoint*), which Ferry removes. None: leave them.
     containerd_tmp: ConfigPath | None = Path("/tmp")
