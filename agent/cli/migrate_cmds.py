@@ -216,7 +216,7 @@ def migrate_cmd(container: str, target: str, config_path: Path, as_json: bool) -
 
 async def _post_resolve(socket_path: Path, migration_id: str, keep: str) -> tuple[int, Any]:
     if not socket_path.exists():
-        raise Unreachable(f"no agent socket at {socket_path} (is `ferry run` running?)")
+        raise Unreachable(agent_down_line(socket_path))
     connector = aiohttp.UnixConnector(path=str(socket_path))
     timeout = aiohttp.ClientTimeout(total=600, sock_connect=5)
     try:
@@ -226,9 +226,13 @@ async def _post_resolve(socket_path: Path, migration_id: str, keep: str) -> tupl
                 "http://ferry/v1/resolve", json={"migration": migration_id, "keep": keep}
             ) as resp,
         ):
-            return resp.status, await resp.json(content_type=None)
-    except (aiohttp.ClientError, OSError) as exc:
-        raise Unreachable(f"agent at {socket_path}: {exc.__class__.__name__}: {exc}") from exc
+            text = await resp.text(errors="replace")
+            try:
+                return resp.status, json.loads(text)
+            except ValueError:
+                return resp.status, {"reason": one_line(text[:300]) or f"HTTP {resp.status}"}
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise Unreachable(agent_down_line(socket_path, exc)) from exc
 
 
 @main.command("resolve")
@@ -258,6 +262,7 @@ def resolve_cmd(migration: str, keep: str, config_path: Path) -> None:
     if isinstance(body, dict) and body.get("ok"):
         click.echo(str(body.get("result")))
         sys.exit(EXIT_OK)
-    reason = body.get("reason") if isinstance(body, dict) else str(body)
+    reason = body.get("reason") or body.get("error") if isinstance(body, dict) else None
+    reason = one_line(str(reason or body))
     click.echo(f"ferry: cannot resolve {migration}: {reason}", err=True)
     sys.exit(EXIT_BAD_INPUT if status == 400 else EXIT_FAILED)

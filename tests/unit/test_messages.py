@@ -58,6 +58,7 @@ def _ferry(*args: str) -> Result:
         pytest.param(["status"], id="status"),
         pytest.param(["status", "--json"], id="status-json"),
         pytest.param(["migrate", "web", "--to", "node-b"], id="migrate"),
+        pytest.param(["resolve", "m1", "--keep", "target"], id="resolve"),
     ],
 )
 def test_cli_with_the_agent_down_says_one_line(
