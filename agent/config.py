@@ -206,9 +206,14 @@ class LoggingConfig(_Model):
     format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_lower)] = "auto"
 
 
+# A marker is a file; a system directory always "exists", so the marker would be
+# set for good (a host draining forever).
+MarkerPath = Annotated[ConfigPath, AfterValidator(refuse_system_root)]
+
+
 class MarkersConfig(_Model):
-    drain: ConfigPath | None = None  # None: <state_dir>/drain
-    extra: dict[str, ConfigPath] = {}
+    drain: MarkerPath | None = None  # None: <state_dir>/drain
+    extra: dict[str, MarkerPath] = {}
 
     @field_validator("extra")
     @classmethod
@@ -320,6 +325,8 @@ class FerryConfig(_Model):
         # Defaults that hang off state_dir are filled here so they follow a changed state_dir.
         if any(p.name == self.name for p in self.peers):
             raise ValueError(f"peer {self.name!r} has this host's own name")
+        if self.metrics.listen is not None and self.metrics.listen == self.listen:
+            raise ValueError(f"metrics.listen and listen are both {self.listen}; pick two ports")
         tls = self.tls.model_copy(
             update={
                 "ca": self.tls.ca or self.state_dir / "tls" / "ca.pem",

@@ -356,3 +356,23 @@ def test_test_policy_refuses_an_endless_event_count(tmp_path: Path) -> None:
     timeline.write_text("steps: [{at: 0s, events: [{action: oom, count: 1000000000000}]}]\n")
     result = ferry("test-policy", str(timeline), "--policies", str(tmp_path / "p.yaml"))
     assert_refused(result, str(timeline), "steps[0].events[0].count", "between 1 and 100000")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        pytest.param("markers: {drain: /}\n", "markers.drain", "system directory", id="drain-root"),
+        pytest.param(
+            "markers: {extra: {kernel: /etc}}\n", "markers.extra.kernel", "system", id="extra-etc"
+        ),
+        pytest.param(
+            "listen: 127.0.0.1:7443\nmetrics: {listen: 127.0.0.1:7443}\n",
+            "",
+            "pick two ports",
+            id="metrics-same-port",
+        ),
+    ],
+)
+def test_more_config_nonsense(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    path = write_config(tmp_path, text)
+    assert_refused(ferry("check-config", str(path)), str(path), key, reason)
