@@ -85,6 +85,10 @@ class UnsafeArchive(ArchiveError):
     """An entry would write outside its destination or is a forbidden kind of file."""
 
 
+class ArchiveTooLarge(UnsafeArchive):
+    """The archive unpacks to more than it may (a compression bomb, or more than declared)."""
+
+
 @dataclass
 class ArchiveStats:
     raw_bytes: int = 0
@@ -417,10 +421,35 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
-def _open_tar(fileobj: Any) -> tarfile.TarFile:
+class _Capped:
+    """Decompressed bytes, refused the moment they exceed `limit` (headers and padding count)."""
+
+    def __init__(self, inner: Any, limit: int | None) -> None:
+        self._inner = inner
+        self._limit = limit
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self._limit is not None:
+            # Never ask for more than one byte past the cap: a bomb is not even decoded.
+            room = self._limit - self.count + 1
+            n = room if n < 0 else min(n, room)
+        data: bytes = self._inner.read(n)
+        self.count += len(data)
+        if self._limit is not None and self.count > self._limit:
+            raise ArchiveTooLarge(f"archive unpacks to more than {self._limit} bytes")
+        return data
+
+
+def _open_tar(fileobj: Any, max_raw_bytes: int | None = None) -> tarfile.TarFile:
     reader = zstandard.ZstdDecompressor().stream_reader(fileobj, read_size=DEFAULT_CHUNK)
+    capped: Any = _Capped(reader, max_raw_bytes)
     return tarfile.open(
-        fileobj=reader, mode="r|", encoding=_ENCODING, errors=_ERRORS, bufsize=_TAR_BUFSIZE
+        fileobj=capped,
+        mode="r|",
+        encoding=_ENCODING,
+        errors=_ERRORS,
+        bufsize=_TAR_BUFSIZE,
     )
 
 
@@ -460,7 +489,7 @@ class _Checker:
             kind = "file"
             self.raw += m.size
             if self.max_raw_bytes is not None and self.raw > self.max_raw_bytes:
-                raise UnsafeArchive(f"archive unpacks to more than {self.max_raw_bytes} bytes")
+                raise ArchiveTooLarge(f"archive unpacks to more than {self.max_raw_bytes} bytes")
         elif m.isdir():
             kind = "dir"
         elif m.issym():
@@ -645,7 +674,12 @@ class StagedUnpack:
 
     Problems with the archive are kept until `commit`, after the digest check,
     so a transfer corrupted in flight reports as a digest mismatch, not as the
-    garbage it decodes to.
+    garbage it decodes to. With `fail_fast` (over TLS, where nothing is corrupted
+    in flight) the first problem is raised at once instead, and the rest of the
+    stream is not read.
+
+    `max_raw_bytes` caps what the archive unpacks to, tar headers and padding
+    included: the stream is refused the moment it decodes past it.
     """
 
     def __init__(
@@ -655,6 +689,7 @@ class StagedUnpack:
         container_roots: Collection[str] = CONTAINER_ROOT_SECTIONS,
         max_raw_bytes: int | None = None,
         progress: ProgressFn | None = None,
+        fail_fast: bool = False,
     ) -> None:
         for name in sections:
             if not _SECTION_RE.match(name):
@@ -663,6 +698,7 @@ class StagedUnpack:
         self.container_roots = set(container_roots)
         self.max_raw_bytes = max_raw_bytes
         self.progress = progress
+        self.fail_fast = fail_fast
         self.stats = ArchiveStats()
         self.problem: Exception | None = None
         self._stages: dict[str, _Stage] = {}
@@ -694,7 +730,7 @@ class StagedUnpack:
             async for chunk in stream:
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
-                    raise ArchiveError(f"archive exceeds {max_bytes} bytes")
+                    raise ArchiveTooLarge(f"archive exceeds {max_bytes} bytes")
                 yield chunk
 
         # Imported here: streams is a migration helper with no dependency back on us.
@@ -713,7 +749,8 @@ class StagedUnpack:
         return SpoolResult(self.stats.digest, self.stats.compressed_bytes)
 
     def consume(self, chunks: Iterator[bytes]) -> None:
-        """Blocking: unpack `chunks` into staging. Only an error of `chunks` itself is raised."""
+        """Blocking: unpack `chunks` into staging. Only an error of `chunks` itself is raised,
+        and with `fail_fast` the archive's first problem."""
         with self._lock:
             if self._received:
                 raise ArchiveError("this StagedUnpack already received an archive")
@@ -731,6 +768,8 @@ class StagedUnpack:
                     exc = ArchiveError(f"archive is corrupt: {exc}")
                 self.problem = exc
                 self._discard_stages()  # free the space now; the rest is only hashed
+                if self.fail_fast:
+                    raise exc from None
             reader.drain()
         except BaseException:
             self._discard_stages()
@@ -775,7 +814,7 @@ class StagedUnpack:
         dirs: list[tuple[str, tuple[str, ...], tarfile.TarInfo]] = []
         written = 0
         try:
-            with _open_tar(reader) as tar:
+            with _open_tar(reader, self.max_raw_bytes) as tar:
                 for m in tar:
                     section, parts = checker.check(m)
                     self.stats.entries += 1

@@ -175,6 +175,34 @@ class LimitsConfig(_Model):
     max_migrations: Annotated[int, count_in(1, 100_000)] = 10
     window: Annotated[Duration, duration_in(0, 366 * DAY, lo_open=True)] = 3600.0
     max_request_bytes: Annotated[ByteSize, size_in(MIB, PIB)] = ByteSize(16 * GIB)
+    # Peer API connections held at once (handshaking ones included); more are closed at once.
+    max_peer_connections: Annotated[int, count_in(1, 100_000)] = 64
+
+
+_HOST_NAMESPACE = Literal["pid", "ipc", "uts", "network", "userns", "cgroup"]
+
+
+def _absolute_prefix(value: Path) -> Path:
+    if not value.is_absolute():
+        raise ValueError(f"bind prefix {str(value)!r} must be an absolute path")
+    return value
+
+
+class AcceptConfig(_Model):
+    """What this host creates for a peer (agent/migration/accept.py); all off by default."""
+
+    privileged: bool = False
+    host_namespaces: list[_HOST_NAMESPACE] = []
+    capabilities: list[str] = []  # beyond Docker's defaults, e.g. NET_ADMIN; ALL for any
+    devices: list[str] = []  # host device paths, e.g. /dev/fuse
+    device_requests: bool = False  # GPUs and other --gpus style requests
+    device_cgroup_rules: list[str] = []  # exact rules, e.g. "c 10:229 rwm"
+    bind_prefixes: list[Annotated[Path, AfterValidator(_absolute_prefix)]] = []
+    security_opts: list[str] = []  # exact values, e.g. seccomp=unconfined
+    sysctls: list[str] = []  # exact names, e.g. net.core.somaxconn
+    unmask_system_paths: bool = False  # MaskedPaths / ReadonlyPaths overrides
+    log_drivers: list[str] = ["json-file", "local", "journald", "none"]
+    annotations: list[str] = []  # exact keys; org.criu.config names a file CRIU obeys
 
 
 class MigrationConfig(_Model):
@@ -199,6 +227,7 @@ class MigrationConfig(_Model):
     # How long the source retries its commit before it reports the migration in doubt
     # (it keeps retrying in the background after that).
     commit_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 30.0
+    accept: AcceptConfig = AcceptConfig()
 
 
 class LoggingConfig(_Model):

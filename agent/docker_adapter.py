@@ -447,6 +447,15 @@ class DockerAdapter:
     def tag_image(self, image: str, repository: str, tag: str) -> None:
         self._call(f"tag {image}", lambda api: api.tag(image, repository, tag))
 
+    def image_ids(self) -> set[str]:
+        """The IDs of every image here, intermediate ones included."""
+        ids = self._call("list images", lambda api: api.images(all=True, quiet=True))
+        return {str(i) for i in ids}
+
+    def remove_image(self, image: str) -> None:
+        """`docker rmi` without force: refused (DockerConflict) while anything uses it."""
+        self._call(f"remove image {image}", lambda api: api.remove_image(image, force=False))
+
     # -- networks and volumes ---------------------------------------------------
 
     def network_names(self) -> set[str]:

@@ -8,6 +8,17 @@ from pathlib import Path
 
 from agent.model import Clock
 
+# A state stream may unpack to its declared estimate plus this slack, and no more:
+# the estimate (memory in use + writable layer + volumes) is made before the dump,
+# and the tar stream adds headers and padding.
+STATE_SLACK_RATIO = 0.10
+STATE_SLACK_BYTES = 64 * 1024 * 1024
+
+
+def state_cap(estimate: int) -> int:
+    """What a state stream declared at `estimate` bytes may unpack to (and is reserved)."""
+    return int(max(estimate, 0) * (1 + STATE_SLACK_RATIO)) + STATE_SLACK_BYTES
+
 
 @dataclass
 class Reservation:

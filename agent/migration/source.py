@@ -535,6 +535,9 @@ class MigrationService:
             if short:
                 raise MigrationRefused(short)
             upper_bytes = await asyncio.to_thread(_dir_size, upper)
+            # Volumes travel in the state too; the target caps the stream at this estimate.
+            for vol in spec.volumes:
+                upper_bytes += await asyncio.to_thread(_dir_size, root.local(vol.daemon_path))
             image = await asyncio.to_thread(self.adapter.inspect_image, spec.image_id)
             image_bytes = int(image.get("Size") or 0)
             body = {

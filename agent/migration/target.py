@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -24,31 +25,41 @@ from typing import Any
 
 import structlog
 
-from agent.archive import ArchiveError, DigestMismatch, StagedUnpack, UnsafeArchive
+from agent.archive import (
+    ArchiveError,
+    ArchiveTooLarge,
+    DigestMismatch,
+    StagedUnpack,
+    UnsafeArchive,
+)
 from agent.backoff import Backoff
 from agent.config import FerryConfig
 from agent.docker_adapter import (
     CHECKPOINT_NAME_RE,
     DockerAdapter,
+    DockerConflict,
     DockerError,
     DockerNotFound,
     DockerUnavailable,
 )
 from agent.journal import Journal, JournalError
 from agent.migration import criu_config, held, hooks, networks
+from agent.migration.accept import DaemonFacts, SpecShapeError, check_spec, parse_spec
 from agent.migration.ctrd import CtrdSweeper
 from agent.migration.disk_space import target_need
+from agent.migration.image_upload import TagStripper, loaded_ids, split_tag
 from agent.migration.lazy_restore import LazyRestore, LazyRestoreError
 from agent.migration.paths import DataRootResolver
-from agent.migration.resources import CapacityRefused, Reservations
+from agent.migration.resources import CapacityRefused, Reservations, state_cap
 from agent.migration.spec import DEFAULT_NETWORKS, ContainerSpec
 from agent.migration.streams import feed_blocking_consumer
 from agent.model import Clock, SystemClock
-from agent.peer.api import ByteStream, HandlerError, valid_migration_id
+from agent.peer.api import BodyTooLarge, ByteStream, HandlerError, valid_migration_id
 
 log = structlog.get_logger(__name__)
 
 RESERVATION_TTL = 600.0
+_IMAGE_ID_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 # Target-side journal phases.
 T_PREPARED = "prepared"
@@ -81,6 +92,11 @@ class Incoming:
     archive_digest: str | None = None
     archive_bytes: int = 0
     image_bytes: int = 0
+    image_id: str = ""  # as prepared; the staged spec must name the same image
+    state_cap: int = 0  # what the state may unpack to: the declared estimate plus slack
+    image_cap: int = 0  # what the image upload may be
+    loaded_image: str | None = None  # an image this migration loaded (removed if unused)
+    added_tags: list[str] = field(default_factory=list)  # tags this migration added
     aborted: bool = False  # set by abort at once, even while a restore holds the lock
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -117,6 +133,7 @@ class TargetHandlers:
         # Asks a source peer about a migration (used by reconcile); None in tests.
         self.peer_status = peer_status
         self.data_root = DataRootResolver(adapter.data_root, config.docker.data_root)
+        # Until prepare asks the daemon: staged state lands under Docker's data root.
         self.reservations = Reservations(
             self.clock, config.docker.data_root or Path(config.state_dir)
         )
@@ -190,24 +207,30 @@ class TargetHandlers:
             ) from exc
         if reasons:
             raise _refuse("; ".join(reasons))
-        # The data root Docker writes to, as this agent sees it (not state_dir's disk).
-        root = await asyncio.to_thread(self.data_root.get)
-        self.reservations.data_root = root.local_root
-        disk = target_need(
-            int(body.get("state_bytes_estimate") or 0),
-            int(body.get("memory_bytes") or 0),
-            0 if has_image else int(body.get("image_bytes") or 0),
-        )
-        try:
-            self.reservations.reserve(
-                mid, peer, int(body.get("memory_bytes") or 0), disk, RESERVATION_TTL
-            )
-        except CapacityRefused as exc:
-            raise _refuse(f"{self.config.name}: {exc}", "no_capacity") from exc
         inc = Incoming(mid, peer, name, str(body.get("container_id", "")))
         inc.checkpoint = f"ferry-{mid}"
         inc.network_specs = [n for n in body.get("network_specs") or [] if isinstance(n, dict)]
         inc.group_id = group
+        inc.image_id = image_id
+        # The state may unpack to what was declared (plus slack), and that much disk is
+        # reserved; the image upload likewise, when one is needed.
+        inc.state_cap = state_cap(int(body.get("state_bytes_estimate") or 0))
+        if not has_image:
+            inc.image_cap = min(
+                state_cap(int(body.get("image_bytes") or 0)),
+                int(self.config.migration.max_image_bytes),
+            )
+        # The data root Docker writes to, as this agent sees it (not state_dir's disk).
+        root = await asyncio.to_thread(self.data_root.get)
+        self.reservations.data_root = root.local_root
+        memory = int(body.get("memory_bytes") or 0)
+        disk = target_need(inc.state_cap, memory, inc.image_cap)
+        try:
+            await asyncio.to_thread(
+                self.reservations.reserve, mid, peer, memory, disk, RESERVATION_TTL
+            )
+        except CapacityRefused as exc:
+            raise _refuse(f"{self.config.name}: {exc}", "no_capacity") from exc
         try:
             self.journal.begin(
                 mid,
@@ -314,32 +337,78 @@ class TargetHandlers:
         async with self._lock(migration_id):
             inc = self._get(peer, migration_id)
             self.reservations.extend(migration_id, RESERVATION_TTL)
-            spec = ContainerSpec.from_dict(body["spec"])
             try:
+                spec = await self._accepted_spec(inc, body.get("spec"))
                 result = await asyncio.to_thread(self._create, inc, spec)
+            except HandlerError as exc:
+                await self._discard(inc, exc.reason)
+                raise
             except DockerUnavailable as exc:
                 raise _refuse(
                     f"{self.config.name}'s Docker daemon: {exc}", "docker_unavailable", 503
                 ) from exc
             except DockerError as exc:
-                raise _refuse(
-                    f"cannot create the container on {self.config.name}: {exc.message}"
-                ) from exc
+                reason = f"cannot create the container on {self.config.name}: {exc.message}"
+                await self._discard(inc, reason)
+                raise _refuse(reason) from exc
             self._phase(inc, T_STAGED)
             log.info(
                 "migration.target.staged", migration=migration_id, container_id=inc.container_id
             )
             return result
 
+    async def _accepted_spec(self, inc: Incoming, data: Any) -> ContainerSpec:
+        """The staged spec, if it is well-formed and this host's migration.accept allows it."""
+        here = self.config.name
+        try:
+            spec = parse_spec(data)
+        except SpecShapeError as exc:
+            raise _refuse(str(exc), "bad_request", 400) from None
+        if spec.name != inc.name:
+            raise _refuse(
+                f"spec.name {spec.name!r} is not the prepared {inc.name!r}", "bad_request", 400
+            )
+        if inc.image_id and spec.image_id != inc.image_id:
+            raise _refuse(
+                f"spec.image_id {spec.image_id} is not the prepared {inc.image_id}",
+                "bad_request",
+                400,
+            )
+        host_config = spec.body.get("HostConfig")
+        notes = host_config.get("Annotations") if isinstance(host_config, dict) else None
+        if (
+            isinstance(host_config, dict)
+            and isinstance(notes, dict)
+            and criu_config.ANNOTATION in notes
+        ):
+            # The source's own CRIU config, set by Ferry when that host received the
+            # container. Never passed on: _create sets this host's.
+            host_config["Annotations"] = {
+                k: v for k, v in notes.items() if k != criu_config.ANNOTATION
+            }
+        facts = DaemonFacts()
+        if isinstance(host_config, dict) and host_config.get("CgroupnsMode") == "host":
+            info = await asyncio.to_thread(self.adapter.info)
+            facts = DaemonFacts(cgroup_version=str(info.get("CgroupVersion") or "2"))
+        reasons = check_spec(spec, self.config.migration.accept, facts)
+        if reasons:
+            raise _refuse(
+                f"{here} does not accept this container: " + "; ".join(reasons), "not_accepted", 403
+            )
+        existing = await asyncio.to_thread(
+            lambda: [v.name for v in spec.volumes if self._volume_exists(v.name)]
+        )
+        if existing:
+            # Its data section would be unpacked into a volume that is not this migration's.
+            raise _refuse(f"volume(s) {', '.join(existing)} already exist on {here}")
+        return spec
+
     def _create(self, inc: Incoming, spec: ContainerSpec) -> dict[str, Any]:
         if not self.adapter.has_image(spec.image_id):
             raise DockerError("stage", f"image {spec.image_ref or spec.image_id} is not here")
         body = dict(spec.body)
-        ref_ok = False
-        if spec.image_ref:
-            with contextlib.suppress(DockerNotFound):
-                ref_ok = self.adapter.inspect_image(spec.image_ref).get("Id") == spec.image_id
-        body["Image"] = spec.image_ref if ref_ok else spec.image_id
+        # By ID: a tag on this host may name another image than the source's.
+        body["Image"] = spec.image_id
         # The copy must stay stopped after its restore until the source commits, and
         # Docker must not restart it on its own before then.
         conf = criu_config.for_migration(self.data_root.get(), inc.migration_id)
@@ -350,7 +419,6 @@ class TargetHandlers:
         }
         host_cfg["RestartPolicy"] = {"Name": "no", "MaximumRetryCount": 0}
         body["HostConfig"] = host_cfg
-        before = {v.name for v in spec.volumes if self._volume_exists(v.name)}
         self._create_networks(inc, spec)
         try:
             cid = self.adapter.create_container(body, name=spec.name)
@@ -362,7 +430,7 @@ class TargetHandlers:
             raise
         inc.container_id = cid
         inc.spec = spec.to_dict()
-        inc.created_volumes = [v.name for v in spec.volumes if v.name not in before]
+        inc.created_volumes = [v.name for v in spec.volumes]
         # Journal the id right away: a crash from here on must find and remove it.
         self.journal.update_report(inc.migration_id, inc.journal_report())
         info = self.adapter.inspect_container(cid)
@@ -424,21 +492,96 @@ class TargetHandlers:
     ) -> dict[str, Any]:
         async with self._lock(migration_id):
             inc = self._get(peer, migration_id)
-            self._phase(inc, T_IMAGE)
-            limit = int(self.config.migration.max_image_bytes)
-            counted = _Counting(stream, limit)
+            self.reservations.extend(migration_id, RESERVATION_TTL)
             try:
-                await feed_blocking_consumer(counted, self.adapter.image_load)
-            except DockerError as exc:
-                raise _refuse(f"docker load failed on {self.config.name}: {exc.message}") from exc
-            except _TooBig as exc:
+                return await self._load_image(inc, stream, meta)
+            except (HandlerError, BodyTooLarge) as exc:
+                # A refused upload leaves nothing behind, now rather than at the source's abort.
+                await self._discard(inc, getattr(exc, "reason", None) or str(exc))
+                raise
+
+    async def _load_image(
+        self, inc: Incoming, stream: ByteStream, meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        here = self.config.name
+        declared = str(meta.get("image_id") or "")
+        if not _IMAGE_ID_RE.match(declared):
+            raise _refuse(
+                "image upload: image_id must be sha256:<64 hex digits>", "bad_request", 400
+            )
+        if inc.image_id and declared != inc.image_id:
+            raise _refuse(
+                f"image upload: {declared} is not the prepared {inc.image_id}", "bad_request", 400
+            )
+        if not inc.image_cap:
+            raise _refuse(f"{here} has image {declared} already; none was expected", "bad_order")
+        self._phase(inc, T_IMAGE)
+        before = await asyncio.to_thread(self.adapter.image_ids)
+        counted = _Counting(stream, inc.image_cap)
+        strippers: list[TagStripper] = []
+
+        def load(chunks: Any) -> list[str]:
+            strippers.append(TagStripper(chunks))
+            return self.adapter.image_load(strippers[0])
+
+        def made(ids: set[str]) -> list[str]:
+            return sorted(i for i in ids if i and i not in before)
+
+        try:
+            lines = await feed_blocking_consumer(counted, load)
+        except BaseException as exc:
+            stripper = strippers[0] if strippers else None
+            if stripper is not None and stripper.manifest is not None:
+                await asyncio.to_thread(self._remove_images, made({stripper.manifest.image_id}))
+            if stripper is not None and stripper.error is not None:
+                raise _refuse(
+                    f"image refused by {here}: {stripper.error}", "unsafe_image", 422
+                ) from exc
+            if isinstance(exc, _TooBig):
                 raise _refuse(str(exc), "too_large", 413) from exc
-            inc.image_bytes = counted.count
-            image_id = str(meta.get("image_id") or "")
-            if image_id and not await asyncio.to_thread(self.adapter.has_image, image_id):
-                raise _refuse(f"loaded image does not have ID {image_id}", "image_mismatch")
-            log.info("migration.target.image_loaded", migration=migration_id, bytes=counted.count)
-            return {"loaded": True, "bytes": counted.count}
+            if isinstance(exc, DockerError):
+                raise _refuse(f"docker load failed on {here}: {exc.message}") from exc
+            raise
+        inc.image_bytes = counted.count
+        manifest = strippers[0].manifest
+        assert manifest is not None  # the stripper raises without one
+        got = loaded_ids(lines) or {manifest.image_id}
+        if got != {declared} or not await asyncio.to_thread(self.adapter.has_image, declared):
+            await asyncio.to_thread(self._remove_images, made(got))
+            raise _refuse(
+                f"the uploaded image is {', '.join(sorted(got))}, not the declared {declared}",
+                "image_mismatch",
+                422,
+            )
+        inc.loaded_image = declared if declared not in before else None
+        self.journal.update_report(inc.migration_id, inc.journal_report())
+        await asyncio.to_thread(self._add_absent_tags, inc, manifest.repo_tags)
+        self.journal.update_report(inc.migration_id, inc.journal_report())
+        log.info(
+            "migration.target.image_loaded",
+            migration=inc.migration_id,
+            bytes=counted.count,
+            tags_added=inc.added_tags,
+        )
+        return {"loaded": True, "bytes": counted.count, "tags_added": inc.added_tags}
+
+    def _add_absent_tags(self, inc: Incoming, tags: list[str]) -> None:
+        """Tag the loaded image only with names that point nowhere here yet."""
+        for tag in tags:
+            try:
+                current = self.adapter.inspect_image(tag).get("Id")
+            except DockerNotFound:
+                repo, name = split_tag(tag)
+                self.adapter.tag_image(inc.image_id, repo, name)
+                inc.added_tags.append(tag)
+                continue
+            if current != inc.image_id:
+                log.info("migration.target.tag_kept", tag=tag, points_to=current)
+
+    def _remove_images(self, ids: list[str]) -> None:
+        for image in ids:
+            with contextlib.suppress(DockerNotFound, DockerConflict):
+                self.adapter.remove_image(image)
 
     async def receive_state(
         self, peer: str, migration_id: str, stream: ByteStream, digest: str | None
@@ -448,32 +591,48 @@ class TargetHandlers:
             self.reservations.extend(migration_id, RESERVATION_TTL)
             if inc.container_id is None:
                 raise _refuse("state sent before the container was staged", "bad_order")
-            self._phase(inc, T_RECEIVED)
-            previous = self._staged.pop(migration_id, None)
-            if previous is not None:  # a resent state replaces what came before
-                await asyncio.to_thread(previous.discard)
-            staged = StagedUnpack(
-                await self._sections(inc),
-                max_raw_bytes=int(self.config.limits.max_request_bytes) * 8,
-            )
-            # Unpacked while it arrives, into staging dirs next to the destinations;
-            # restore moves them into place once the source's digest matches.
             try:
-                result = await staged.receive(
-                    stream,
-                    expected_digest=digest,
-                    max_bytes=int(self.config.limits.max_request_bytes),
-                )
-            except DigestMismatch as exc:
-                raise _refuse(str(exc), "digest_mismatch", 422) from exc
-            except ArchiveError as exc:
-                raise _refuse(str(exc), "too_large", 413) from exc
-            self._staged[migration_id] = staged
-            inc.staging_dirs = staged.staging_dirs
-            inc.archive_digest = result.digest
-            inc.archive_bytes = result.size
-            self.journal.update_report(migration_id, inc.journal_report())
-            return {"digest": result.digest, "bytes": result.size}
+                return await self._receive_state(inc, stream, digest)
+            except (HandlerError, BodyTooLarge) as exc:
+                # A refused upload leaves nothing behind, now rather than at the source's abort.
+                await self._discard(inc, getattr(exc, "reason", None) or str(exc))
+                raise
+
+    async def _receive_state(
+        self, inc: Incoming, stream: ByteStream, digest: str | None
+    ) -> dict[str, Any]:
+        migration_id = inc.migration_id
+        self._phase(inc, T_RECEIVED)
+        previous = self._staged.pop(migration_id, None)
+        if previous is not None:  # a resent state replaces what came before
+            await asyncio.to_thread(previous.discard)
+        # Capped at what prepare declared and reserved; refused at the first byte past it.
+        cap = inc.state_cap or state_cap(0)
+        staged = StagedUnpack(await self._sections(inc), max_raw_bytes=cap, fail_fast=True)
+        # Unpacked while it arrives, into staging dirs next to the destinations;
+        # restore moves them into place once the source's digest matches.
+        try:
+            result = await staged.receive(
+                stream,
+                expected_digest=digest,
+                max_bytes=min(int(self.config.limits.max_request_bytes), cap),
+            )
+        except DigestMismatch as exc:
+            raise _refuse(str(exc), "digest_mismatch", 422) from exc
+        except ArchiveTooLarge as exc:
+            raise _refuse(
+                f"{exc} (the state declared at prepare, with slack)", "too_large", 413
+            ) from exc
+        except UnsafeArchive as exc:
+            raise _refuse(str(exc), "unsafe_archive", 422) from exc
+        except ArchiveError as exc:
+            raise _refuse(str(exc), "bad_archive", 422) from exc
+        self._staged[migration_id] = staged
+        inc.staging_dirs = staged.staging_dirs
+        inc.archive_digest = result.digest
+        inc.archive_bytes = result.size
+        self.journal.update_report(migration_id, inc.journal_report())
+        return {"digest": result.digest, "bytes": result.size}
 
     async def restore(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
         async with self._lock(migration_id):
@@ -856,6 +1015,14 @@ class TargetHandlers:
             criu_config.for_migration(self.data_root.get(), inc.migration_id).remove()
             if inc.container_id:
                 self._lazy(inc).cleanup()
+        # Only what this migration made: tags it added (if still on its image), then the
+        # image it loaded, which Docker keeps while anything else uses or names it.
+        for tag in inc.added_tags:
+            with contextlib.suppress(DockerNotFound, DockerConflict):
+                if self.adapter.inspect_image(tag).get("Id") == inc.image_id:
+                    self.adapter.remove_image(tag)
+        if inc.loaded_image:
+            self._remove_images([inc.loaded_image])
 
     def _spawn_cleanup(self, inc: Incoming, reason: str) -> None:
         async def retry() -> None:
@@ -929,7 +1096,10 @@ class _Counting:
         async for chunk in self._stream:
             self.count += len(chunk)
             if self.count > self.limit:
-                raise _TooBig(f"image exceeds migration.max_image_bytes ({self.limit})")
+                raise _TooBig(
+                    f"image upload exceeds {self.limit} bytes (its declared size with slack, "
+                    "at most migration.max_image_bytes)"
+                )
             yield chunk
 
 

@@ -87,7 +87,13 @@ async def bad_archive(req: dict[str, Any]) -> dict[str, Any]:
         async def chunks() -> Any:
             yield archive
 
-        out["state"] = await peer.upload_state(mid, chunks(), digest)
+        try:
+            out["state"] = await peer.upload_state(mid, chunks(), digest)
+        except PeerRefused as exc:
+            # Refused while it arrived: the target ended the migration at once.
+            out["state_refused"] = {"status": exc.status, "error": exc.error, "reason": exc.reason}
+            out["status"] = await peer.get_json(migration_path(mid))
+            return out
         try:
             out["restore"] = await peer.post_json(
                 migration_path(mid, "restore"), {"digest": digest, "checkpoint": f"ferry-{mid}"}

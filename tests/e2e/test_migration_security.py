@@ -129,7 +129,8 @@ def test_archive_escaping_its_directory_is_refused_and_writes_nothing(
         src.remove(force=True)
     assert out["prepare"]["accepted"], out
     cid = out["stage"]["container_id"]
-    refused = out.get("restore_refused")
+    # Refused as it arrives (before any restore call), with the reason.
+    refused = out.get("state_refused")
     assert refused and refused["status"] == 422 and refused["error"] == "unsafe_archive", out
     assert ".." in refused["reason"]
     assert out["status"]["outcome"] == "aborted"

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
+import json
 import os
+import tarfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,23 @@ from tests.helpers import run_async
 DAEMON_ROOT = "/var/lib/docker"
 IMAGE_ID = "sha256:" + "1" * 64
 _ids = itertools.count(1)
+
+
+def saved_image(image_id: str, tags: list[str]) -> bytes:
+    """A `docker save` archive of one image (config blob named by its digest)."""
+    digest = image_id.removeprefix("sha256:")
+    manifest = [{"Config": f"blobs/sha256/{digest}", "RepoTags": tags, "Layers": []}]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (
+            (f"blobs/sha256/{digest}", b"{}"),
+            ("manifest.json", json.dumps(manifest).encode()),
+            ("repositories", json.dumps({t.split(":")[0]: {} for t in tags}).encode()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 class FakeDocker:
@@ -131,8 +151,8 @@ class FakeDocker:
         class Stream:
             closed = False
 
-            def __init__(self) -> None:
-                self._it = iter([b"image:", IMAGE_ID.encode()])
+            def __init__(self, data: bytes) -> None:
+                self._it = iter([data[:700], data[700:]])
 
             def __iter__(self) -> Any:
                 return self
@@ -143,13 +163,33 @@ class FakeDocker:
             def close(self) -> None:
                 self.closed = True
 
-        return Stream()
+        return Stream(saved_image(IMAGE_ID, ["app:1"]))
 
     def image_load(self, stream: Any) -> list[str]:
-        data = b"".join(stream)
-        image_id = data.removeprefix(b"image:").decode()
-        self.images[image_id] = {"Id": image_id, "Size": len(data), "RepoTags": ["app:1"]}
+        # Like `docker load`: names the image after the manifest's RepoTags.
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream)), mode="r:") as tar:
+            f = tar.extractfile("manifest.json")
+            assert f is not None
+            (entry,) = json.load(f)
+        image_id = "sha256:" + entry["Config"].rsplit("/", 1)[-1]
+        for tag in entry["RepoTags"] or []:
+            for other in self.images.values():
+                other["RepoTags"] = [t for t in other["RepoTags"] if t != tag]
+        self.images[image_id] = {"Id": image_id, "Size": 1000, "RepoTags": entry["RepoTags"]}
         return [f"Loaded image ID: {image_id}"]
+
+    def image_ids(self) -> set[str]:
+        return set(self.images)
+
+    def tag_image(self, image: str, repository: str, tag: str) -> None:
+        self.images[image]["RepoTags"].append(f"{repository}:{tag}")
+
+    def remove_image(self, ref: str) -> None:
+        image = self.inspect_image(ref)
+        if ref in image["RepoTags"] and len(image["RepoTags"]) > 1:
+            image["RepoTags"].remove(ref)
+        else:
+            del self.images[image["Id"]]
 
     def network_names(self) -> set[str]:
         return {"bridge", "host", "none"}
