@@ -323,10 +323,15 @@ class Agent:
             handlers,
             allowed_peers=[p.name for p in self.config.peers],
             max_body_bytes=int(self.config.limits.max_request_bytes),
+            host_name=self.config.name,
         )
         host, _, port = self.config.listen.rpartition(":")
         server = await start_peer_server(
-            app, host.strip("[]"), int(port), server_context(*self._tls_files())
+            app,
+            host.strip("[]"),
+            int(port),
+            server_context(*self._tls_files()),
+            max_connections=self.config.limits.max_peer_connections,
         )
         self.peer_port = server.port
         self._on_close("peer server", server.close)

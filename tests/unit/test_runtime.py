@@ -207,7 +207,9 @@ def test_agent_serves_drains_evacuates_and_stops_cleanly(env: Env) -> None:
             async with PeerClient("node-a", config.listen, ctx) as peer:
                 health = await peer.health()
                 assert health["draining"] is False and health["running_containers"] == 7
-                assert (await peer.post_json("/v1/migrations", {}))["accepted"] is True
+                assert (
+                    await peer.post_json("/v1/migrations", {"migration_id": "m1", "name": "web"})
+                )["accepted"] is True
 
                 assert agent.store is not None
                 agent.store.set_containers(
@@ -227,7 +229,7 @@ def test_agent_serves_drains_evacuates_and_stops_cleanly(env: Env) -> None:
                 await asyncio.wait_for(next_notify(env.notify, "STATUS=draining"), 10)
                 assert (await peer.health())["draining"] is True
                 with pytest.raises(PeerRefused) as refused:
-                    await peer.post_json("/v1/migrations", {})
+                    await peer.post_json("/v1/migrations", {"migration_id": "m1", "name": "web"})
                 assert refused.value.status == 503 and "draining" in str(refused.value)
 
                 # The maintenance policy fires on the marker and evacuates "web" to node-b.
@@ -238,7 +240,9 @@ def test_agent_serves_drains_evacuates_and_stops_cleanly(env: Env) -> None:
 
                 await client.undrain()
                 assert (await peer.health())["draining"] is False
-                assert (await peer.post_json("/v1/migrations", {}))["accepted"] is True
+                assert (
+                    await peer.post_json("/v1/migrations", {"migration_id": "m1", "name": "web"})
+                )["accepted"] is True
         finally:
             stop.set()
             code = await asyncio.wait_for(serving, 30)
