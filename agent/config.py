@@ -325,6 +325,39 @@ class ActionsConfig(_Model):
         return _unique_plugins(value, "action plugin")
 
 
+_LABEL_KEY = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+# etcd keys are bytes; a prefix is a path-like string that ends in "/".
+_KEY_PREFIX = r"^/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*/$"
+
+
+class FleetConfig(_Model):
+    """Optional etcd coordination: discovery, reservations and the fleet's drain budget.
+
+    Without this section nothing changes: static `peers`, local reservations only.
+    """
+
+    endpoints: list[HostPort] = Field(min_length=1, max_length=16)
+    # None: the agent's own tls.* files (the etcd cluster may share Ferry's CA).
+    ca: ConfigPath | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+    prefix: str = Field(default="/ferry/", pattern=_KEY_PREFIX, max_length=200)
+    # A host whose agent stops renewing is gone from the fleet this long after.
+    lease_ttl: Annotated[Duration, duration_in(2.0, 300.0)] = 10.0
+    max_draining_hosts: Annotated[int, count_in(1, 10_000)] = 1
+    # The peer address others dial; None: `listen`, which must then not be a wildcard.
+    advertise: HostPort | None = None
+    labels: dict[Annotated[str, Field(pattern=_LABEL_KEY)], Annotated[str, Field(max_length=200)]] = {}
+    # A single etcd request fails over to the next endpoint after this long.
+    request_timeout: Annotated[Duration, duration_in(0.1, 60.0)] = 2.0
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique_endpoints(cls, value: list[str]) -> list[str]:
+        _refuse_duplicates(value, "endpoint")
+        return value
+
+
 class FerryConfig(_Model):
     name: str = Field(default_factory=socket.gethostname, pattern=_NAME)
     listen: HostPort = "0.0.0.0:7443"
@@ -342,6 +375,7 @@ class FerryConfig(_Model):
     metrics: MetricsConfig = MetricsConfig()
     signals: SignalsConfig = SignalsConfig()
     actions: ActionsConfig = ActionsConfig()
+    fleet: FleetConfig | None = None
 
     @field_validator("peers")
     @classmethod
@@ -368,7 +402,28 @@ class FerryConfig(_Model):
         )
         object.__setattr__(self, "tls", tls)
         object.__setattr__(self, "markers", markers)
+        if self.fleet is not None:
+            object.__setattr__(self, "fleet", self._fleet_defaults(self.fleet, tls))
         return self
+
+    def _fleet_defaults(self, fleet: FleetConfig, tls: TLSConfig) -> FleetConfig:
+        advertise = fleet.advertise
+        if advertise is None:
+            host = self.listen.rpartition(":")[0].strip("[]")
+            if host in ("0.0.0.0", "::", ""):
+                raise ValueError(
+                    "fleet.advertise: required when listen is a wildcard address "
+                    f"({self.listen}); give the address peers dial, e.g. 10.0.0.7:7443"
+                )
+            advertise = self.listen
+        return fleet.model_copy(
+            update={
+                "ca": fleet.ca or tls.ca,
+                "cert": fleet.cert or tls.cert,
+                "key": fleet.key or tls.key,
+                "advertise": advertise,
+            }
+        )
 
     def marker_paths(self) -> dict[str, Path]:
         """Every marker by name (drain included); the signal is ``marker.<name>``."""

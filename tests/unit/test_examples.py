@@ -67,8 +67,33 @@ def _present(data: Any, prefix: str = "") -> set[str]:
 
 def test_example_config_shows_every_key() -> None:
     data = yaml.safe_load((ROOT / "config.example.yaml").read_text())
-    missing = _keys(FerryConfig) - _present(data)
+    # fleet: is optional and shown commented out (installed configs must not dial etcd).
+    wanted = {k for k in _keys(FerryConfig) if not k.startswith("fleet.")} - {"fleet"}
+    missing = wanted - _present(data)
     assert not missing, f"config.example.yaml lacks: {sorted(missing)}"
+
+
+def _fleet_block() -> str:
+    lines = (ROOT / "config.example.yaml").read_text().splitlines()
+    start = lines.index("# fleet:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#"):
+            break
+        block.append(line[2:])
+    return "\n".join(block) + "\n"
+
+
+def test_example_fleet_block_is_valid_and_shows_every_fleet_key(tmp_path: Path) -> None:
+    text = _fleet_block()
+    data = yaml.safe_load(text)
+    wanted = {k for k in _keys(FerryConfig) if k.startswith("fleet.")}
+    missing = wanted - _present(data)
+    assert not missing, f"config.example.yaml's fleet block lacks: {sorted(missing)}"
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    cfg = load_config(path, environ={})
+    assert cfg.fleet is not None and cfg.fleet.max_draining_hosts == 1
 
 
 @pytest.mark.parametrize("path", TIMELINES, ids=lambda p: p.name)
