@@ -347,7 +347,9 @@ class FleetConfig(_Model):
     max_draining_hosts: Annotated[int, count_in(1, 10_000)] = 1
     # The peer address others dial; None: `listen`, which must then not be a wildcard.
     advertise: HostPort | None = None
-    labels: dict[Annotated[str, Field(pattern=_LABEL_KEY)], Annotated[str, Field(max_length=200)]] = {}
+    labels: dict[
+        Annotated[str, Field(pattern=_LABEL_KEY)], Annotated[str, Field(max_length=200)]
+    ] = {}
     # A single etcd request fails over to the next endpoint after this long.
     request_timeout: Annotated[Duration, duration_in(0.1, 60.0)] = 2.0
 
