@@ -32,11 +32,13 @@ _MANIFEST = "manifest.json"
 _INDEX = "index.json"
 _REPOSITORIES = "repositories"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-# Docker's reference grammar, simplified: [host[:port]/]path[:tag], lower-case path.
-_TAG_RE = re.compile(
-    r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*"
-    r"(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+# Docker's reference grammar (distribution/reference), simplified: an optional
+# registry (has a '.' or a port, or is localhost), lower-case path components, a tag.
+_DOMAIN = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9-]+)*(?::[0-9]+)?$"
 )
+_PATH = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 class ImageArchiveError(ArchiveError):
@@ -51,9 +53,16 @@ class ImageManifest:
 
 def split_tag(tag: str) -> tuple[str, str]:
     """("repo", "tag") of "repo:tag", or ImageArchiveError for anything else."""
-    if len(tag) > 255 or not _TAG_RE.match(tag):
-        raise ImageArchiveError(f"manifest.json: {tag[:80]!r} is not a repository:tag")
     repo, _, name = tag.rpartition(":")
+    parts = repo.split("/")
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        domain_ok = bool(_DOMAIN.match(parts[0]))
+        parts = parts[1:]
+    else:
+        domain_ok = True
+    ok = domain_ok and all(_PATH.match(p) for p in parts) and _TAG.match(name)
+    if not ok or len(tag) > 255 or "/" in name:
+        raise ImageArchiveError(f"manifest.json: {tag[:80]!r} is not a repository:tag")
     return repo, name
 
 

@@ -572,7 +572,13 @@ class TargetHandlers:
                 current = self.adapter.inspect_image(tag).get("Id")
             except DockerNotFound:
                 repo, name = split_tag(tag)
-                self.adapter.tag_image(inc.image_id, repo, name)
+                try:
+                    self.adapter.tag_image(inc.image_id, repo, name)
+                except DockerError as exc:
+                    # A name this daemon will not take is only a missing tag: the
+                    # container is created from the ID.
+                    log.warning("migration.target.tag_refused", tag=tag, error=exc.message)
+                    continue
                 inc.added_tags.append(tag)
                 continue
             if current != inc.image_id:

@@ -34,6 +34,7 @@ from tests.e2e.migration_support import COUNTER, ONLY_ON_FIRST
 from tests.testbed.agents import CERT_DIR
 from tests.testbed.faults import netns_run
 from tests.testbed.layout import AGENT_PORT
+from tests.unit.test_archive import HOSTILE
 
 pytestmark = [pytest.mark.chaos, pytest.mark.testbed, pytest.mark.e2e]
 
@@ -239,45 +240,17 @@ def test_an_image_that_is_not_the_declared_one_is_refused_and_removed(
 # ---------------------------------------------------------------- state archives
 
 
-def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for section in ("checkpoint", "upper"):
-            d = tarfile.TarInfo(section)
-            d.type = tarfile.DIRTYPE
-            d.mode = 0o755
-            tar.addfile(d)
-        for info, data in members:
-            if data is not None:
-                info.size = len(data)
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    return zstandard.ZstdCompressor().compress(buf.getvalue())
-
-
-def _member(name: str, kind: bytes, **attrs: Any) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    for key, value in attrs.items():
-        setattr(info, key, value)
-    return info
-
-
-def crafted_archives(escape: str) -> dict[str, bytes]:
-    """Every hostile kind of entry tests/unit/test_archive.py refuses, as a whole upload."""
-    return {
-        "path-escape": _tar(
-            (_member(f"checkpoint/../../../../../../{escape}", tarfile.REGTYPE), b"x")
-        ),
-        "symlink-escape": _tar(
-            (_member("checkpoint/link", tarfile.SYMTYPE, linkname="/etc"), None),
-            (_member(f"checkpoint/link/{escape}", tarfile.REGTYPE), b"x"),
-        ),
-        "hardlink-escape": _tar(
-            (_member("checkpoint/passwd", tarfile.LNKTYPE, linkname="../../../../etc/passwd"), None)
-        ),
-        "device": _tar((_member("checkpoint/mem", tarfile.CHRTYPE, devmajor=1, devminor=1), None)),
-        "fifo": _tar((_member("checkpoint/fifo", tarfile.FIFOTYPE), None)),
-    }
+def crafted_archives() -> dict[str, tuple[bytes, str]]:
+    """Every hostile archive tests/unit/test_archive.py refuses, with the refusal's words."""
+    out = {}
+    for case, (entries, message) in HOSTILE.items():
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for info, data in entries:
+                tar.addfile(info, io.BytesIO(data) if data else None)
+        slug = "".join(c if c.isalnum() else "-" for c in case)
+        out[slug] = (zstandard.ZstdCompressor().compress(raw.getvalue()), message)
+    return out
 
 
 def zstd_bomb(raw_bytes: int) -> bytes:
@@ -327,26 +300,28 @@ def test_a_zstd_bomb_is_refused_at_the_declared_size_leaving_nothing(
 def test_every_crafted_archive_is_refused_over_the_wire_writing_nothing(
     cluster: Cluster, source_spec: dict[str, Any], tmp_path: Path
 ) -> None:
-    escape = f"ferry-escape-{secrets.token_hex(4)}"
-    paths = []
-    for name, data in crafted_archives(escape).items():
-        path = tmp_path / name
-        path.write_bytes(data)
-        paths.append(str(path))
+    archives = crafted_archives()
+    for slug, (data, _) in archives.items():
+        (tmp_path / slug).write_bytes(data)
     before = target_state(cluster)
+    paths = [str(tmp_path / slug) for slug in archives]
     out = probe(cluster, tmp_path, "states", spec=source_spec, archives=paths)
-    for name in crafted_archives(escape):
-        one = out[name]
-        assert "ok" in one["stage"], (name, one)
+    for slug, (_, message) in archives.items():
+        one = out[slug]
+        assert "ok" in one["stage"], (slug, one)
         refused = one["state"]
-        assert refused.get("status") == 422 and refused["error"] == "unsafe_archive", (name, one)
-        assert "\n" not in refused["reason"]
-        assert one["status"]["ok"]["outcome"] == "aborted", (name, one)
+        assert refused.get("status") == 422 and refused["error"] == "unsafe_archive", (slug, one)
+        assert message in refused["reason"] and "\n" not in refused["reason"], (slug, refused)
+        assert one["status"]["ok"]["outcome"] == "aborted", (slug, one)
     assert_nothing_left(cluster, before)
     h2 = cluster.hosts[1]
-    for root in (Path(h2.data_root), Path(h2.state_dir), Path(h2.host_dir), Path("/etc")):
-        for dirpath, dirs, files in os.walk(root):
-            assert escape not in files and escape not in dirs, f"{escape} written in {dirpath}"
+    # The archives aim at outside/pwn and outside/keep next to their destination.
+    for root in (Path(h2.data_root), Path(h2.state_dir), Path(h2.host_dir)):
+        for dirpath, _, files in os.walk(root):
+            for name in ("pwn", "keep"):
+                path = Path(dirpath) / name
+                if name in files and path.stat().st_mtime >= before.since:
+                    raise AssertionError(f"{path} was written by a refused archive")
 
 
 # ---------------------------------------------------------------- HTTP

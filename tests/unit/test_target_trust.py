@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -260,3 +261,16 @@ def test_a_state_within_its_declared_size_still_arrives(target: Host) -> None:
     assert os.path.isdir(target.service.handlers.incoming["m10"].staging_dirs[0])
     run_async(target.service.handlers.abort("a", "m10", {}))
     nothing_left(target, "m10")
+
+
+def test_prepare_reserves_the_capped_state_on_dockers_data_root(target: Host) -> None:
+    handlers = target.service.handlers
+    target.docker.root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target.docker.root).free
+    err = refused(prepare(target, "m11", estimate=free))
+    assert err.error == "no_capacity" and "disk" in err.reason, err.reason
+    assert str(target.docker.root) in err.reason, "the data root's disk, not state_dir's"
+    assert not handlers.reservations.active()
+    run_async(prepare(target, "m12", estimate=8 << 20))
+    (held,) = handlers.reservations.active()
+    assert held.disk_bytes >= state_cap(8 << 20)
