@@ -210,10 +210,10 @@ class MigrationConfig(_Model):
     max_image_bytes: Annotated[ByteSize, size_in(MIB, PIB)] = ByteSize(4 * GIB)
     copy_named_volumes: bool = True
     keep_source_copy_for: Annotated[Duration, duration_in(0, 30 * DAY)] = 0.0
-    # "engine": Docker's checkpoint API (images go through containerd's content store).
-    # "runc": run dockerd's runc directly, writing the images straight where
-    # `docker start --checkpoint` reads them (much faster for large memory).
-    checkpoint_via: Annotated[Literal["engine", "runc"], BeforeValidator(_lower)] = "engine"
+    # "runc": pause, then run dockerd's runc directly with --tcp-established and
+    # --file-locks, leaving the container frozen in place (agent/migration/checkpointers.py).
+    # "engine": Docker's checkpoint API: no CRIU options, so no connections, no locks.
+    checkpoint_via: Annotated[Literal["engine", "runc"], BeforeValidator(_lower)] = "runc"
     checkpoint_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 120.0
     restore_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 120.0
     health_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 60.0

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -302,6 +304,26 @@ class DockerAdapter:
 
     def unpause(self, container: str) -> None:
         self._call(f"unpause {container}", lambda api: api.unpause(container))
+
+    def daemon_pid(self) -> int | None:
+        """dockerd's PID in this agent's PID namespace, from the socket's peer credentials.
+
+        None for a TCP daemon URL or when the socket cannot be asked.
+        """
+        if not self.base_url.startswith(("unix://", "/")):
+            return None
+        path = self.base_url.removeprefix("unix://")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(path)
+                creds = sock.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+                )
+        except OSError:
+            return None
+        pid = int(struct.unpack("3i", creds)[0])
+        return pid or None
 
     def remove(self, container: str, force: bool = False, volumes: bool = False) -> None:
         self._call(

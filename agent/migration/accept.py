@@ -17,7 +17,7 @@ import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -381,6 +381,11 @@ class _Spec(_Loose):
     upper_dir: str | None = None
     graph_driver: str = ""
     memory_limit: int = 0
+    # Never dropped: restore options follow from these, and file-lock images
+    # restored without file-locks silently lose their locks.
+    dump_options: list[Annotated[str, Field(pattern=r"^[a-z][a-z-]*$", max_length=40)]] = Field(
+        default=[], max_length=8
+    )
 
     @field_validator("restart_policy")
     @classmethod

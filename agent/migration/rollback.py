@@ -1,8 +1,14 @@
 """Bring a frozen container back to life on the source, from its own checkpoint.
 
+A container frozen in place (the runc checkpointer: paused, dumped with
+``--leave-running``) is simply unpaused: the same processes carry on with their
+connections, file locks and address; the images are then dropped.
+
+Otherwise (Docker's checkpoint API exited it) it is restored from its images.
 Docker refuses to restore a container from the checkpoint name it was just
 dumped under (moby#42900: "already exists" in containerd), so the images are
-moved to a fresh name first.
+moved to a fresh name first. Those images never hold connections or locks
+(Docker's dump refuses them), so no CRIU options are needed for this restore.
 
 Ferry never starts a container fresh on its own: memory state thrown away is
 worse than a container an operator has to look at. When the images cannot be
@@ -57,7 +63,11 @@ def restore_locally(
     info = adapter.inspect_container(container_id)
     state = info.get("State") or {}
     how: str
-    if state.get("Running"):
+    if state.get("Paused"):
+        adapter.unpause(container_id)
+        shutil.rmtree(root.checkpoint_dir(container_id, checkpoint), ignore_errors=True)
+        how = "resumed in place (frozen, never stopped): connections and file locks kept"
+    elif state.get("Running"):
         # The freeze never completed (CRIU refused to dump): it never stopped, and
         # whatever part of a dump exists describes a past it has already left.
         how = "still running (checkpoint did not complete)"

@@ -266,6 +266,8 @@ class MigrationService:
             spec = spec_from_inspect(inspect)
         except SpecError as exc:
             raise MigrationRefused(str(exc)) from exc
+        # The target restores with options matching these (checkpointers.restore_options_for).
+        spec.dump_options = list(self.checkpointer.options)
         if spec.id in self.active:
             # Alone: mid-migration the container is frozen, so the other checks would
             # also say "paused", which is only a symptom of this.
@@ -901,8 +903,10 @@ class MigrationService:
             float(self.config.migration.checkpoint_timeout),
             in_progress=self.procs.dump_in_progress,
         )
+        # Frozen in place by the runc checkpointer: restore_locally unpauses it.
+        frozen = bool((info.get("State") or {}).get("Paused"))
         try:
-            if settled == "running":
+            if settled == "running" and not frozen:
                 how = "still running (the checkpoint never completed)"
                 if (policy.get("Name") or "no") != "no":
                     await asyncio.to_thread(
@@ -932,6 +936,10 @@ class MigrationService:
         spec = run.spec
         keep = float(self.config.migration.keep_source_copy_for)
         try:
+            if self.checkpointer.frozen_in_place and keep > 0:
+                # Killed, not kept frozen: its kernel then ends the clients' old
+                # connections now instead of leaving them to their timeouts.
+                await asyncio.to_thread(self.adapter.kill, spec.id)
             if keep > 0:
                 kept = f"{spec.name}-ferry-{run.mid}"
                 await asyncio.to_thread(self.adapter.rename, spec.id, kept)

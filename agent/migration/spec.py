@@ -125,6 +125,9 @@ class ContainerSpec:
     upper_dir: str | None = None  # overlay2 upper dir, daemon-side path
     graph_driver: str = ""
     memory_limit: int = 0
+    # CRIU options the source dumps with (checkpointers.DUMP_OPTIONS, or none for
+    # Docker's API); the target derives its restore options from them.
+    dump_options: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -43,8 +43,9 @@ from agent.docker_adapter import (
     DockerUnavailable,
 )
 from agent.journal import Journal, JournalError
-from agent.migration import criu_config, held, hooks, networks
+from agent.migration import criu_config, criu_log, held, hooks, networks
 from agent.migration.accept import DaemonFacts, SpecShapeError, check_spec, parse_spec
+from agent.migration.checkpointers import restore_options_for
 from agent.migration.ctrd import CtrdSweeper
 from agent.migration.disk_space import target_need
 from agent.migration.image_upload import TagStripper, loaded_ids, split_tag
@@ -412,7 +413,7 @@ class TargetHandlers:
         # The copy must stay stopped after its restore until the source commits, and
         # Docker must not restart it on its own before then.
         conf = criu_config.for_migration(self.data_root.get(), inc.migration_id)
-        conf.write(criu_config.restore_options(conf.daemon_log))
+        conf.write(criu_config.restore_options(conf.daemon_log, extra=_dump_matched(spec)))
         host_cfg = dict(body.get("HostConfig") or {})
         host_cfg["Annotations"] = dict(host_cfg.get("Annotations") or {}) | {
             criu_config.ANNOTATION: conf.daemon_path
@@ -693,11 +694,12 @@ class TargetHandlers:
             }
 
     def _criu_words(self, inc: Incoming) -> str:
+        # A copy in the agent's state dir: the config's log goes when the migration is cleaned.
         conf = criu_config.for_migration(self.data_root.get(), inc.migration_id)
-        lines = criu_config.error_lines(conf.local_log)
-        if not lines:
-            return ""
-        return f"; CRIU: {lines[0]} (log {conf.local_log})"
+        logs = Path(self.config.state_dir) / criu_log.LOGS_DIR
+        kept = criu_log.keep(conf.local_log, logs, f"ferry-{inc.migration_id}.restore.log")
+        words = criu_log.describe(kept)
+        return f"; {words}" if words else ""
 
     async def commit(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """The source journalled its commit: let the held copy run. Idempotent."""
@@ -777,13 +779,14 @@ class TargetHandlers:
         assert inc.container_id
         conf = criu_config.for_migration(self.data_root.get(), inc.migration_id)
         lazy: LazyRestore | None = None
-        extra: list[str] = []
+        assert inc.spec
+        extra = _dump_matched(ContainerSpec.from_dict(inc.spec))
         if self.config.migration.restore_via == "lazy":
             lazy = self._lazy(inc)
             try:
                 kept, left = lazy.prepare()
                 lazy.start_daemon()
-                extra = lazy.criu_options()
+                extra = [*extra, *lazy.criu_options()]
                 inc.timings["lazy_pages"] = left
                 inc.timings["present_pages"] = kept
             except LazyRestoreError as exc:
@@ -1117,3 +1120,15 @@ def _incoming_from_record(rec: Any) -> Incoming:
     known.setdefault("name", rec.container_name)
     known.setdefault("source_container_id", rec.container_id)
     return Incoming(**known)
+
+
+def _dump_matched(spec: ContainerSpec) -> list[str]:
+    """Restore options the source's dump options need (checkpointers.restore_options_for).
+
+    tcp-close for tcp-established (the address changes), file-locks for file-locks
+    (restoring lock images without it silently drops the locks).
+    """
+    try:
+        return restore_options_for(spec.dump_options)
+    except ValueError as exc:
+        raise DockerError("stage", f"cannot restore this dump here: {exc}") from exc

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 
 from agent.config import FerryConfig
-from agent.docker_adapter import CheckpointError
+from agent.docker_adapter import CheckpointError, DockerError
 from agent.migration import MigrationFailed
 from agent.migration.checkpointers import (
     EngineCheckpointer,
     RuncCheckpointer,
     make_checkpointer,
+    restore_options_for,
 )
 from agent.migration.paths import DataRoot
 from tests.helpers import run_async
@@ -35,19 +36,33 @@ PREFIX = [
     "/run/docker/runtime-runc/moby",
 ]
 DUMP_LOG = "(00.01) Dumping task\n(00.02) Error (criu/sk-unix.c:123): unix: external socket\n"
+# From a real failed dump on the testbed (a counter with one connected client).
+REAL_TCP_DUMP_LOG = (Path(__file__).parent / "fixtures" / "criu" / "tcp-dump.log").read_text()
 
 
 class States:
-    """inspect_container answering from a list of Running values (the last one repeats)."""
+    """Just the Docker calls the runc checkpointer makes: inspect, pause, unpause."""
 
-    def __init__(self, *running: bool) -> None:
-        self.running = list(running)
-        self.asked = 0
+    def __init__(self, unpause_fails: bool = False) -> None:
+        self.state: dict[str, Any] = {"Running": True, "Paused": False}
+        self.calls: list[str] = []
+        self.unpause_fails = unpause_fails
 
     def inspect_container(self, ref: str) -> dict[str, Any]:
-        self.asked += 1
-        value = self.running.pop(0) if len(self.running) > 1 else self.running[0]
-        return {"Id": ref, "State": {"Running": value}}
+        return {"Id": ref, "State": dict(self.state)}
+
+    def pause(self, ref: str) -> None:
+        self.calls.append("pause")
+        self.state["Paused"] = True
+
+    def unpause(self, ref: str) -> None:
+        self.calls.append("unpause")
+        if self.unpause_fails:
+            raise DockerError("unpause", "containerd says no")
+        self.state["Paused"] = False
+
+    def daemon_pid(self) -> int | None:
+        return None
 
 
 class Runc:
@@ -70,8 +85,6 @@ class Runc:
     def __call__(self, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
         argv = list(argv)
         self.calls.append(argv)
-        if argv[len(PREFIX)] == "resume":
-            return subprocess.CompletedProcess(argv, 1, "", "container not paused")
         if self.exc is not None:
             raise self.exc
         images = self.root.local(argv[argv.index("--image-path") + 1])
@@ -93,73 +106,79 @@ def root(tmp_path: Path) -> DataRoot:
 
 
 def _runc(root: DataRoot, states: States, run: Runc, **kw: Any) -> RuncCheckpointer:
-    return RuncCheckpointer(states, lambda: root, PREFIX, timeout=120, run=run, poll=0, **kw)
+    return RuncCheckpointer(states, lambda: root, PREFIX, timeout=120, run=run, **kw)
 
 
-def test_argv_uses_dockers_flags_and_the_daemons_paths(root: DataRoot) -> None:
+def test_pauses_then_dumps_in_place_with_connections_and_locks(root: DataRoot) -> None:
     run = Runc(root, dump_log=DUMP_LOG)
-    states = States(True, True, False)  # Docker notices the exit a little later
+    states = States()
     _runc(root, states, run).checkpoint(CID, "ferry-x1")
 
     (argv,) = run.calls
     assert argv == [
         *PREFIX,
         "checkpoint",
+        "--leave-running",
+        "--tcp-established",
+        "--file-locks",
         "--image-path",
         f"{DAEMON_ROOT}/containers/{CID}/checkpoints/ferry-x1",
         "--work-path",
         f"{DAEMON_ROOT}/tmp/ferry-criu-ferry-x1",
         CID,
     ]
-    # Docker's own path (containerd's runc shim) passes none of these.
-    for flag in ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks",
-                 "--manage-cgroups-mode", "--leave-running", "--empty-ns"):  # fmt: skip
-        assert flag not in argv
+    # Frozen before the dump, and left frozen: the rollback only has to unpause.
+    assert states.calls == ["pause"] and states.state["Paused"]
     assert (root.checkpoint_dir(CID, "ferry-x1") / "inventory.img").exists()
     assert not (root.local_root / "tmp" / "ferry-criu-ferry-x1").exists(), "work dir kept"
-    assert states.asked == 3
 
 
-def test_failure_reports_runc_and_the_criu_log_and_drops_partial_images(root: DataRoot) -> None:
+def test_failure_quotes_criu_keeps_its_log_and_resumes_the_container(
+    root: DataRoot, tmp_path: Path
+) -> None:
     run = Runc(root, rc=1, stderr='level=error msg="criu failed: type NOTIFY errno 0"',
-               dump_log=DUMP_LOG)  # fmt: skip
+               dump_log=REAL_TCP_DUMP_LOG)  # fmt: skip
+    states = States()
+    logs = tmp_path / "state" / "criu-logs"
     with pytest.raises(CheckpointError) as err:
-        _runc(root, States(True), run).checkpoint(CID, "ferry-x2")
+        _runc(root, states, run, logs_dir=logs).checkpoint(CID, "ferry-x2")
     msg = str(err.value)
+    assert msg.startswith(
+        f"checkpoint {CID} as ferry-x2 via runc: CRIU: Error (criu/sk-inet.c:200): inet: "
+        "Connected TCP socket, consider using --tcp-established option."
+    ), msg
+    kept = logs / "ferry-x2.dump.log"
+    assert f"(log {kept})" in msg and kept.read_text() == REAL_TCP_DUMP_LOG
     assert "exited 1" in msg and "criu failed: type NOTIFY" in msg
-    assert f"{DAEMON_ROOT}/tmp/ferry-criu-ferry-x2/dump.log" in msg
-    assert "Error (criu/sk-unix.c:123): unix: external socket" in msg
-    assert "still running" in msg
-    # CRIU resumed it: the half-written images must not look like a checkpoint.
+    assert "runs on, unchanged" in msg
+    assert states.calls == ["pause", "unpause"] and not states.state["Paused"]
+    # Half-written images must not look like a checkpoint; runc's work dir goes too.
     assert not root.checkpoint_dir(CID, "ferry-x2").exists()
+    assert not (root.local_root / "tmp" / "ferry-criu-ferry-x2").exists()
 
 
-def test_failure_after_the_kill_keeps_the_images_for_the_rollback(root: DataRoot) -> None:
+def test_failure_says_when_the_container_stays_paused(root: DataRoot) -> None:
     run = Runc(root, rc=1, stderr="criu failed", dump_log=DUMP_LOG)
-    with pytest.raises(CheckpointError):
-        _runc(root, States(False), run).checkpoint(CID, "ferry-x3")
-    assert (root.checkpoint_dir(CID, "ferry-x3") / "inventory.img").exists()
+    with pytest.raises(CheckpointError, match="stays paused: unpause failed: containerd says no"):
+        _runc(root, States(unpause_fails=True), run).checkpoint(CID, "ferry-x3")
 
 
 def test_missing_command_and_timeout(root: DataRoot) -> None:
+    states = States()
     with pytest.raises(CheckpointError, match=r"nsenter.*not found.*docker.runc_command"):
-        _runc(root, States(True), Runc(root, exc=FileNotFoundError())).checkpoint(CID, "ferry-x4")
+        _runc(root, states, Runc(root, exc=FileNotFoundError())).checkpoint(CID, "ferry-x4")
+    assert states.calls == ["pause", "unpause"]
 
     run = Runc(root, exc=subprocess.TimeoutExpired("runc", 120))
-    with pytest.raises(CheckpointError, match=r"checkpoint_timeout.*still running"):
-        _runc(root, States(True), run).checkpoint(CID, "ferry-x5")
-    # A dump killed half-way may leave the cgroup frozen: it is thawed.
-    assert run.calls[-1] == [*PREFIX, "resume", CID]
-
-
-def test_docker_still_running_after_the_dump_is_an_error(root: DataRoot) -> None:
-    run = Runc(root)
-    with pytest.raises(CheckpointError, match="still shows the container running"):
-        _runc(root, States(True), run, stop_timeout=0).checkpoint(CID, "ferry-x6")
+    states = States()
+    with pytest.raises(CheckpointError, match=r"checkpoint_timeout.*runs on"):
+        _runc(root, states, run).checkpoint(CID, "ferry-x5")
+    assert states.calls == ["pause", "unpause"]
 
 
 def test_refuses_bad_names_and_an_existing_checkpoint(root: DataRoot) -> None:
-    c = _runc(root, States(False), Runc(root))
+    states = States()
+    c = _runc(root, states, Runc(root))
     with pytest.raises(ValueError):
         c.checkpoint("../etc", "ferry-x7")
     with pytest.raises(ValueError):
@@ -167,14 +186,23 @@ def test_refuses_bad_names_and_an_existing_checkpoint(root: DataRoot) -> None:
     root.checkpoint_dir(CID, "ferry-x8").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="already exists"):
         c.checkpoint(CID, "ferry-x8")
+    assert states.calls == [], "paused although nothing could be dumped"
+
+
+def test_restore_options_follow_the_dump_options() -> None:
+    assert restore_options_for(["tcp-established", "file-locks"]) == ["tcp-close", "file-locks"]
+    assert restore_options_for([]) == []
+    with pytest.raises(ValueError, match="ext-unix-sk"):
+        restore_options_for(["ext-unix-sk"])
 
 
 def test_config_selects_the_checkpointer(tmp_path: Path) -> None:
     def cfg(**migration: Any) -> FerryConfig:
         return FerryConfig.model_validate({"name": "a", "migration": migration})
 
-    assert cfg().migration.checkpoint_via == "engine"
-    assert isinstance(make_checkpointer(cfg(), None, lambda: None), EngineCheckpointer)  # type: ignore[arg-type]
+    assert cfg().migration.checkpoint_via == "runc"
+    engine = make_checkpointer(cfg(checkpoint_via="engine"), None, lambda: None)  # type: ignore[arg-type]
+    assert isinstance(engine, EngineCheckpointer) and engine.options == ()
     runc = make_checkpointer(
         cfg(checkpoint_via="RUNC", checkpoint_timeout="30s"), None, lambda: None
     )  # type: ignore[arg-type]
@@ -199,13 +227,9 @@ def runc_hosts(tmp_path: Path) -> Iterator[tuple[Host, Host]]:
 
 def _use_runc(host: Host, cid: str, **kw: Any) -> Runc:
     root = host.service.data_root.get()
-
-    def killed() -> None:  # what CRIU does after a dump without --leave-running
-        host.docker.containers[cid]["State"] = {"Status": "exited", "Running": False}
-
-    run = Runc(root, on_dump=killed, **kw)
+    run = Runc(root, **kw)
     host.service.checkpointer = RuncCheckpointer(
-        host.docker, host.service.data_root.get, PREFIX, timeout=60, run=run, poll=0
+        host.docker, host.service.data_root.get, PREFIX, timeout=60, run=run
     )
     return run
 
@@ -214,14 +238,28 @@ def test_engine_migrates_with_runc_images(runc_hosts: tuple[Host, Host]) -> None
     a, b = runc_hosts
     cid = a.docker.add_running("web")
     run = _use_runc(a, cid)
+    seen: list[str] = []
+    restore = b.docker.start
+
+    def start(ref: str, checkpoint: str | None = None) -> None:
+        # What runc would read at the restore: the container's CRIU config file.
+        conf = b.docker._get(ref)["HostConfig"]["Annotations"]["org.criu.config"]
+        seen.extend(b.service.data_root.get().local(conf).read_text().splitlines())
+        restore(ref, checkpoint)
+
+    b.docker.start = start  # type: ignore[method-assign]
     report = run_async(a.service.migrate("web", "b"))
     assert report.outcome == "succeeded" and report.details["checkpoint_via"] == "runc"
     assert len(run.calls) == 1 and not any(c[0] == "checkpoint" for c in a.docker.calls)
+    assert ("pause", cid) in a.docker.calls
     moved = b.docker._get("web")
     assert moved["State"]["Running"] and moved["restored_from"] == f"ferry-{report.migration_id}"
+    # The target restores with the options the dump needs.
+    assert "tcp-close" in seen and "file-locks" in seen, seen
+    assert a.docker.find_container(cid) is None, "the frozen source copy was not removed"
 
 
-def test_runc_failure_before_the_kill_rolls_back_to_the_running_container(
+def test_runc_failure_rolls_back_to_the_running_container(
     runc_hosts: tuple[Host, Host],
 ) -> None:
     a, b = runc_hosts
@@ -231,7 +269,7 @@ def test_runc_failure_before_the_kill_rolls_back_to_the_running_container(
         run_async(a.service.migrate("web", "b"))
     assert err.value.rolled_back
     c = a.docker.containers[cid]
-    assert c["State"]["Running"] and "restored_from" not in c
+    assert c["State"]["Running"] and not c["State"]["Paused"] and "restored_from" not in c
     assert c["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
     rec = a.journal.get(err.value.report.migration_id)
     assert rec.outcome == "rolled_back"
@@ -239,7 +277,7 @@ def test_runc_failure_before_the_kill_rolls_back_to_the_running_container(
     assert b.docker.find_container("web") is None
 
 
-def test_failure_after_a_runc_freeze_restores_from_its_images(
+def test_failure_after_a_runc_freeze_unpauses_in_place(
     runc_hosts: tuple[Host, Host],
 ) -> None:
     a, _ = runc_hosts
@@ -250,5 +288,10 @@ def test_failure_after_a_runc_freeze_restores_from_its_images(
         run_async(a.service.migrate("web", "b"))
     assert err.value.rolled_back
     c = a.docker.containers[cid]
-    assert c["State"]["Running"]
-    assert c["restored_from"] == f"ferry-{err.value.report.migration_id}-rb1"
+    assert c["State"]["Running"] and not c["State"]["Paused"]
+    assert "restored_from" not in c, "restored although it never stopped"
+    assert ("unpause", cid) in a.docker.calls
+    rec = a.journal.get(err.value.report.migration_id)
+    assert "resumed in place" in rec.report["details"]["rollback"]
+    mid = err.value.report.migration_id
+    assert not a.service.data_root.get().checkpoint_dir(cid, f"ferry-{mid}").exists()

@@ -216,6 +216,15 @@ def test_wrong_types_inside_the_body_are_refusals_not_crashes() -> None:
     assert reasons(spec) == ["HostConfig: must be an object"]
 
 
+def test_parse_spec_keeps_the_dump_options() -> None:
+    # Dropping them would restore file-lock images without file-locks: locks lost silently.
+    spec = spec_from_inspect(inspect())
+    spec.dump_options = ["tcp-established", "file-locks"]
+    assert parse_spec(spec.to_dict()).dump_options == ["tcp-established", "file-locks"]
+    with pytest.raises(SpecShapeError, match="dump_options"):
+        parse_spec({**spec.to_dict(), "dump_options": ["--exec-cmd /bin/sh"]})
+
+
 def test_parse_spec_refuses_wrong_shapes_in_one_line() -> None:
     good = spec_from_inspect(inspect()).to_dict()
     assert parse_spec(good).name == "app"

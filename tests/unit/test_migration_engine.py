@@ -252,20 +252,29 @@ class FakeDocker:
     def networks_labelled(self, label: str) -> list[dict[str, Any]]:
         return []
 
-    def kill(self, ref: str) -> None:
-        self._get(ref)["State"] = {"Status": "exited", "Running": False, "ExitCode": 137}
-
-    def pause(self, ref: str) -> None:
-        self.calls.append(("pause", self._get(ref)["Id"]))
-
-    def unpause(self, ref: str) -> None:
-        self.calls.append(("unpause", self._get(ref)["Id"]))
-
     def wait_running(self, ref: str, timeout: float, healthy: bool = False) -> dict[str, Any]:
         c = self._get(ref)
         if not c["State"]["Running"]:
             raise DockerError("wait", "not running")
         return c
+
+    def pause(self, ref: str) -> None:
+        c = self._get(ref)
+        c["State"] = dict(c["State"], Paused=True, Status="paused")
+        self.calls.append(("pause", c["Id"]))
+
+    def unpause(self, ref: str) -> None:
+        c = self._get(ref)
+        c["State"] = dict(c["State"], Paused=False, Status="running")
+        self.calls.append(("unpause", c["Id"]))
+
+    def kill(self, ref: str) -> None:
+        c = self._get(ref)
+        c["State"] = {"Status": "exited", "Running": False, "Paused": False, "ExitCode": 137}
+        self.calls.append(("kill", c["Id"]))
+
+    def daemon_pid(self) -> int | None:
+        return None
 
     def update_restart_policy(self, ref: str, policy: dict[str, Any]) -> None:
         self._get(ref)["HostConfig"]["RestartPolicy"] = dict(policy)
@@ -371,6 +380,8 @@ class Host:
                 "state_dir": str(tmp / name / "state"),
                 "docker": {"data_root": str(tmp / name / "docker")},
                 "peers": [{"name": other, "address": "127.0.0.1:9"}],
+                # The fake's checkpoint API; runc's path has its own tests (test_checkpointers).
+                "migration": {"checkpoint_via": "engine"},
             }
         )
         self.journal = Journal(self.config.state_dir)
