@@ -222,10 +222,7 @@ def test_postgres_with_an_idle_session(
     moved = _moved(h1, h2, "svc-pg", docker_clients)
 
     # The old session learns its server is gone: an error, not a hang, not an answer.
-    session.stdin.write("SELECT count(*) FROM t;\n")
-    session.stdin.flush()
-    session.stdin.close()
-    out, err = session.communicate(timeout=60)
+    out, err = session.communicate("SELECT count(*) FROM t;\n", timeout=60)
     assert "idle-ready" in out and str(ROWS) not in out, (out, err)
     assert "connection" in err and ("lost" in err or "closed" in err), err
     print(f"idle session saw: {err.strip()}")
