@@ -152,7 +152,11 @@ def test_failure_after_a_runc_freeze_rolls_back_with_state(
         cli = migrate_in_background(h1, FAULT_NAME, h2.name)
         wait_for(reached.exists, timeout=60, what="source to freeze")
         frozen = docker_clients[h1.name].containers.get(FAULT_NAME)
-        assert frozen.status == "exited", "runc said done but Docker still sees it running"
+        # Frozen in place, its images complete beside it.
+        assert frozen.status == "paused", frozen.status
+        mid = json.loads(reached.read_text())["migration"]
+        images = Path(h1.data_root) / "containers" / frozen.id / "checkpoints" / f"ferry-{mid}"
+        assert (images / "inventory.img").exists()
         agents.stop(h2, signal.SIGTERM)  # the target goes away: the transfer must fail
         gate.unlink()
         out, err = cli.communicate(timeout=300)
@@ -165,8 +169,9 @@ def test_failure_after_a_runc_freeze_rolls_back_with_state(
     assert result["kind"] == "failed" and result["rolled_back"], result
     report = result["report"]
     assert report["details"]["checkpoint_via"] == "runc"
-    # Restored from the runc-made images under a fresh name, not started afresh.
-    assert report["details"]["rollback"].startswith("restored from checkpoint"), report["details"]
+    # Unpaused where it was: the same process, nothing restored, images dropped.
+    assert report["details"]["rollback"].startswith("resumed in place"), report["details"]
+    assert not images.exists()
     runs_only_on(h1, before, docker_clients)
     (rec,) = history(h1, report["migration_id"])
     assert rec.outcome == "rolled_back"
