@@ -7,20 +7,23 @@ Run as ``python -m tests.e2e.service_clients MODE ...`` under ``nsenter --net``
   adding its next number to its own Redis set (``SADD c<i> n``); client 2 sends
   pipelines of 50. A number is written to ``OUT/c<i>.acked`` only once Redis
   answered for it. On any error (2 s timeout) a client reconnects, trying the
-  addresses in turn, and logs what it saw to ``OUT/events``. Stops when
+  addresses in turn, and logs what it saw to ``OUT/events``
+  (``FERRY_CLIENT_TIMEOUT`` sets the timeout). Stops when
   ``OUT/stop`` exists.
 - ``echo OUT PORT``: a line echo server; logs ``<peer ip> <line>`` to ``OUT/lines``.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-TIMEOUT = 2.0
+# A client's patience for one answer; FERRY_CLIENT_TIMEOUT overrides it.
+TIMEOUT = float(os.environ.get("FERRY_CLIENT_TIMEOUT", "2"))
 PIPELINE = 50
 
 

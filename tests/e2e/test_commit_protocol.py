@@ -150,8 +150,9 @@ def test_target_gone_at_the_commit_is_in_doubt_then_resolves_itself(
     assert cli.returncode == 1, err
     assert "IN DOUBT" in err, err
     mid = json.loads(out.splitlines()[-1])["report"]["migration_id"]
-    # Nothing runs: the source copy is stopped with its images, the target copy held.
-    assert _copies(docker_clients)[h1.name] == "exited"
+    # Nothing runs: the source copy is frozen in place (the default runc checkpointer)
+    # with its images, the target copy held.
+    assert _copies(docker_clients)[h1.name] == "paused"
     assert _held_stopped(docker_clients[h2.name])
     status = _ferry(h1, "status", "--json")
     assert status.returncode == 1, "in doubt must make `ferry status` fail"

@@ -9,6 +9,8 @@ the process is the same one.
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +26,8 @@ from tests.e2e.migration_support import (
     container_or_none,
     engine_agents,
     ferry_migrate,
+    hook_path,
+    migrate_in_background,
     result_of,
 )
 from tests.helpers import wait_for
@@ -85,10 +89,12 @@ def _moved(h1: Host, h2: Host, name: str, clients: dict[str, docker.DockerClient
     return moved
 
 
-def _client_proc(host: Host, *args: str) -> subprocess.Popen[str]:
+def _client_proc(
+    host: Host, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "tests.e2e.service_clients", *args]
     return subprocess.Popen(
-        netns_argv(host, argv),
+        netns_argv(host, argv, env),
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -285,33 +291,137 @@ def _sqlite(container: Any, sql: str) -> str:
     return _exec(container, "sqlite3", "/srv/writer/w.db", sql)
 
 
-def _locks_of_pid1(container: Any) -> str:
-    return _exec(container, "sh", "-c", "grep ' 1 ' /proc/locks || true")
+def _locks_of_pid1(container: Any) -> list[str]:
+    """/proc/locks lines of the writer (PID 1 in its container), as `TYPE inode-number`."""
+    text = _exec(container, "cat", "/proc/locks")
+    out = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 6 and f[4] == "1":
+            out.append(f"{f[1]} {f[5].rsplit(':', 1)[1]}")
+    return out
+
+
+def _inode(container: Any, path: str) -> str:
+    return _exec(container, "stat", "-c", "%i", path)
+
+
+def _wal_size(container: Any) -> int:
+    return int(_exec(container, "stat", "-c", "%s", "/srv/writer/w.db-wal"))
+
+
+def _check_copy(container: Any, dest: Path) -> tuple[str, int, int]:
+    """integrity_check, row count and max(n) of a copy of the stopped writer's files."""
+    import io
+    import sqlite3
+    import tarfile
+
+    stream, _ = container.get_archive("/srv/writer")
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        tar.extractall(dest, filter="data")
+    db = sqlite3.connect(dest / "writer" / "w.db")
+    try:
+        ok = db.execute("PRAGMA integrity_check").fetchone()[0]
+        count, top = db.execute("SELECT count(*), max(n) FROM t").fetchone()
+    finally:
+        db.close()
+    return ok, count, top
 
 
 def test_sqlite_wal_writer_with_held_locks(
     cluster: tuple[list[Host], Agents],
     docker_clients: dict[str, docker.DockerClient],
     cleanup: list[subprocess.Popen[str]],
+    tmp_path: Path,
 ) -> None:
     (h1, h2, _), _ = cluster
     writer = docker_clients[h1.name].containers.run(
         SERVICES, ["python3", "/usr/local/bin/sqlite_writer.py"],
         name="svc-sqlite", detach=True, labels={"ferry.migrate": "true"},
     )  # fmt: skip
-    wait_for(lambda: int(_sqlite(writer, "SELECT count(*) FROM t")) >= 50, timeout=30,
-             what="the writer to write")  # fmt: skip
+    # Watched through the WAL's size, not a second SQLite connection (see the README:
+    # a second connection on the target could reset the writer's shared-memory index).
+    wait_for(lambda: _wal_size(writer) > 50_000, timeout=30, what="the writer to write")
+    db_inode = _inode(writer, "/srv/writer/w.db")
+    guard_inode = _inode(writer, "/srv/writer/writer.lock")
     held = _locks_of_pid1(writer)
-    assert "FLOCK" in held and "POSIX" in held, held
-    before = int(_sqlite(writer, "SELECT max(n) FROM t"))
+    assert f"FLOCK {guard_inode}" in held and f"POSIX {db_inode}" in held, held
 
     moved = _moved(h1, h2, "svc-sqlite", docker_clients)
-    wait_for(lambda: int(_sqlite(moved, "SELECT max(n) FROM t")) > before + 50, timeout=30,
+    grown = _wal_size(moved)
+    wait_for(lambda: _wal_size(moved) > grown + 20_000, timeout=30,
              what="the writer to carry on on the target")  # fmt: skip
-    # Restored with its locks (without file-locks CRIU would drop them silently).
+    # Restored with its flock and its POSIX lock on the database (file-locks on both
+    # sides; without it CRIU would drop them silently).
     held_after = _locks_of_pid1(moved)
-    assert "FLOCK" in held_after and "POSIX" in held_after, held_after
-    assert _sqlite(moved, "PRAGMA integrity_check") == "ok"
-    count, top = _sqlite(moved, "SELECT count(*), max(n) FROM t").split("|")
+    db_inode = _inode(moved, "/srv/writer/w.db")
+    guard_inode = _inode(moved, "/srv/writer/writer.lock")
+    assert f"FLOCK {guard_inode}" in held_after, held_after
+    assert f"POSIX {db_inode}" in held_after, held_after
+    moved.reload()
+    assert moved.status == "running" and "start token" not in moved.logs().decode()
+
+    moved.stop(timeout=5)
+    ok, count, top = _check_copy(moved, tmp_path)
+    assert ok == "ok"
     assert count == top, "a number was skipped or written twice"
-    assert "start token" not in moved.logs().decode(), "it started afresh on the target"
+    print(f"sqlite: {top} rows, integrity {ok}")
+
+
+# ---------------------------------------------------------------- rollback
+
+
+def test_rollback_after_the_freeze_keeps_connections(
+    cluster: tuple[list[Host], Agents],
+    docker_clients: dict[str, docker.DockerClient],
+    cleanup: list[subprocess.Popen[str]],
+    tmp_path: Path,
+) -> None:
+    (h1, h2, h3), agents = cluster
+    redis = docker_clients[h1.name].containers.run(
+        SERVICES, ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no"],
+        name="svc-redis", detach=True, ports={"6379/tcp": REDIS_PORT},
+        labels={"ferry.migrate": "true"},
+    )  # fmt: skip
+    wait_for(lambda: _redis(redis, "PING") == "PONG", timeout=30, what="redis to answer")
+    run_id = _redis(redis, "INFO", "server").split("run_id:")[1].split()[0]
+    out = tmp_path / "redis"
+    # Patient clients: the freeze below is held open for as long as the test needs.
+    patient = {"FERRY_CLIENT_TIMEOUT": "120"}
+    cleanup.append(_client_proc(h3, "redis", str(out), f"{h1.ip}:{REDIS_PORT}", env=patient))
+    wait_for(lambda: all(len(_acked(out, i)) >= 20 for i in range(3)), timeout=30,
+             what="three clients writing")  # fmt: skip
+
+    gate = hook_path(h1, "after-freeze")
+    reached = gate.with_name("after-freeze.reached")
+    reached.unlink(missing_ok=True)
+    gate.write_text("e2e")
+    try:
+        cli = migrate_in_background(h1, "svc-redis", h2.name)
+        wait_for(reached.exists, timeout=60, what="the source to freeze")
+        assert docker_clients[h1.name].containers.get("svc-redis").status == "paused"
+        agents.stop(h2, signal.SIGTERM)  # the target goes away: the transfer fails
+        gate.unlink()
+        stdout, err = cli.communicate(timeout=300)
+    finally:
+        gate.unlink(missing_ok=True)
+        if not h2.agent_pid:
+            agents.start(h2)
+    assert cli.returncode == 1, err
+    report = result_of([json.loads(x) for x in stdout.splitlines() if x.startswith("{")])
+    assert report["rolled_back"], report
+    assert report["report"]["details"]["rollback"].startswith("resumed in place")
+    before = [len(_acked(out, i)) for i in range(3)]
+    wait_for(lambda: all(len(_acked(out, i)) > before[i] + 20 for i in range(3)), timeout=30,
+             what="the clients to carry on")  # fmt: skip
+    (out / "stop").touch()
+    events = (out / "events").read_text()
+    # The same connections carried on after a stall: no client saw an error.
+    assert " error after " not in events, events
+    assert events.count(" connected ") == 3, events
+    after = docker_clients[h1.name].containers.get("svc-redis")
+    assert after.status == "running" and after.attrs["RestartCount"] == 0
+    assert _redis(after, "INFO", "server").split("run_id:")[1].split()[0] == run_id
+    for i in range(3):
+        stored = {int(x) for x in _redis(after, "SMEMBERS", f"c{i}").split()}
+        assert set(_acked(out, i)) <= stored
