@@ -30,7 +30,7 @@ from agent.migration.resources import state_cap
 from agent.migration.spec import spec_from_inspect
 from tests.chaos.invariants import Workload, check_all, journal_rows, leftover_problems
 from tests.chaos.support import Cluster
-from tests.e2e.migration_support import COUNTER, ONLY_ON_FIRST
+from tests.e2e.migration_support import COUNTER, ONLY_ON_FIRST, ferry_migrate, result_of
 from tests.testbed.agents import CERT_DIR
 from tests.testbed.faults import netns_run
 from tests.testbed.layout import AGENT_PORT
@@ -153,6 +153,34 @@ def test_a_spec_asking_for_the_host_is_refused_before_anything_is_made(
     assert field in refused["reason"] and "migration.accept." in refused["reason"], refused
     assert out["status"]["ok"]["outcome"] == "aborted", out
     assert_nothing_left(cluster, before)
+
+
+def test_ferry_migrate_shows_the_targets_refusal_before_anything_is_frozen(
+    cluster: Cluster,
+) -> None:
+    h1, h2 = cluster.hosts
+    c1 = cluster.clients[h1.name]
+    src = c1.containers.run(
+        COUNTER, name="hostile-priv", detach=True, privileged=True, labels={"ferry.migrate": "true"}
+    )
+    try:
+        started = c1.api.inspect_container(src.id)["State"]["StartedAt"]
+        before = target_state(cluster)
+        rc, lines, err = ferry_migrate(h1, "hostile-priv", h2.name, timeout=120)
+        assert rc == 1, err
+        result = result_of(lines)
+        assert result["kind"] == "refused", result
+        reason = result["reason"]
+        assert f"{h2.name} does not accept this container" in reason, reason
+        assert "HostConfig.Privileged" in reason and "migration.accept.privileged" in reason
+        assert "\n" not in reason
+        # Refused at stage, before the freeze: the same process runs on, never checkpointed.
+        state = c1.api.inspect_container(src.id)["State"]
+        assert state["Running"] and state["StartedAt"] == started, state
+        assert not c1.api.get(c1.api._url(f"/containers/{src.id}/checkpoints")).json()
+        assert_nothing_left(cluster, before)
+    finally:
+        src.remove(force=True)
 
 
 # ---------------------------------------------------------------- images
