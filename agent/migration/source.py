@@ -144,6 +144,9 @@ class MigrationService:
         # Policy evacuations and `ferry migrate` share this host's limit; extra ones wait.
         self._slots = asyncio.Semaphore(config.limits.max_concurrent_migrations)
         self.active: dict[str, str] = {}  # container id -> migration id
+        # Disk promised to checkpoints in flight here (container id -> bytes), so that
+        # group members and concurrent migrations cannot each fit "just".
+        self._disk_claims: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.handlers = TargetHandlers(
             adapter,
@@ -531,11 +534,16 @@ class MigrationService:
                 )
             memory = await asyncio.to_thread(self.adapter.memory_usage, spec.id)
             # Refused here, not mid-dump: a dump that runs out of disk loses the state.
+            self._disk_claims = {c: n for c, n in self._disk_claims.items() if c in self.active}
+            others = sum(n for c, n in self._disk_claims.items() if c != spec.id)
+            need = source_need(memory) + others
+            what = "the checkpoint" + (" and the others in flight" if others else "")
             short = await asyncio.to_thread(
-                shortfall, self.config.name, root.local_root, source_need(memory), "the checkpoint"
+                shortfall, self.config.name, root.local_root, need, what
             )
             if short:
                 raise MigrationRefused(short)
+            self._disk_claims[spec.id] = source_need(memory)
             upper_bytes = await asyncio.to_thread(_dir_size, upper)
             # Volumes travel in the state too; the target caps the stream at this estimate.
             for vol in spec.volumes:

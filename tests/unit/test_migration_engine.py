@@ -752,3 +752,22 @@ def test_target_without_room_for_state_and_restore_refuses_before_the_freeze(
     assert not any(call[0] in ("checkpoint", "policy") for call in a.docker.calls)
     (rec,) = a.journal.history()
     assert rec.outcome == "refused" and rec.phase == "prepare"
+
+
+def test_a_group_needs_disk_for_every_member_at_once(
+    hosts: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = hosts
+    cids = _group(a, "app", "cache")
+    one = int(2 * (1 << 20) * 1.1) + (16 << 20)  # each member: 1 MiB of memory
+    _free_disk(monkeypatch, {a.docker.root: one + (1 << 20)})  # room for one, not two
+    with pytest.raises(MigrationRefused) as err:
+        run_async(a.service.migrate("app", "b"))
+    reason = err.value.reason
+    assert reason.startswith("group stack: a: not enough free disk under "), reason
+    assert f"for the checkpoint and the others in flight: needs {(2 * one) >> 20} MiB" in reason
+    assert all(a.docker.containers[c]["State"]["Running"] for c in cids)
+    assert not any(call[0] in ("checkpoint", "policy") for call in a.docker.calls)
+    # Nothing stays claimed: with room for both, the group moves.
+    _free_disk(monkeypatch, {a.docker.root: 2 * one + (1 << 20)})
+    assert run_async(a.service.migrate("app", "b")).outcome == "succeeded"
