@@ -83,6 +83,8 @@ class PeerHealth:
     weight: float = 1.0
     tags: tuple[str, ...] = ()
     error: str | None = None
+    # `ferry.spread` keys running on or moving to the peer: no second replica goes there.
+    spread: tuple[str, ...] = ()
 
 
 class SignalSink(Protocol):
@@ -153,6 +155,11 @@ class SignalView(Protocol):
     def containers(self) -> list[ContainerInfo]:
         """Current container inventory of this host."""
         ...
+
+
+# Containers sharing a value of this label (replicas of one service) are never placed
+# on the same host by Ferry.
+SPREAD_LABEL = "ferry.spread"
 
 
 # A container moves with every other container sharing one of these labels

@@ -76,17 +76,34 @@ def run_cmd(config_path: Path) -> None:
 
 @main.command("drain", epilog=_EXIT_CODES)
 @click.option("--reason", default="", help="Why; shown in `ferry status` and the log.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Block until this host is empty (exit 0) or some containers could not move (exit 1).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="With --wait: give up after this many seconds (exit 1). Default: no limit.",
+)
 @config_option()
-def drain_cmd(reason: str, config_path: Path) -> None:
+def drain_cmd(reason: str, wait: bool, timeout: float | None, config_path: Path) -> None:
     """Drain this host: evacuate opted-in containers and refuse incoming ones.
 
     Creates the drain marker through the agent. If no agent is running, the
     marker file is written directly and the agent acts on it when it starts.
+    With a `fleet:` section, the host first takes its place in the fleet's drain
+    queue: at most fleet.max_draining_hosts hosts evacuate at once, the others
+    wait (`ferry status` shows whom they are queued behind) and evacuate in turn.
     """
     cfg = load_config_or_exit(config_path)
+    client = ControlClient(cfg.control_socket)
     try:
-        result = _run(ControlClient(cfg.control_socket).drain(reason))
+        result = _run(client.drain(reason))
     except AgentUnreachable as exc:
+        if wait:
+            _fail(EXIT_UNAVAILABLE, f"{exc}; --wait needs the agent")
         marker = cfg.marker_paths()["drain"]
         try:
             DrainMarker(marker).set(reason)
@@ -98,7 +115,63 @@ def drain_cmd(reason: str, config_path: Path) -> None:
     except ControlRequestFailed as exc:
         _fail(EXIT_FAILED, str(exc))
     click.echo(f"draining {cfg.name}: {result.get('message', 'drain marker set')}")
-    click.echo("Watch progress with `ferry status`.")
+    if not wait:
+        click.echo("Watch progress with `ferry status`.")
+        return
+    sys.exit(_run(wait_until_drained(client, timeout)))
+
+
+def drain_outcome(status: dict[str, Any]) -> tuple[str, str | None]:
+    """("done" | "stuck" | "waiting", a line to print or None) for one status answer."""
+    progress = status.get("drain_progress") or {}
+    remaining = list(progress.get("remaining") or [])
+    evac = status.get("evacuation") or {}
+    moving = evac.get("in_progress") or []
+    stuck = evac.get("stuck") or []
+    fleet_drain = (status.get("fleet") or {}).get("drain") or {}
+    if fleet_drain.get("state") in ("queued", "requested"):
+        behind = ", ".join(fleet_drain.get("queued_behind") or []) or "?"
+        return "waiting", f"queued behind {behind}"
+    if not progress.get("marker"):
+        return "waiting", "waiting for the drain to start"
+    if not remaining:
+        return "done", None
+    if moving:
+        return "waiting", f"{len(moving)} moving, {len(remaining)} left"
+    # Every try has run (nothing moving or queued) and something is still here.
+    tried = {str(x.get("container")): x for x in stuck if int(x.get("attempts", 0)) > 0}
+    if evac.get("state") in ("stuck", "done") and all(x.get("container") in tried for x in stuck):
+        unselected = {"reason": "not selected by any policy"}
+        lines = [f"  {name}: {tried.get(name, unselected).get('reason')}" for name in remaining]
+        return "stuck", "\n".join(lines)
+    return "waiting", f"{len(remaining)} left"
+
+
+async def wait_until_drained(client: ControlClient, timeout: float | None) -> int:
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    last = None
+    while True:
+        try:
+            status = await client.status()
+        except (AgentUnreachable, ControlRequestFailed) as exc:
+            click.echo(f"ferry: {exc}", err=True)
+            return EXIT_UNAVAILABLE
+        outcome, line = drain_outcome(status)
+        if outcome == "done":
+            click.echo(f"{status.get('host')}: drained, no opted-in container left running here")
+            return EXIT_OK
+        if outcome == "stuck":
+            click.echo(f"{status.get('host')}: these containers could not move:", err=True)
+            click.echo(line or "", err=True)
+            return EXIT_FAILED
+        if line != last:
+            click.echo(line)
+            last = line
+        if deadline is not None and loop.time() > deadline:
+            click.echo(f"ferry: still not drained after {timeout:.0f}s: {line}", err=True)
+            return EXIT_FAILED
+        await asyncio.sleep(1.0)
 
 
 @main.command("undrain", epilog=_EXIT_CODES)
@@ -163,6 +236,14 @@ def render_status(status: dict[str, Any], console: Console) -> None:
     if status.get("dry_run"):
         mode.append("[cyan]dry run[/]")
     console.print(f"[bold]{host}[/] {' '.join(mode) or '[green]accepting[/]'}")
+    fleet_drain = (status.get("fleet") or {}).get("drain") or {}
+    if fleet_drain.get("state") == "queued":
+        behind = ", ".join(fleet_drain.get("queued_behind") or []) or "?"
+        console.print(
+            f"[bold yellow]QUEUED[/] to drain: queued behind {behind} "
+            f"(fleet.max_draining_hosts={fleet_drain.get('max_draining_hosts')}); "
+            "refusing incoming containers"
+        )
     if status.get("status_line"):
         console.print(status["status_line"])
 

@@ -13,12 +13,12 @@ import structlog
 from agent.fleet.etcd import FleetUnavailable
 from agent.fleet.fleet import Fleet, ReservationRefused
 from agent.migration.errors import MigrationRefused
-from agent.model import ContainerInfo
+from agent.model import SPREAD_LABEL, ContainerInfo
 from agent.service.evacuation import call_migrate
 
 log = structlog.get_logger(__name__)
 
-SPREAD_LABEL = "ferry.spread"
+__all__ = ["SPREAD_LABEL", "FleetMigrator"]
 
 
 class FleetMigrator:

@@ -6,7 +6,16 @@ from __future__ import annotations
 import dataclasses
 
 from agent.fleet.fleet import Fleet
+from agent.fleet.view import FleetView
 from agent.model import PeerDirectory, PeerHealth
+
+
+def _spread(view: FleetView, host: str) -> tuple[str, ...]:
+    """Spread keys running on `host` (its record) or on their way there (reservations)."""
+    member = view.members.get(host)
+    running = member.spread if member is not None else set()
+    moving = {r.spread for r in view.reservations.get(host, []) if r.spread}
+    return tuple(sorted(running | moving))
 
 
 class FleetPeers:
@@ -24,6 +33,9 @@ class FleetPeers:
         for peer in static:
             if peer.name in queued and not peer.draining:
                 peer = dataclasses.replace(peer, draining=True)
+            if view is not None and fresh:
+                spread = tuple(sorted({*peer.spread, *_spread(view, peer.name)}))
+                peer = dataclasses.replace(peer, spread=spread)
             if view is not None and fresh and peer.mem_available_bytes > 0:
                 held, _ = view.reserved(peer.name)
                 peer = dataclasses.replace(
@@ -53,6 +65,7 @@ class FleetPeers:
                     disk_free_bytes=member.num("disk_free_bytes"),
                     running_containers=member.num("running_containers"),
                     tags=tuple(f"{k}={v}" for k, v in sorted(labels.items())),
+                    spread=_spread(view, name) if view is not None else (),
                     error=None if fresh else f"peer {name}: {fleet.stale_reason()}",
                 )
             )

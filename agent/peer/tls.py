@@ -118,7 +118,10 @@ def peer_identity_middleware(allowed_peers: Collection[str]) -> Any:
     Runs before any handler, so the body of a refused request is never read.
     The authenticated name is stored as request[PEER_NAME_KEY].
     """
-    allowed = frozenset(allowed_peers)
+    # A set is kept as given, not copied: the fleet adds the hosts it discovers to it.
+    allowed = (
+        allowed_peers if isinstance(allowed_peers, set | frozenset) else frozenset(allowed_peers)
+    )
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from agent.model import ContainerInfo, PeerHealth
+from agent.model import SPREAD_LABEL, ContainerInfo, PeerHealth
 
 
 @dataclass
@@ -46,8 +46,12 @@ class _Slot:
     peer: PeerHealth
     assigned: int = 0
     mem_left: int = 0
+    spread: set[str] = field(default_factory=set)
 
     def fits(self, container: ContainerInfo) -> bool:
+        key = container.labels.get(SPREAD_LABEL)
+        if key and (key in self.peer.spread or key in self.spread):
+            return False  # a replica of the same service is already there
         if container.memory_bytes <= 0 or self.peer.mem_available_bytes <= 0:
             return True  # unknown on either side: let the target's own admission check decide
         return container.memory_bytes <= self.mem_left
@@ -88,5 +92,7 @@ def place(
         best = min(fitting, key=lambda s: (*_key(strategy, s), s.peer.name))
         best.assigned += 1
         best.mem_left -= max(container.memory_bytes, 0)
+        if container.labels.get(SPREAD_LABEL):
+            best.spread.add(container.labels[SPREAD_LABEL])
         result.assigned.append((container, best.peer.name))
     return result

@@ -55,6 +55,10 @@ class ControlService(Protocol):
     async def history(self, limit: int) -> list[JSON]: ...
 
 
+class ControlRefused(Exception):
+    """The agent will not do this now; the message says why (answered 503, one line)."""
+
+
 class AlreadyServing(RuntimeError):
     """Another process answers on the control socket: a second agent must not start."""
 
@@ -101,7 +105,11 @@ def build_app(service: ControlService, route_hooks: Sequence[RouteHook] = ()) ->
         if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
             return _json_error(400, f"reason must be a string of at most {MAX_REASON_CHARS} chars")
         log.info("control.drain", reason=reason)
-        return web.json_response(await service.drain(reason), dumps=_dumps)
+        try:
+            result = await service.drain(reason)
+        except ControlRefused as exc:
+            return _json_error(503, str(exc))
+        return web.json_response(result, dumps=_dumps)
 
     async def undrain(request: web.Request) -> web.Response:
         log.info("control.undrain")

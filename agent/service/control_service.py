@@ -55,7 +55,22 @@ class AgentControl:
             "in_doubt": in_doubt,
             "evacuation": agent.evacuator.status() if agent.evacuator is not None else {},
             "peers": peers,
+            **({"fleet": agent.fleet.status()} if agent.fleet is not None else {}),
+            "drain_progress": self._drain_progress(),
         }
+
+    def _drain_progress(self) -> dict[str, Any]:
+        """What `ferry drain --wait` watches: opted-in containers still running here."""
+        agent = self._agent
+        store = agent.store
+        left = []
+        if store is not None:
+            left = sorted(
+                c.name
+                for c in store.containers()
+                if c.state == "running" and c.labels.get("ferry.migrate") == "true"
+            )
+        return {"marker": agent.drain.active(), "remaining": left}
 
     async def _in_flight(self) -> list[dict[str, Any]]:
         journal = self._journal()
@@ -93,13 +108,45 @@ class AgentControl:
         ]
 
     async def drain(self, reason: str) -> dict[str, Any]:
+        fleet = self._agent.fleet
+        if fleet is not None:
+            return await self._fleet_drain(fleet, reason)
         marker = self._agent.drain
         await asyncio.to_thread(marker.set, reason)
         log.info("agent.drain_requested", reason=reason, marker=str(marker.path))
         self._follow_marker()
         return {"draining": True, "message": f"drain marker {marker.path} set; evacuation starts"}
 
+    async def _fleet_drain(self, fleet: Any, reason: str) -> dict[str, Any]:
+        from agent.fleet.etcd import FleetUnavailable
+        from agent.service.control import ControlRefused
+
+        try:
+            state = await fleet.drain.request(reason)
+        except FleetUnavailable as exc:
+            raise ControlRefused(
+                f"drain refused: the fleet's drain budget cannot be checked ({exc}); "
+                "nothing was changed"
+            ) from None
+        log.info("agent.fleet_drain_requested", reason=reason, state=state["state"])
+        self._follow_marker()
+        if state["state"] == "draining":
+            message = "this host holds a fleet drain slot; evacuation starts"
+        else:
+            message = (
+                f"queued behind {', '.join(state['queued_behind']) or '?'} "
+                f"(fleet.max_draining_hosts={state['max_draining_hosts']}); "
+                "refusing incoming containers meanwhile"
+            )
+        return {"draining": True, "fleet": state, "message": message}
+
     async def undrain(self) -> dict[str, Any]:
+        fleet = self._agent.fleet
+        if fleet is not None:
+            existed = await fleet.drain.cancel()
+            self._follow_marker()
+            what = "left the fleet's drain queue" if existed else "was not draining"
+            return {"draining": False, "message": f"{what}; accepting again"}
         marker = self._agent.drain
         existed = await asyncio.to_thread(marker.clear)
         log.info("agent.undrain_requested", marker=str(marker.path), was_draining=existed)

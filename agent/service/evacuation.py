@@ -159,6 +159,8 @@ class Evacuator:
         policy_targets: PolicyLookup | None = None,
         inventory: Callable[[], Sequence[ContainerInfo]] | None = None,
         keep_done: int = 50,
+        gate: Callable[[], str | None] | None = None,
+        gate_retry: float = 2.0,
     ) -> None:
         self._migrator = migrator
         self._peers = peers
@@ -171,6 +173,9 @@ class Evacuator:
         self._retry = Backoff(retry_base, retry_max, jitter=retry_jitter)
         self._policy_targets = policy_targets
         self._inventory = inventory
+        # Why evacuations may not start now (the fleet's drain budget), or None.
+        self._gate = gate
+        self._gate_retry = gate_retry
         self._active: dict[str, Item] = {}  # container -> queued / in_progress / stuck
         self._done: deque[Item] = deque(maxlen=keep_done)
         self._wake = asyncio.Event()
@@ -349,6 +354,12 @@ class Evacuator:
 
     async def _migrate_one(self, item: Item, target: str) -> tuple[str, str]:
         item.target = target
+        held = self._gate() if self._gate is not None and item.kind == "evacuate" else None
+        if held:
+            # Waiting for a turn is not a failed attempt: look again soon, no backoff.
+            self._stick(item, held, retry=True)
+            item.next_retry = self._clock.monotonic() + self._gate_retry
+            return item.container, f"stuck: {held}"
         async with self._sem:
             item.state, item.phase = "in_progress", "starting"
             item.attempts += 1

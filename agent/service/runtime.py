@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -48,6 +48,9 @@ from agent.service.metrics import FerryMetrics, MetricsServer
 from agent.service.migrations import MeteredMigrator, MigrationParts, build_migration
 from agent.service.notify import Notifier
 from agent.service.peer_endpoint import DrainAwareHandlers, local_health
+
+if TYPE_CHECKING:
+    from agent.fleet.runtime import FleetParts
 from agent.service.policy_loop import PolicyLoop, shedding_load
 from agent.service.prereqs import fatal, run_prereqs
 from agent.signals import SignalStore, build_default_sources, default_registry
@@ -107,18 +110,24 @@ class Agent:
         self.evacuator: Evacuator | None = None
         self.peers: PeerDirectory | None = None
         self.migration: MigrationParts | None = None
-        self.migrator: MeteredMigrator | None = None
+        self.migrator: Any = None  # MeteredMigrator, wrapped by the fleet's reservations
         self.metrics: FerryMetrics | None = None
         self.control: ControlServer | None = None
         self.policy_loop: PolicyLoop | None = None
         self.plugins = Plugins()
+        self.fleet: FleetParts | None = None  # only with a `fleet:` config section
+        # mTLS names the peer server accepts; the fleet adds hosts it discovers.
+        self.allowed_peers: set[str] = {p.name for p in config.peers}
 
     # ------------------------------------------------------------------ drain state
 
     def draining(self) -> bool:
-        return self.drain.active()
+        # Queued for a fleet drain counts: such a host must not receive containers.
+        return self.drain.active() or (self.fleet is not None and self.fleet.drain.requested())
 
     def drain_reason(self) -> str | None:
+        if self.fleet is not None and self.fleet.drain.requested():
+            return self.fleet.drain.reason()
         return self.drain.reason()
 
     def overloaded(self) -> bool:
@@ -146,7 +155,8 @@ class Agent:
         if cfg.control_socket.parent.exists():
             remove_stale_socket(cfg.control_socket)
 
-        self.peers = self._o.peers or self._build_peer_monitor()
+        monitor = self._o.peers or self._build_peer_monitor()
+        self.peers = monitor
         problems = await (self._o.prereqs or _default_prereqs)(self)
         if problems:
             raise StartupRefused(problems)
@@ -190,6 +200,8 @@ class Agent:
             await self.migration.reconcile()
 
         self.migrator = MeteredMigrator(self.migration.migrator, self.metrics)
+        if cfg.fleet is not None:
+            self.migrator = await self._attach_fleet(monitor)
         self.evacuator = Evacuator(
             self.migrator,
             self.peers,
@@ -198,6 +210,7 @@ class Agent:
             clock=self.clock,
             policy_targets=self._policy_targets,
             inventory=self.store.containers,
+            gate=self.fleet.drain.gate if self.fleet is not None else None,
         )
         actions = ActionRegistry.with_builtins()
         actions.register(EvacuateAction(self.evacuator))
@@ -220,9 +233,11 @@ class Agent:
         )
         self.evacuator.add_listener(self.policy_loop.update_status)
 
-        if isinstance(self.peers, PeerHealthMonitor):
-            self._spawn("peers", self.peers.run())
-            self._on_close("peer clients", self.peers.close)
+        if isinstance(monitor, PeerHealthMonitor):
+            self._spawn("peers", monitor.run())
+            self._on_close("peer clients", monitor.close)
+        if self.fleet is not None:
+            self._spawn_fleet(self.fleet)
         self._spawn("evacuation-retries", self.evacuator.run_retries())
 
         await self._start_peer_server()
@@ -321,7 +336,7 @@ class Agent:
         )
         app = make_peer_app(
             handlers,
-            allowed_peers=[p.name for p in self.config.peers],
+            allowed_peers=self.allowed_peers,
             max_body_bytes=int(self.config.limits.max_request_bytes),
             host_name=self.config.name,
         )
@@ -335,6 +350,78 @@ class Agent:
         )
         self.peer_port = server.port
         self._on_close("peer server", server.close)
+
+    async def _attach_fleet(self, static: PeerDirectory) -> Any:
+        """Fleet coordination (`fleet:`): discovery, reservations, the drain budget."""
+        from agent import __version__
+        from agent.fleet.metrics import FleetCollector
+        from agent.fleet.migrator import FleetMigrator
+        from agent.fleet.runtime import build_fleet, close_fleet, first_beat, local_record
+
+        store, migration = self.store, self.migration
+        assert store is not None and migration is not None and self.metrics is not None
+        journal = migration.journal
+
+        def base() -> dict[str, Any]:
+            return local_health(self.config.name, store, self.draining(), self.overloaded())
+
+        def in_flight() -> int:
+            return len(journal.unfinished()) if journal is not None else 0
+
+        def on_drain_change() -> None:
+            if self.policy_loop is not None:
+                self.policy_loop.check_drain_transition()
+                self.policy_loop.update_status()
+
+        parts = build_fleet(
+            self.config,
+            static,
+            self.drain,
+            local_record(base, store.containers, self.draining, in_flight),
+            __version__,
+            on_drain_change,
+        )
+        self.fleet = parts
+        self.peers = parts.peers
+        self._on_close("fleet", lambda: close_fleet(parts))
+        self.metrics.registry.register(FleetCollector(parts.fleet))
+        await first_beat(parts.fleet)
+        parts.migrator = FleetMigrator(self.migrator, parts.fleet, store.containers)
+        return parts.migrator
+
+    def _spawn_fleet(self, parts: FleetParts) -> None:
+        from agent.fleet.runtime import sync_peers
+
+        engine_peers = getattr(self._migration().migrator, "peers", None)
+        self._spawn("fleet", parts.fleet.run())
+        self._spawn("fleet-drain", parts.drain.run())
+        self._spawn(
+            "fleet-peers",
+            sync_peers(
+                parts,
+                engine_peers if isinstance(engine_peers, dict) else None,
+                self.allowed_peers,
+                self._peer_client_factory(),
+            ),
+        )
+
+    def _peer_client_factory(self) -> Callable[[str, str], Any] | None:
+        from agent.peer.client import PeerClient, PeerTimeouts
+        from agent.peer.tls import client_context
+
+        try:
+            ctx = client_context(*self._tls_files())
+        except (OSError, ValueError) as exc:
+            log.warning("fleet.tls_client_unavailable", error=str(exc))
+            return None
+        # The same timeouts the engine gives configured peers (agent.migration.factory).
+        timeouts = PeerTimeouts(connect=5.0, request=60.0, upload=None, idle=120.0)
+        return lambda name, address: PeerClient(name, address, ctx, timeouts)
+
+    def _migration(self) -> MigrationParts:
+        if self.migration is None:
+            raise RuntimeError("migration engine not built")
+        return self.migration
 
     def _policy_targets(self, policy: str) -> Any:
         for p in self._engine().policies:
