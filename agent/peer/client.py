@@ -141,7 +141,10 @@ class PeerClient:
             sock_connect=self.timeouts.connect,
             sock_read=self.timeouts.idle,
         )
-        return await self._send("PUT", path, t, data=chunks, headers=headers)
+        # expect100: the headers leave at once (aiohttp would otherwise hold them for the
+        # first chunk, which `docker save` may take long to produce), so the peer's
+        # header timeout never cuts a slow producer; the peer can also refuse before the body.
+        return await self._send("PUT", path, t, data=chunks, headers=headers, expect100=True)
 
     async def upload_state(
         self, migration_id: str, chunks: AsyncIterable[bytes], digest: str | None = None

@@ -36,9 +36,14 @@ def pki_fixture(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 async def serve(
-    pki: Pki, handlers: FakeHandlers, *, max_connections: int = 64, header: float = HEADER_TIMEOUT
+    pki: Pki,
+    handlers: FakeHandlers,
+    *,
+    max_connections: int = 64,
+    header: float = HEADER_TIMEOUT,
+    idle: float = IDLE_TIMEOUT,
 ) -> PeerServer:
-    app = make_peer_app(handlers, {"beta"}, 1 << 20, idle_timeout=IDLE_TIMEOUT, host_name="alpha")
+    app = make_peer_app(handlers, {"beta"}, 1 << 20, idle_timeout=idle, host_name="alpha")
     return await start_peer_server(
         app,
         "127.0.0.1",
@@ -202,3 +207,19 @@ def test_a_stalled_upload_or_json_body_is_cut_after_the_idle_timeout(pki: Pki) -
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         reason = json.loads(answer.split(b"\r\n\r\n", 1)[1])["reason"]
         assert "stalled" in reason
+
+
+def test_an_upload_whose_first_chunk_is_slow_is_not_taken_for_a_half_open_client(
+    pki: Pki,
+) -> None:
+    # The source's first chunk can take a while (docker save exports every layer before
+    # it writes a byte); its headers must not wait for it and be cut by the header timeout.
+    async def body(server: PeerServer, handlers: FakeHandlers) -> dict[str, Any]:
+        async def chunks() -> AsyncIterator[bytes]:
+            await asyncio.sleep(HEADER_TIMEOUT * 2.5)  # the producer's pace, not a wait
+            yield b"abc"
+
+        async with PeerClient("alpha", f"127.0.0.1:{server.port}", pki.client("beta")) as c:
+            return await c.upload_state("m1", chunks())
+
+    assert run(pki, body, idle=HEADER_TIMEOUT * 5) == {"bytes": 3}
