@@ -421,6 +421,28 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
+# Metadata entries tarfile reads whole into memory: PAX headers and GNU long names.
+_META_TYPES = frozenset(
+    {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+     tarfile.GNUTYPE_LONGLINK}
+)  # fmt: skip
+MAX_META_BYTES = 1 << 20  # xattrs and long names of real files fit many times over
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """Refuses a PAX header or GNU long name bigger than MAX_META_BYTES before tarfile
+    reads it into memory (a header of gigabytes is a memory bomb, not metadata)."""
+
+    def _proc_member(self, archive: Any) -> Any:
+        if self.type in _META_TYPES and self.size > MAX_META_BYTES:
+            raise ArchiveTooLarge(
+                f"entry {self.name[:80]!r}: a {self.size}-byte metadata header "
+                f"(at most {MAX_META_BYTES})"
+            )
+        # tarfile's own dispatch (not in its type stubs), which reads the header's data.
+        return tarfile.TarInfo._proc_member(self, archive)  # type: ignore[attr-defined]
+
+
 class _Capped:
     """Decompressed bytes, refused the moment they exceed `limit` (headers and padding count)."""
 
@@ -450,6 +472,7 @@ def _open_tar(fileobj: Any, max_raw_bytes: int | None = None) -> tarfile.TarFile
         encoding=_ENCODING,
         errors=_ERRORS,
         bufsize=_TAR_BUFSIZE,
+        tarinfo=BoundedTarInfo,
     )
 
 

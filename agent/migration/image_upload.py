@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.archive import ArchiveError
+from agent.archive import ArchiveError, ArchiveTooLarge, BoundedTarInfo
 
 _CHUNK = 1 << 20
 _MAX_JSON = 1 << 20  # manifest.json and index.json of one image are a few KiB
@@ -84,6 +84,9 @@ class TagStripper:
         except ImageArchiveError as exc:
             self.error = exc
             raise
+        except ArchiveTooLarge as exc:
+            self.error = ImageArchiveError(str(exc))
+            raise self.error from None
         except (tarfile.TarError, EOFError) as exc:
             self.error = ImageArchiveError(f"image archive is corrupt: {exc}")
             raise self.error from None
@@ -92,7 +95,13 @@ class TagStripper:
         seen: set[str] = set()
         written = 0
         reader: Any = self._reader
-        with tarfile.open(fileobj=reader, mode="r|", encoding=_ENCODING, errors=_ERRORS) as tar:
+        with tarfile.open(
+            fileobj=reader,
+            mode="r|",
+            encoding=_ENCODING,
+            errors=_ERRORS,
+            tarinfo=BoundedTarInfo,
+        ) as tar:
             for m in tar:
                 name = _checked_name(m.name)
                 if name in (_MANIFEST, _INDEX, _REPOSITORIES):

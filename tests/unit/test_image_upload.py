@@ -111,3 +111,14 @@ def test_helpers() -> None:
     assert loaded_ids(["Loaded image ID: sha256:" + DIGEST, "Loaded image: app:1"]) == {
         "sha256:" + DIGEST
     }
+
+
+def test_a_huge_pax_header_in_an_image_is_refused_before_it_is_read() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("blobs")
+        info.pax_headers = {"comment": "x" * (2 << 20)}
+        tar.addfile(info)
+    stripper = TagStripper(chunks(buf.getvalue(), 1 << 16))
+    with pytest.raises(ImageArchiveError, match="metadata header"):
+        b"".join(stripper)

@@ -190,6 +190,36 @@ def test_decompression_bomb_refused(tmp_path: Path, outside: Path) -> None:
     _assert_untouched(tmp_path)
 
 
+def test_stream_decoding_past_the_cap_is_cut_even_when_no_size_adds_up(
+    tmp_path: Path, outside: Path
+) -> None:
+    # Empty files only: every declared size is 0, but their headers still decode to bytes.
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_dir("upper"))
+        for i in range(400):  # about 200 KiB of headers
+            tar.addfile(tarfile.TarInfo(f"upper/f{i}"))
+    data = zstandard.ZstdCompressor().compress(raw.getvalue())
+    staged = StagedUnpack(_dests(tmp_path), max_raw_bytes=65536, fail_fast=True)
+    with pytest.raises(archive.ArchiveTooLarge, match="more than 65536 bytes"):
+        run_async(staged.receive(_aiter([data])))
+    _assert_untouched(tmp_path)
+
+
+def test_a_huge_metadata_header_is_refused_before_it_is_read(tmp_path: Path, outside: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_dir("upper"))
+        f = tarfile.TarInfo("upper/f")
+        f.pax_headers = {"comment": "x" * (archive.MAX_META_BYTES + 1)}
+        tar.addfile(f)
+    data = zstandard.ZstdCompressor().compress(raw.getvalue())
+    staged = StagedUnpack(_dests(tmp_path), fail_fast=True)  # no cap at all
+    with pytest.raises(archive.ArchiveTooLarge, match="metadata header"):
+        run_async(staged.receive(_aiter([data])))
+    _assert_untouched(tmp_path)
+
+
 def _dir(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = tarfile.DIRTYPE
