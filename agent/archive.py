@@ -1,9 +1,10 @@
-"""Migration state as one compressed, digested stream.
+"""Migration state as one digested stream.
 
 Layout: a PAX tar stream whose top-level directories are named sections
 (e.g. ``checkpoint/...`` for CRIU images, ``upper/...`` for the container's
-overlay2 upper dir), compressed with zstd, with a sha256 over the compressed
-bytes ("sha256:<hex>"). It carries what an overlay upper dir needs: regular
+overlay2 upper dir), framed for the wire by agent.archive_frames (zstd where it
+pays, stored where it saves nothing, as for pages of random memory), with a
+sha256 over the wire bytes ("sha256:<hex>"). It carries what an overlay upper dir needs: regular
 files, dirs, symlinks, hardlinks, numeric owners, modes, nanosecond mtimes,
 xattrs (``SCHILY.xattr.*`` PAX records, e.g. ``trusted.overlay.opaque``) and
 whiteouts (0:0 character devices, the only device nodes allowed).
@@ -49,6 +50,7 @@ from typing import Any
 import structlog
 import zstandard
 
+from agent.archive_frames import FrameError, Framer, TarSource
 from agent.queues import put_until
 
 log = structlog.get_logger(__name__)
@@ -62,7 +64,6 @@ DEFAULT_CHUNK = 1 << 20
 # zstd level 1: on CRIU pages it compresses about as well as 3 (random pages do
 # not compress, zero pages compress at any level) at twice the speed.
 DEFAULT_LEVEL = 1
-_TAR_BUFSIZE = 1 << 16  # tarfile's stream buffer; its default of 10 KiB costs calls
 _END = object()
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"  # file names and xattr values are bytes; keep them exact
@@ -94,6 +95,7 @@ class ArchiveStats:
     raw_bytes: int = 0
     compressed_bytes: int = 0
     entries: int = 0
+    stored_bytes: int = 0  # tar stream bytes sent as they are: compressing them saved nothing
     digest: str = ""
     skipped: list[str] = field(default_factory=list)
 
@@ -150,15 +152,16 @@ class Packer:
 
     def _chunks(self) -> Generator[bytes, None, None]:
         h = hashlib.sha256()
-        chunker = zstandard.ZstdCompressor(level=self.level, write_checksum=True).chunker(
-            chunk_size=self.chunk_size
-        )
-        for raw in self._tar_stream():
+        framer = Framer(self.level, self.chunk_size)
+        for raw, bulk in self._tar_stream():
             self.stats.raw_bytes += len(raw)
-            for out in chunker.compress(raw):
+            out = framer.add(raw, bulk)
+            if out is not None:
                 yield self._emit(h, out)
-        for out in chunker.finish():
+        out = framer.finish()
+        if out is not None:
             yield self._emit(h, out)
+        self.stats.stored_bytes = framer.stored_bytes
         self.stats.digest = _digest(h)
         self._done = True
 
@@ -213,28 +216,29 @@ class Packer:
                 q.put_nowait(_END)  # a getter still parked in a worker thread wakes up
             await asyncio.to_thread(thread.join)
 
-    def _tar_stream(self) -> Iterator[bytes]:
+    def _tar_stream(self) -> Iterator[tuple[bytes, bool]]:
+        """The tar stream in pieces, each flagged True when it is file contents."""
         written = 0
         for section, root in self.sections.items():
-            for chunk in self._pack_section(section, Path(root)):
+            for chunk, bulk in self._pack_section(section, Path(root)):
                 written += len(chunk)
-                yield chunk
+                yield chunk, bulk
         # End-of-archive: two zero blocks, padded to a full record like tarfile does.
         end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)
         written += len(end)
         pad = -written % tarfile.RECORDSIZE
-        yield end + tarfile.NUL * pad
+        yield end + tarfile.NUL * pad, False
 
-    def _pack_section(self, section: str, root: Path) -> Iterator[bytes]:
+    def _pack_section(self, section: str, root: Path) -> Iterator[tuple[bytes, bool]]:
         inodes: dict[tuple[int, int], str] = {}
 
-        def walk(path: str, arcname: str) -> Iterator[bytes]:
+        def walk(path: str, arcname: str) -> Iterator[tuple[bytes, bool]]:
             st = os.lstat(path)
             info = self._tarinfo(path, arcname, st, inodes)
             if info is None:
                 return
             self.stats.entries += 1
-            yield info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS)
+            yield info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS), False
             if info.type == tarfile.REGTYPE and info.size:
                 yield from self._file_data(path, info.size)
             if info.type == tarfile.DIRTYPE:
@@ -286,7 +290,7 @@ class Packer:
         info.pax_headers = pax
         return info
 
-    def _file_data(self, path: str, size: int) -> Iterator[bytes]:
+    def _file_data(self, path: str, size: int) -> Iterator[tuple[bytes, bool]]:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             left = size
@@ -295,12 +299,12 @@ class Packer:
                 if not data:
                     raise ArchiveError(f"{path} shrank while being packed")
                 left -= len(data)
-                yield data
+                yield data, True
         finally:
             os.close(fd)
         pad = -size % tarfile.BLOCKSIZE
         if pad:
-            yield tarfile.NUL * pad
+            yield tarfile.NUL * pad, False
 
 
 def _kind(mode: int, rdev: int = 0) -> str:
@@ -368,7 +372,7 @@ async def spool(
 
 
 class _ChunkReader:
-    """A file-like view of an iterator of chunks that hashes and counts every byte.
+    """Wire chunks from an iterator, each hashed and counted as it is taken.
 
     An error from the iterator (the upload broke) is remembered in `failed`, so
     the unpacker can tell it from a problem with the archive itself.
@@ -376,43 +380,26 @@ class _ChunkReader:
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._buf = b""
-        self._pos = 0
         self.hash = hashlib.sha256()
         self.count = 0
         self.failed: BaseException | None = None
 
-    def _next(self) -> bool:
+    def next_chunk(self) -> bytes | None:
         try:
             chunk = next(self._chunks, None)
         except BaseException as exc:
             self.failed = exc
             raise
         if chunk is None:
-            return False
+            return None
         self.hash.update(chunk)
         self.count += len(chunk)
-        self._buf, self._pos = chunk, 0
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        while self._pos >= len(self._buf):
-            if not self._next():
-                return b""
-        avail = len(self._buf) - self._pos
-        if self._pos == 0 and (n < 0 or n >= avail):
-            out, self._buf = self._buf, b""  # the whole chunk, not copied
-            return out
-        end = self._pos + (avail if n < 0 else min(n, avail))
-        out = self._buf[self._pos : end]
-        self._pos = end
-        return out
+        return chunk
 
     def drain(self) -> None:
         """Pull (and hash) whatever the tar reader left: the digest covers every byte."""
-        self._buf, self._pos = b"", 0
-        while self._next():
-            self._buf = b""
+        while self.next_chunk() is not None:
+            pass
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
@@ -443,36 +430,12 @@ class BoundedTarInfo(tarfile.TarInfo):
         return tarfile.TarInfo._proc_member(self, archive)  # type: ignore[attr-defined]
 
 
-class _Capped:
-    """Decompressed bytes, refused the moment they exceed `limit` (headers and padding count)."""
-
-    def __init__(self, inner: Any, limit: int | None) -> None:
-        self._inner = inner
-        self._limit = limit
-        self.count = 0
-
-    def read(self, n: int = -1) -> bytes:
-        if self._limit is not None:
-            # Never ask for more than one byte past the cap: a bomb is not even decoded.
-            room = self._limit - self.count + 1
-            n = room if n < 0 else min(n, room)
-        data: bytes = self._inner.read(n)
-        self.count += len(data)
-        if self._limit is not None and self.count > self._limit:
-            raise ArchiveTooLarge(f"archive unpacks to more than {self._limit} bytes")
-        return data
-
-
-def _open_tar(fileobj: Any, max_raw_bytes: int | None = None) -> tarfile.TarFile:
-    reader = zstandard.ZstdDecompressor().stream_reader(fileobj, read_size=DEFAULT_CHUNK)
-    capped: Any = _Capped(reader, max_raw_bytes)
+def _open_tar(source: TarSource) -> tarfile.TarFile:
+    # "r:" (not the stream mode "r|"): tarfile then reads headers straight from
+    # the source, which only moves forward, and leaves file contents to copy_to.
+    fileobj: Any = source  # file-like enough for tarfile; typeshed wants a real file
     return tarfile.open(
-        fileobj=capped,
-        mode="r|",
-        encoding=_ENCODING,
-        errors=_ERRORS,
-        bufsize=_TAR_BUFSIZE,
-        tarinfo=BoundedTarInfo,
+        fileobj=fileobj, mode="r:", encoding=_ENCODING, errors=_ERRORS, tarinfo=BoundedTarInfo
     )
 
 
@@ -787,7 +750,7 @@ class StagedUnpack:
             except Exception as exc:
                 if reader.failed is not None:
                     raise
-                if isinstance(exc, tarfile.TarError | zstandard.ZstdError | EOFError):
+                if isinstance(exc, tarfile.TarError | zstandard.ZstdError | EOFError | FrameError):
                     exc = ArchiveError(f"archive is corrupt: {exc}")
                 self.problem = exc
                 self._discard_stages()  # free the space now; the rest is only hashed
@@ -832,12 +795,15 @@ class StagedUnpack:
             stage.discard_parents()
 
     def _extract(self, reader: _ChunkReader) -> None:
+        # The cap counts the whole tar stream, headers and padding included, and
+        # nothing is decoded past it (a compression bomb never unfolds).
+        source = TarSource(reader.next_chunk, limit=self.max_raw_bytes, too_large=ArchiveTooLarge)
         checker = _Checker(set(self.sections), self.container_roots, self.max_raw_bytes)
         trees = {name: _Tree(stage.tree) for name, stage in self._stages.items()}
         dirs: list[tuple[str, tuple[str, ...], tarfile.TarInfo]] = []
         written = 0
         try:
-            with _open_tar(reader, self.max_raw_bytes) as tar:
+            with _open_tar(source) as tar:
                 for m in tar:
                     section, parts = checker.check(m)
                     self.stats.entries += 1
@@ -854,7 +820,7 @@ class StagedUnpack:
                         if not exists:
                             os.mkdir(leaf, 0o700, dir_fd=pfd)
                     elif m.isreg():
-                        written += _write_file(tar, m, pfd, leaf)
+                        written += _write_file(source, m, pfd, leaf)
                     elif m.issym():
                         os.symlink(m.linkname, leaf, dir_fd=pfd)
                         _apply_path_meta(pfd, leaf, m, chmod=False)
@@ -982,31 +948,21 @@ def _clear_slot(pfd: int, leaf: str, member_is_dir: bool) -> bool:
     return False
 
 
-def _write_file(tar: tarfile.TarFile, m: tarfile.TarInfo, pfd: int, leaf: str) -> int:
-    src = tar.extractfile(m)
-    if src is None:
-        raise ArchiveError(f"{m.name}: no data")
+def _write_file(source: TarSource, m: tarfile.TarInfo, pfd: int, leaf: str) -> int:
+    if source.tell() != m.offset_data:
+        raise ArchiveError(f"{m.name}: its data is not where its header says")
     fd = os.open(
         leaf,
         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
         0o600,
         dir_fd=pfd,
     )
-    written = 0
     try:
-        while True:
-            data = src.read(DEFAULT_CHUNK)
-            if not data:
-                break
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            written += len(data)
+        source.copy_to(fd, m.size)
         _apply_fd_meta(fd, m)
     finally:
         os.close(fd)
-    return written
+    return int(m.size)
 
 
 def _apply_path_meta(pfd: int, leaf: str, m: tarfile.TarInfo, *, chmod: bool) -> None:

@@ -34,14 +34,14 @@ BIG_MIB = int(os.environ.get("FERRY_BENCH_MIB", "256"))
 SMALL_FILES = int(os.environ.get("FERRY_BENCH_SMALL_FILES", "3000"))
 
 
-def make_data(base: Path) -> dict[str, Path]:
+def make_data(base: Path, mib: int = BIG_MIB) -> dict[str, Path]:
     ckpt, upper = base / "checkpoint", base / "upper"
     if (base / "ok").exists():
         return {"checkpoint": ckpt, "upper": upper}
     shutil.rmtree(base, ignore_errors=True)
     ckpt.mkdir(parents=True)
     upper.mkdir()
-    left = BIG_MIB << 20
+    left = mib << 20
     i = 0
     while left:  # CRIU writes a few big pages-N.img files
         n = min(left, 96 << 20)
