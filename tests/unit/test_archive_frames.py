@@ -17,8 +17,8 @@ from agent.archive_frames import (
     KIND_ZSTD,
     MAGIC,
     MAX_FRAME_RAW,
-    Framer,
     FrameError,
+    Framer,
     TarSource,
 )
 
