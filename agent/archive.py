@@ -4,8 +4,8 @@ Layout: a PAX tar stream whose top-level directories are named sections
 (e.g. ``checkpoint/...`` for CRIU images, ``upper/...`` for the container's
 overlay2 upper dir), framed for the wire by agent.archive_frames (zstd where it
 pays, stored where it saves nothing, as for pages of random memory), with a
-sha256 over the wire bytes ("sha256:<hex>"). It carries what an overlay upper dir needs: regular
-files, dirs, symlinks, hardlinks, numeric owners, modes, nanosecond mtimes,
+BLAKE3 digest over the wire bytes ("blake3:<hex>"). It carries what an overlay
+upper dir needs: regular files, dirs, symlinks, hardlinks, numeric owners, modes, nanosecond mtimes,
 xattrs (``SCHILY.xattr.*`` PAX records, e.g. ``trusted.overlay.opaque``) and
 whiteouts (0:0 character devices, the only device nodes allowed).
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import os
 import posixpath
 import queue
@@ -50,7 +49,7 @@ from typing import Any
 import structlog
 import zstandard
 
-from agent.archive_frames import FrameError, Framer, TarSource
+from agent.archive_frames import FrameError, Framer, TarSource, WireDigest
 from agent.queues import put_until
 
 log = structlog.get_logger(__name__)
@@ -100,8 +99,8 @@ class ArchiveStats:
     skipped: list[str] = field(default_factory=list)
 
 
-def _digest(h: Any) -> str:
-    return f"sha256:{h.hexdigest()}"
+def _digest(h: WireDigest) -> str:
+    return h.digest()
 
 
 def _xattrs(path: str) -> dict[str, bytes]:
@@ -118,7 +117,7 @@ class Packer:
     """Packs directories as named sections into a zstd tar stream.
 
     Iterate it (or `aiter()` from asyncio) for compressed chunks; once
-    exhausted, `stats.digest` holds the sha256 of everything yielded.
+    exhausted, `stats.digest` holds the digest of everything yielded.
     """
 
     def __init__(
@@ -151,7 +150,7 @@ class Packer:
         return self._chunks()
 
     def _chunks(self) -> Generator[bytes, None, None]:
-        h = hashlib.sha256()
+        h = WireDigest()
         framer = Framer(self.level, self.chunk_size)
         for raw, bulk in self._tar_stream():
             self.stats.raw_bytes += len(raw)
@@ -348,7 +347,7 @@ async def spool(
 
     With `expected_digest`, a mismatch removes the file and raises DigestMismatch.
     """
-    h = hashlib.sha256()
+    h = WireDigest()
     size = 0
     try:
         with open(dest, "wb") as f:
@@ -380,7 +379,7 @@ class _ChunkReader:
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self.hash = hashlib.sha256()
+        self.hash = WireDigest()
         self.count = 0
         self.failed: BaseException | None = None
 

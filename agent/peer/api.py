@@ -27,7 +27,8 @@ API_PREFIX = "/v1"
 HEALTH_PATH = f"{API_PREFIX}/health"
 MIGRATIONS_PATH = f"{API_PREFIX}/migrations"
 
-# sha256 of the compressed state archive, "sha256:<hex>", when known before sending.
+# Digest of the state stream as sent, "blake3:<hex>" (older agents: "sha256:<hex>"),
+# when known before sending.
 DIGEST_HEADER = "X-Ferry-Digest"
 # Optional metadata for an image upload (JSON object), e.g. {"image": "redis:7", "id": "sha256:.."}.
 META_HEADER = "X-Ferry-Meta"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 from collections.abc import AsyncIterable
@@ -14,6 +15,7 @@ import structlog
 
 from agent.net_errors import describe, unreachable_line
 from agent.peer.api import DIGEST_HEADER, HEALTH_PATH, META_HEADER, migration_path
+from agent.peer.bulk_upload import BulkUpload, bulk_put
 
 log = structlog.get_logger(__name__)
 
@@ -134,17 +136,22 @@ class PeerClient:
         """PUT a body produced chunk by chunk (chunked transfer encoding).
 
         The producer runs as the body is sent, so a source can stream an
-        archive it is still building.
+        archive it is still building. The body goes out on a blocking TLS
+        socket in a worker thread (agent.peer.bulk_upload), at link speed.
         """
-        t = aiohttp.ClientTimeout(
-            total=self.timeouts.upload,
-            sock_connect=self.timeouts.connect,
-            sock_read=self.timeouts.idle,
+        upload = BulkUpload(
+            self._base,
+            self.name,
+            self._ssl,
+            connect_timeout=self.timeouts.connect,
+            idle_timeout=self.timeouts.idle,
+            total_timeout=self.timeouts.upload,
         )
-        # expect100: the headers leave at once (aiohttp would otherwise hold them for the
-        # first chunk, which `docker save` may take long to produce), so the peer's
-        # header timeout never cuts a slow producer; the peer can also refuse before the body.
-        return await self._send("PUT", path, t, data=chunks, headers=headers, expect100=True)
+        try:
+            status, raw = await bulk_put(upload, path, headers or {}, chunks)
+        except (OSError, http.client.HTTPException) as exc:  # TLS errors and timeouts too
+            raise PeerUnavailable(self.name, f"{describe(exc)} (PUT {path})", self.address) from exc
+        return self._answer("PUT", path, status, raw)
 
     async def upload_state(
         self, migration_id: str, chunks: AsyncIterable[bytes], digest: str | None = None
@@ -184,6 +191,9 @@ class PeerClient:
             raise PeerUnavailable(
                 self.name, f"{describe(exc)} ({method} {path})", self.address
             ) from exc
+        return self._answer(method, path, status, raw)
+
+    def _answer(self, method: str, path: str, status: int, raw: bytes) -> dict[str, Any]:
         try:
             data = json.loads(raw) if raw else {}
         except ValueError:

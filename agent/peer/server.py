@@ -65,7 +65,8 @@ KEEPALIVE_TIMEOUT = 30.0
 # (it reads up to twice this). Its default of 64 KiB capped uploads at ~135 MB/s
 # on loopback: a wakeup and a small chunk per 64 KiB.
 READ_BUFSIZE = 1 << 20
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# blake3 for state streams (agent.archive_frames), sha256 for older agents' streams.
+_DIGEST_RE = re.compile(r"^(sha256|blake3):[0-9a-f]{64}$")
 
 
 def _error(status: int, error: str, reason: str) -> web.Response:
@@ -231,7 +232,11 @@ async def _receive_state(request: web.Request) -> web.Response:
     mid = _migration_id(request)
     digest = request.headers.get(DIGEST_HEADER)
     if digest is not None and not _DIGEST_RE.match(digest):
-        raise HandlerError(400, "bad_request", f"{DIGEST_HEADER} must be sha256:<64 hex digits>")
+        raise HandlerError(
+            400,
+            "bad_request",
+            f"{DIGEST_HEADER} must be sha256:<64 hex digits> or blake3:<64 hex digits>",
+        )
     stream = _upload_stream(request)
     handlers = request.app[HANDLERS_KEY]
     return await _run_upload(

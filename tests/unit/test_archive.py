@@ -12,6 +12,7 @@ import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import blake3
 import pytest
 import zstandard
 
@@ -104,7 +105,7 @@ def test_round_trip_preserves_overlay_upper_dir(tmp_path: Path) -> None:
         chunk_size=256 * 1024,
         progress=lambda raw, comp: progress.append((raw, comp)),
     )
-    assert stats.digest == "sha256:" + hashlib.sha256(spooled.read_bytes()).hexdigest()
+    assert stats.digest == "blake3:" + blake3.blake3(spooled.read_bytes()).hexdigest()
     assert stats.compressed_bytes == spooled.stat().st_size
     assert progress and progress == sorted(progress)
     assert progress[-1] == (stats.raw_bytes, stats.compressed_bytes)
@@ -147,7 +148,7 @@ def test_async_packing_streams_the_same_bytes(tmp_path: Path) -> None:
 
     data, digest, count = run_async(collect())
     assert data == sync_bytes
-    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert digest == "blake3:" + blake3.blake3(data).hexdigest()
     assert count > 1
 
 

@@ -8,6 +8,7 @@ import os
 import tarfile
 from pathlib import Path
 
+import blake3
 import pytest
 import zstandard
 
@@ -69,7 +70,7 @@ def test_random_pages_are_stored_and_the_rest_compressed(tmp_path: Path) -> None
     assert packer.stats.raw_bytes > (6 << 20)
 
     staged = _unpack(tmp_path, chunks, packer.digest)
-    assert staged.stats.digest == packer.digest == "sha256:" + hashlib.sha256(wire).hexdigest()
+    assert staged.stats.digest == packer.digest == "blake3:" + blake3.blake3(wire).hexdigest()
     staged.commit(packer.digest)
     for name in ("pages-1.img", "pages-2.img", "core-1.img"):
         got = (tmp_path / "dst" / "ckpt" / name).read_bytes()
@@ -170,7 +171,7 @@ def test_older_agents_single_zstd_stream_still_unpacks(tmp_path: Path) -> None:
         tar.addfile(f, io.BytesIO(data))
     wire = zstandard.ZstdCompressor().compress(raw.getvalue())
     staged = _unpack(tmp_path, [wire[:1000], wire[1000:]], None)
-    staged.commit("sha256:" + hashlib.sha256(wire).hexdigest())
+    staged.commit("sha256:" + hashlib.sha256(wire).hexdigest())  # their digest, as they sent it
     assert (tmp_path / "dst" / "ckpt" / "pages-1.img").read_bytes() == data
 
 
