@@ -122,11 +122,6 @@ def _peer_server(port: int, pki: Path, out: Path) -> None:
     from agent.peer.server import make_peer_app, start_peer_server
     from tests.bench_transfer import BenchHandlers
 
-    if os.environ.get("FERRY_EXP_SSLMAX"):
-        from asyncio import sslproto
-
-        sslproto.SSLProtocol.max_size = int(os.environ["FERRY_EXP_SSLMAX"])
-
     async def serve() -> None:
         shutil.rmtree(out, ignore_errors=True)
         (out / "spool").mkdir(parents=True)
@@ -202,8 +197,6 @@ def _me(*args: str) -> list[str]:
 def _pair(h_from: Host, h_to: Host, server: list[str], client: list[str]) -> dict[str, Any]:
     """Start `server` on h_to, wait until it listens, run `client` on h_from."""
     env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    if "FERRY_EXP_SSLMAX" in os.environ:
-        env["FERRY_EXP_SSLMAX"] = os.environ["FERRY_EXP_SSLMAX"]
     srv = subprocess.Popen(
         netns_argv(h_to, server, env),
         stdin=subprocess.PIPE,
