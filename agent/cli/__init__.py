@@ -33,6 +33,7 @@ def main() -> None:
 
 # Command modules register on `main` at import time.
 from agent.cli import certs_cmds as _certs_cmds  # noqa: E402,F401
+from agent.cli import check_cmds as _check_cmds  # noqa: E402,F401
 from agent.cli import config_cmds as _config_cmds  # noqa: E402,F401
 from agent.cli import fleet_cmds as _fleet_cmds  # noqa: E402,F401
 from agent.cli import migrate_cmds as _migrate_cmds  # noqa: E402,F401

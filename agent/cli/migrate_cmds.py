@@ -1,4 +1,4 @@
-"""`ferry migrate CONTAINER --to PEER`: ask the local agent to move a container, and watch."""
+"""`ferry migrate CONTAINER [--to PEER]`: ask the local agent to move a container, and watch."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
+from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, check_cmds, main
 from agent.cli.options import config_option, load_config_or_exit
 from agent.errors import one_line
 from agent.service.control import agent_down_line
@@ -32,9 +32,10 @@ MIGRATE_ROUTE = "/v1/migrate"
 _EPILOG = """
 \b
 Exit codes:
-  0  the container runs on the target
-  1  refused, failed, or in doubt; the reason is printed (rolled back: it runs
-     here again; in doubt: it runs nowhere until `ferry resolve`)
+  0  the container runs on the target (--dry-run: it could move)
+  1  refused, failed, in doubt, or its state was lost; the reason is printed
+     (rolled back: it runs here again with its state; in doubt: it runs nowhere
+     until `ferry resolve`; state lost: it was, or must be, started from scratch)
   2  bad input (config, unknown container or peer)
   3  the local agent is unreachable
 """
@@ -47,7 +48,7 @@ class Unreachable(Exception):
 async def stream_migration(
     socket_path: Path,
     container: str,
-    target: str,
+    target: str | None,
     on_line: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """POST /v1/migrate on the control socket; feed progress lines; return the result line."""
@@ -61,7 +62,8 @@ async def stream_migration(
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
             session.post(
-                f"http://ferry{MIGRATE_ROUTE}", json={"container": container, "target": target}
+                f"http://ferry{MIGRATE_ROUTE}",
+                json={"container": container} | ({"target": target} if target else {}),
             ) as resp,
         ):
             if resp.status == 404:
@@ -136,15 +138,29 @@ def render_report(report: dict[str, Any], console: Console) -> None:
 
 @main.command("migrate", epilog=_EPILOG)
 @click.argument("container")
-@click.option("--to", "target", required=True, help="Peer name to move the container to.")
+@click.option(
+    "--to",
+    "target",
+    default=None,
+    help="Peer to move the container to (default: placement picks one that accepts it).",
+)
 @config_option("Agent config file (env FERRY_CONFIG); gives the control socket.")
 @click.option("--json", "as_json", is_flag=True, help="Print progress and result as JSON lines.")
-def migrate_cmd(container: str, target: str, config_path: Path, as_json: bool) -> None:
-    """Live-migrate CONTAINER to peer --to through the local agent.
+@click.option(
+    "--dry-run", is_flag=True, help="Only check (as `ferry check`): move and freeze nothing."
+)
+def migrate_cmd(
+    container: str, target: str | None, config_path: Path, as_json: bool, dry_run: bool
+) -> None:
+    """Live-migrate CONTAINER to peer --to (or the peer placement picks) through the local agent.
 
-    The container keeps its memory, open files and writable layer. If anything
-    fails after it is frozen, it is restored here and the reason is printed.
+    The container keeps its memory, open files and writable layer. It is
+    checked first, as `ferry check` does: a container that cannot move is
+    refused before anything is frozen. If anything fails after it is frozen,
+    it is restored here and the reason is printed.
     """
+    if dry_run:
+        check_cmds.finish(check_cmds.run_check(config_path, container, target), target, as_json)
     cfg = load_config_or_exit(config_path)
     console = Console(stderr=False)
     progress = Progress(
@@ -157,7 +173,9 @@ def migrate_cmd(container: str, target: str, config_path: Path, as_json: bool) -
         transient=True,
         disable=as_json or not console.is_terminal,
     )
-    task: TaskID = progress.add_task(f"{container} -> {target}", total=None, phase="start")
+    task: TaskID = progress.add_task(
+        f"{container} -> {target or 'a peer'}", total=None, phase="start"
+    )
 
     def on_line(item: dict[str, Any]) -> None:
         if as_json:
@@ -186,10 +204,17 @@ def migrate_cmd(container: str, target: str, config_path: Path, as_json: bool) -
         click.echo(json.dumps(result))
     elif result.get("report"):
         render_report(result["report"], console)
+    report = result.get("report") or {}
     if result.get("ok"):
         if not as_json:
-            console.print(f"[green]{container} now runs on {target}[/green]")
+            console.print(f"[green]{container} now runs on {report.get('target', target)}[/green]")
         sys.exit(EXIT_OK)
+    if result.get("state_lost"):
+        # Never "rolled back" or "moved" then: say the one thing that matters first.
+        click.echo(f"ferry: {result['state_lost']}", err=True)
+        if result.get("reason"):
+            click.echo(f"  migration failed: {result['reason']}", err=True)
+        sys.exit(EXIT_FAILED)
     why = result.get("reason", "unknown")
     if result.get("bad_input"):
         click.echo(f"ferry: {why}", err=True)

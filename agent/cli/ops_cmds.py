@@ -305,6 +305,21 @@ def render_status(status: dict[str, Any], console: Console) -> None:
                 "not retried" if retry is None else f"in {retry:.0f}s",
             )
         console.print(t)
+    cannot = {c["container"]: c for c in evac.get("cannot_move") or []}
+    for u in status.get("unmovable") or []:
+        cannot.setdefault(u["container"], u)
+    if cannot:
+        t = Table(title="Opted in, but not moving", title_justify="left")
+        for col in ("container", "why"):
+            t.add_column(col)
+        for name, c in sorted(cannot.items()):
+            why = str(c.get("reason") or "")
+            if c.get("state") == "left_behind":
+                why = f"left behind: {why}"
+            elif not why.startswith("cannot move"):
+                why = f"cannot move: {why}"
+            t.add_row(name, why)
+        console.print(t)
     if evac.get("state") not in (None, "idle"):
         done = len(evac.get("done") or [])
         console.print(
@@ -393,6 +408,8 @@ def render_history(items: list[dict[str, Any]], console: Console) -> None:
         report = m.get("report") or {}
         downtime = report.get("downtime_s") or report.get("downtime")
         outcome = m.get("outcome") or f"running ({m.get('phase', '?')})"
+        if report.get("state_lost"):
+            outcome = f"{outcome}, STATE LOST"
         t.add_row(
             _when(m.get("started")),
             str(m.get("container_name") or m.get("container")),
@@ -401,7 +418,7 @@ def render_history(items: list[dict[str, Any]], console: Console) -> None:
             str(outcome),
             f"{float(downtime):.3f}s" if isinstance(downtime, int | float) else "-",
             _bytes(report["bytes_moved"]) if "bytes_moved" in report else "-",
-            str(m.get("reason") or ""),
+            str(report.get("state_lost") or m.get("reason") or ""),
         )
     console.print(t)
 

@@ -386,6 +386,8 @@ class _Spec(_Loose):
     dump_options: list[Annotated[str, Field(pattern=r"^[a-z][a-z-]*$", max_length=40)]] = Field(
         default=[], max_length=8
     )
+    addresses: dict[str, dict[str, str]] = {}
+    mac_address: str = ""
 
     @field_validator("restart_policy")
     @classmethod

@@ -1,16 +1,23 @@
 """`POST /v1/migrate` on the local control socket: progress as NDJSON, then the result.
 
-Request: {"container": "...", "target": "peer-name"}. Response lines, one JSON
-object each:
+Request: {"container": "...", "target": "peer-name"}; without "target" the
+agent picks a peer that accepts the container through the normal placement.
+Response lines, one JSON object each:
   {"type": "progress", "phase": ..., "message": ..., "bytes_done": ..., ...}
   {"type": "result", "ok": true, "report": {...}}
   {"type": "result", "ok": false, "kind": "refused"|"failed"|"error",
    "reason": "...", "rolled_back": bool, "in_doubt": bool, "bad_input": bool,
-   "report": {...}|null}
+   "state_lost": "STATE LOST: ..."|null, "report": {...}|null}
+A migration whose container runs on the target but was restarted there from
+scratch ends with "ok": false and "state_lost" set.
 
 `POST /v1/resolve` {"migration": id, "keep": "source"|"target"} ends an in-doubt
 migration as an operator decided: {"ok": true, "result": "..."} or
 {"ok": false, "reason": "..."} with status 409 (or 400 for bad input).
+
+`POST /v1/check` {"container": ..., "target": optional} runs the eligibility
+check and moves nothing: {"ok": true, "eligibility": {...}, "pick": peer or null}
+(400 for an unknown container or peer).
 
 The migration is not tied to the HTTP request: if the client goes away it
 carries on (stopping midway would mean a rollback nobody asked for).
@@ -21,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 
+from agent.migration.eligibility import Eligibility, refusal
 from agent.migration.errors import MigrationFailed, MigrationRefused
 from agent.migration.report import ProgressEvent
 
@@ -33,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 MIGRATE_PATH = "/v1/migrate"
 RESOLVE_PATH = "/v1/resolve"
+CHECK_PATH = "/v1/check"
 _TASKS_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("ferry_migrate_tasks")
 
 
@@ -40,6 +50,22 @@ class Migrates(Protocol):
     async def migrate(self, container: str, target: str, progress: Any = None) -> Any: ...
 
     async def resolve(self, migration_id: str, keep: str) -> str: ...
+
+
+Check = Callable[[str, str | None], Awaitable[Eligibility]]
+Pick = Callable[[Eligibility], str | None]
+
+
+async def choose_target(check: Check, pick: Pick, container: str) -> str:
+    """The peer a migration without --to goes to; MigrationRefused when there is none."""
+    verdict = await check(container, None)
+    if not verdict.movable:
+        raise refusal(verdict)
+    target = pick(verdict)
+    if target is None:
+        accepting = ", ".join(verdict.accepting())
+        raise MigrationRefused(f"placement chose none of the peers that accept it ({accepting})")
+    return target
 
 
 def _report_dict(report: Any) -> dict[str, Any] | None:
@@ -55,7 +81,10 @@ def _report_dict(report: Any) -> dict[str, Any] | None:
 def result_line(outcome: Any) -> dict[str, Any]:
     """The final NDJSON line for a migration's result or exception."""
     if not isinstance(outcome, BaseException):
-        return {"type": "result", "ok": True, "report": _report_dict(outcome)}
+        report = _report_dict(outcome)
+        lost = (report or {}).get("state_lost")
+        # It runs on the target, restarted from scratch: not a success to report as one.
+        return {"type": "result", "ok": not lost, "state_lost": lost, "report": report}
     reason = str(getattr(outcome, "reason", "") or outcome) or type(outcome).__name__
     if isinstance(outcome, MigrationRefused):
         kind = "refused"
@@ -71,12 +100,18 @@ def result_line(outcome: Any) -> dict[str, Any]:
         "reason": reason,
         "rolled_back": bool(getattr(outcome, "rolled_back", False)),
         "in_doubt": bool(getattr(outcome, "in_doubt", False)),
+        "state_lost": getattr(outcome, "state_lost", None),
         "bad_input": bool(getattr(outcome, "bad_input", False)),
         "report": _report_dict(getattr(outcome, "report", None)),
     }
 
 
-def add_migration_routes(app: web.Application, service: Migrates) -> None:
+def add_migration_routes(
+    app: web.Application,
+    service: Migrates,
+    check: Check | None = None,
+    pick: Pick | None = None,
+) -> None:
     app[_TASKS_KEY] = set()
 
     async def migrate(request: web.Request) -> web.StreamResponse:
@@ -89,6 +124,12 @@ def add_migration_routes(app: web.Application, service: Migrates) -> None:
         container, target = body.get("container"), body.get("target")
         if not isinstance(container, str) or not container:
             return web.json_response({"error": "container must be a non-empty string"}, status=400)
+        if target is None and check is not None and pick is not None:
+            try:
+                target = await choose_target(check, pick, container)
+            except MigrationRefused as refused:
+                status = 400 if refused.bad_input else 409
+                return web.json_response({"error": refused.reason}, status=status)
         if not isinstance(target, str) or not target:
             return web.json_response({"error": "target must be a non-empty string"}, status=400)
 
@@ -172,6 +213,30 @@ def add_migration_routes(app: web.Application, service: Migrates) -> None:
             return web.json_response({"ok": False, "reason": exc.reason}, status=409)
         return web.json_response({"ok": True, "result": result})
 
+    async def check_route(request: web.Request) -> web.Response:
+        assert check is not None
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict):
+            return web.json_response({"error": "body must be a JSON object"}, status=400)
+        container, target = body.get("container"), body.get("target")
+        if not isinstance(container, str) or not container:
+            return web.json_response({"error": "container must be a non-empty string"}, status=400)
+        if target is not None and (not isinstance(target, str) or not target):
+            return web.json_response({"error": "target must be a non-empty string"}, status=400)
+        try:
+            verdict = await check(container, target)
+        except MigrationRefused as exc:
+            return web.json_response({"error": exc.reason}, status=400 if exc.bad_input else 409)
+        chosen = (
+            target if target is not None else (pick(verdict) if pick and verdict.movable else None)
+        )
+        return web.json_response({"ok": True, "eligibility": verdict.to_dict(), "pick": chosen})
+
+    if check is not None:
+        app.router.add_post(CHECK_PATH, check_route)
     app.router.add_post(MIGRATE_PATH, migrate)
     app.router.add_post(RESOLVE_PATH, resolve)
     app.on_cleanup.append(on_cleanup)

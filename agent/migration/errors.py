@@ -23,6 +23,8 @@ class MigrationRefused(MigrationError):
     def __init__(self, reason: str, bad_input: bool = False) -> None:
         super().__init__(reason)
         self.bad_input = bad_input
+        # The eligibility check's result when it refused (agent.migration.eligibility).
+        self.eligibility: Any = None
 
 
 class MigrationFailed(MigrationError):
@@ -32,13 +34,23 @@ class MigrationFailed(MigrationError):
     runs the container; nothing runs here and every byte of state is kept.
     """
 
-    def __init__(self, reason: str, rolled_back: bool = True, in_doubt: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        rolled_back: bool = True,
+        in_doubt: bool = False,
+        state_lost: str | None = None,
+    ) -> None:
         super().__init__(reason)
-        self.rolled_back = rolled_back and not in_doubt
+        self.rolled_back = rolled_back and not in_doubt and not state_lost
         self.in_doubt = in_doubt
+        # The sentence saying the container's state is lost (never "rolled back" then).
+        self.state_lost = state_lost
 
     def __str__(self) -> str:
-        if self.in_doubt:
+        if self.state_lost:
+            suffix = self.state_lost
+        elif self.in_doubt:
             suffix = "IN DOUBT: running on neither side until resolved"
         elif self.rolled_back:
             suffix = "rolled back, running on the source"

@@ -54,8 +54,13 @@ def runtime_parts(owner: Any, journal: Journal) -> Any:
         owner.config, journal, owner.draining, owner.clock, adapter=owner.docker
     )
 
+    def pick(verdict: Any) -> str | None:
+        evacuator = getattr(owner, "evacuator", None)
+        return evacuator.pick_target(verdict) if evacuator is not None else None
+
     def routes(app: Any) -> None:
-        add_migration_routes(app, getattr(owner, "migrator", None) or service)
+        migrator = getattr(owner, "migrator", None) or service
+        add_migration_routes(app, migrator, check=service.check, pick=pick)
 
     async def close() -> None:
         await service.close()

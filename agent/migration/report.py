@@ -65,6 +65,9 @@ class MigrationReport:
     target_container_id: str | None = None
     image_shipped: bool = False
     details: dict[str, Any] = field(default_factory=dict)
+    # Set when the container ended up without its state anywhere (restarted from scratch,
+    # or left stopped because its checkpoint could not be restored): the one sentence to say.
+    state_lost: str | None = None
 
     @property
     def bytes_moved(self) -> int:

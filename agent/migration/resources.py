@@ -81,6 +81,13 @@ class Reservations:
     def reserve(
         self, migration_id: str, peer: str, memory: int, disk: int, ttl: float
     ) -> Reservation:
+        self.fits(memory, disk)
+        r = Reservation(migration_id, peer, memory, disk, self.clock.monotonic() + ttl)
+        self._held[migration_id] = r
+        return r
+
+    def fits(self, memory: int, disk: int) -> None:
+        """Raise CapacityRefused unless `memory` and `disk` bytes fit beside what is held."""
         self._expire()
         held_mem = sum(r.memory_bytes for r in self._held.values())
         held_disk = sum(r.disk_bytes for r in self._held.values())
@@ -97,9 +104,6 @@ class Reservations:
                 f"not enough free disk under {self.data_root}: needs {amount(need_disk)}, "
                 f"{amount(max(free_disk, 0))} free"
             )
-        r = Reservation(migration_id, peer, memory, disk, self.clock.monotonic() + ttl)
-        self._held[migration_id] = r
-        return r
 
     def extend(self, migration_id: str, ttl: float) -> None:
         r = self._held.get(migration_id)

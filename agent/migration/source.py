@@ -33,7 +33,9 @@ from agent.migration import held, hooks, networks
 from agent.migration import report as rp
 from agent.migration.checkpointers import Checkpointer, make_checkpointer
 from agent.migration.disk_space import shortfall, source_need
+from agent.migration.eligibility import Eligibility, EligibilityChecker, admission_body, refusal
 from agent.migration.errors import MigrationError, MigrationFailed, MigrationRefused
+from agent.migration.fresh_start import check_fresh_start, state_lost_sentence
 from agent.migration.paths import DataRootResolver, PathOutsideDataRoot
 from agent.migration.report import MigrationReport, PhaseTimer, ProgressEvent, ProgressFn
 from agent.migration.rollback import (
@@ -148,6 +150,14 @@ class MigrationService:
         # group members and concurrent migrations cannot each fit "just".
         self._disk_claims: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.eligibility = EligibilityChecker(
+            adapter,
+            config,
+            peers,
+            active=self.active.get,
+            data_root_size=self._upper_bytes,
+            describe_networks=self._network_specs,
+        )
         self.handlers = TargetHandlers(
             adapter,
             config,
@@ -226,6 +236,16 @@ class MigrationService:
 
     # ---------------------------------------------------------------- migrate
 
+    async def check(self, container: str, target: str | None = None) -> Eligibility:
+        """Could `container` move now (to `target`, or to any peer), and what would change."""
+        return await self.eligibility.check(container, target)
+
+    def _upper_bytes(self, spec: ContainerSpec) -> int:
+        try:
+            return _dir_size(self.data_root.get().local(spec.upper_dir or ""))
+        except (PathOutsideDataRoot, DockerError, OSError):
+            return 0
+
     async def migrate(
         self, container: str, target: str, progress: ProgressFn | None = None
     ) -> MigrationReport:
@@ -242,18 +262,15 @@ class MigrationService:
         if peer is None:
             known = ", ".join(sorted(self.peers)) or "none configured"
             raise MigrationRefused(f"unknown peer {target!r} (peers: {known})", bad_input=True)
-        try:
-            inspect = await asyncio.to_thread(self.adapter.inspect_container, container)
-        except DockerNotFound:
-            raise MigrationRefused(
-                f"no container {container!r} on {self.config.name}", bad_input=True
-            ) from None
-        except DockerError as exc:
-            raise MigrationRefused(f"cannot inspect {container}: {exc}") from exc
+        inspect = await self.eligibility.inspect(container)
         group = group_of(inspect)
         if group is not None:
             return await self._migrate_group(group, peer, progress)
-        spec = self._check_source(inspect)
+        # The same check as `ferry check`: every reason, source's and target's, before any freeze.
+        verdict = await self.eligibility.check(container, target, inspect=inspect)
+        if not verdict.movable:
+            raise refusal(verdict)
+        spec = spec_from_inspect(inspect)
         run = self._start_run(spec, peer)
         emit = self._emitter(run, progress)
         try:
@@ -382,9 +399,9 @@ class MigrationService:
             if isinstance(exc, asyncio.CancelledError):
                 reason = "migration cancelled"
             why = f"group {group}: {reason}"
-            for r in runs:
+            for r, before in zip(runs, inspects, strict=True):
                 with contextlib.suppress(MigrationFailed):
-                    await asyncio.shield(self._roll_back(r, why, emits[r.mid]))
+                    await asyncio.shield(self._roll_back(r, why, emits[r.mid], before=before))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             failed = MigrationFailed(
@@ -502,7 +519,7 @@ class MigrationService:
                     raise
                 self._mark_in_doubt(run, str(reason))
                 raise MigrationFailed(str(reason), in_doubt=True) from exc
-            await asyncio.shield(self._roll_back(run, str(reason), emit))
+            await asyncio.shield(self._roll_back(run, str(reason), emit, before=inspect))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if run.report.outcome == "succeeded":
@@ -550,21 +567,9 @@ class MigrationService:
                 upper_bytes += await asyncio.to_thread(_dir_size, root.local(vol.daemon_path))
             image = await asyncio.to_thread(self.adapter.inspect_image, spec.image_id)
             image_bytes = int(image.get("Size") or 0)
-            body = {
-                "migration_id": run.mid,
-                "container_id": spec.id,
-                "name": spec.name,
-                "image_id": spec.image_id,
-                "image_ref": spec.image_ref,
-                "image_bytes": image_bytes,
-                "memory_bytes": max(memory, 1),
-                "state_bytes_estimate": memory + upper_bytes,
-                "ports": [{"host_ip": p.host_ip, "host_port": p.host_port} for p in spec.ports],
-                "networks": spec.networks,
-                "network_specs": await asyncio.to_thread(self._network_specs, spec),
-                "volumes": [v.name for v in spec.volumes],
-                "group_id": run.group_id,
-            }
+            body = admission_body(spec, memory, image_bytes, memory + upper_bytes, run.mid)
+            body["network_specs"] = await asyncio.to_thread(self._network_specs, spec)
+            body["group_id"] = run.group_id
             answer = await self._call(peer.post_json(MIGRATIONS_PATH, body))
             run.staged = True  # from here the target may hold something to clean up
         if not answer.get("has_image"):
@@ -739,6 +744,12 @@ class MigrationService:
             self._mark_in_doubt(run, why)
             raise MigrationFailed(why, in_doubt=True)
         run.report.downtime_s = round(self.clock.monotonic() - run.frozen_at, 4)
+        if committed.get("state_lost"):
+            # It runs there, but Docker restarted it from scratch after the restore.
+            run.report.state_lost = state_lost_sentence(
+                run.spec.name, f"on {peer.name}: {committed['state_lost']}"
+            )
+            log.error("migration.state_lost", migration=run.mid, reason=run.report.state_lost)
         emit(rp.COMMIT, f"running on {peer.name}")
 
     async def _finish(self, run: _Run, emit: Callable[..., None]) -> None:
@@ -932,9 +943,12 @@ class MigrationService:
                     self.handlers.ctrd,
                 )
         except StateNotRestored as exc:
-            self.journal.finish(rec.id, "failed", reason=f"state not restored: {exc.message}")
-            log.error("migration.state_not_restored", migration=rec.id, reason=exc.message)
-            return f"failed: {exc.message}"
+            data["state_lost"] = state_lost_sentence(rec.container_name, exc.message)
+            self.journal.finish(
+                rec.id, "failed", reason=f"state not restored: {exc.message}", report=data
+            )
+            log.error("migration.state_lost", migration=rec.id, reason=exc.message)
+            return f"failed: {data['state_lost']}"
         data["details"] = dict(data.get("details") or {}) | {"rollback": how}
         self.journal.finish(rec.id, "rolled_back", reason=f"{why}{how}", report=data)
         log.warning("migration.rolled_back", migration=rec.id, how=how)
@@ -970,7 +984,13 @@ class MigrationService:
 
     # ------------------------------------------------------------ rollback
 
-    async def _roll_back(self, run: _Run, reason: str, emit: Callable[..., None]) -> None:
+    async def _roll_back(
+        self,
+        run: _Run,
+        reason: str,
+        emit: Callable[..., None],
+        before: dict[str, Any] | None = None,
+    ) -> None:
         log.warning("migration.rolling_back", migration=run.mid, reason=reason)
         # Journalled before the target hears it: a held copy asks for exactly this.
         run.decision = rp.DECISION_ROLLBACK
@@ -988,13 +1008,27 @@ class MigrationService:
                     how = "never frozen: it kept running"
                 else:
                     how = await self._restore_here(run)
+                fresh = None
+                if before is not None:
+                    fresh = await asyncio.to_thread(
+                        check_fresh_start,
+                        self.adapter,
+                        run.spec.id,
+                        before,
+                        how.startswith("restored"),
+                    )
+                if fresh:
+                    raise StateNotRestored("rollback", fresh)
             except Exception as exc:
                 run.timer.finish()
                 detail = exc.message if isinstance(exc, DockerError) else str(exc)
+                lost = state_lost_sentence(run.spec.name, detail)
                 why = f"{reason}; AND its state could not be restored here: {detail}"
+                run.report.state_lost = lost
                 self._end(run, "failed", why)
-                log.error("migration.rollback_failed", migration=run.mid, reason=why)
-                raise MigrationFailed(why, rolled_back=False) from exc
+                log.error("migration.state_lost", migration=run.mid, reason=why)
+                emit("done", lost)
+                raise MigrationFailed(why, rolled_back=False, state_lost=lost) from exc
         run.report.details["rollback"] = how
         if run.frozen_at is not None:
             # Not "downtime" (that means running on the target); how long it was down here.

@@ -128,6 +128,9 @@ class ContainerSpec:
     # CRIU options the source dumps with (checkpointers.DUMP_OPTIONS, or none for
     # Docker's API); the target derives its restore options from them.
     dump_options: list[str] = field(default_factory=list)
+    # Static addresses given at `docker run --ip/--ip6`, per network: the target must give them.
+    addresses: dict[str, dict[str, str]] = field(default_factory=dict)
+    mac_address: str = ""  # `--mac-address`; Docker generates one otherwise
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,6 +178,12 @@ def spec_from_inspect(inspect: dict[str, Any]) -> ContainerSpec:
     binds: list[BindMount] = []
     volumes: list[VolumeMount] = []
     mounts: list[dict[str, Any]] = []
+    # `Mounts` in inspect drops a tmpfs mount's size and mode; the create request kept them.
+    tmpfs_options = {
+        str(m.get("Target")): m["TmpfsOptions"]
+        for m in host.get("Mounts") or []
+        if m.get("Type") == "tmpfs" and m.get("TmpfsOptions")
+    }
     for m in inspect.get("Mounts") or []:
         kind = m.get("Type")
         dest = str(m.get("Destination"))
@@ -204,7 +213,10 @@ def spec_from_inspect(inspect: dict[str, Any]) -> ContainerSpec:
             )
             mounts.append({"Type": "volume", "Source": vol_name, "Target": dest, "ReadOnly": ro})
         elif kind == "tmpfs":
-            mounts.append({"Type": "tmpfs", "Target": dest, "ReadOnly": ro})
+            tmpfs: dict[str, Any] = {"Type": "tmpfs", "Target": dest, "ReadOnly": ro}
+            if dest in tmpfs_options:
+                tmpfs["TmpfsOptions"] = copy.deepcopy(tmpfs_options[dest])
+            mounts.append(tmpfs)
         else:
             raise SpecError(f"mount {dest} of type {kind!r} cannot be migrated")
     # Mounts (not Binds): the daemon then refuses a missing bind source at
@@ -214,14 +226,29 @@ def spec_from_inspect(inspect: dict[str, Any]) -> ContainerSpec:
 
     networks: list[str] = []
     endpoints: dict[str, Any] = {}
+    addresses: dict[str, dict[str, str]] = {}
     short_id = str(inspect.get("Id", ""))[:12]
+    mac = str(cfg.get("MacAddress") or "")
     for net_name, ep in ((inspect.get("NetworkSettings") or {}).get("Networks") or {}).items():
         networks.append(net_name)
-        if net_name in DEFAULT_NETWORKS:
-            endpoints[net_name] = {}
-            continue
-        aliases = [a for a in (ep or {}).get("Aliases") or [] if a != short_id]
-        endpoints[net_name] = {"Aliases": aliases} if aliases else {}
+        endpoint: dict[str, Any] = {}
+        if net_name not in DEFAULT_NETWORKS:
+            aliases = [a for a in (ep or {}).get("Aliases") or [] if a != short_id]
+            if aliases:
+                endpoint["Aliases"] = aliases
+        # Only addresses the user pinned (IPAMConfig); Docker's own choice is not carried.
+        pinned = {
+            k: str(v)
+            for k, v in ((ep or {}).get("IPAMConfig") or {}).items()
+            if k in ("IPv4Address", "IPv6Address") and v
+        }
+        if pinned:
+            endpoint["IPAMConfig"] = pinned
+            addresses[net_name] = pinned
+        # Docker keeps a user-given MAC in Config.MacAddress, for the container's network mode.
+        if mac and net_name in (network_mode, "bridge" if network_mode == "default" else ""):
+            endpoint["MacAddress"] = mac
+        endpoints[net_name] = endpoint
     if endpoints and network_mode not in ("host", "none"):
         body["NetworkingConfig"] = {"EndpointsConfig": endpoints}
 
@@ -248,6 +275,8 @@ def spec_from_inspect(inspect: dict[str, Any]) -> ContainerSpec:
         upper_dir=(graph.get("Data") or {}).get("UpperDir"),
         graph_driver=str(graph.get("Name") or ""),
         memory_limit=int(host.get("Memory") or 0),
+        addresses=addresses,
+        mac_address=mac,
     )
 
 
@@ -281,6 +310,17 @@ def source_problems(
             problems.append(f"{key} {value!r} ties the container to this host")
     if host.get("Devices"):
         problems.append("containers with host devices cannot be migrated")
+    if host.get("Init"):
+        problems.append(
+            f"container {spec.name} runs with --init: docker-init as PID 1 does not restore "
+            "here (its state would be lost); recreate it without --init to make it movable"
+        )
+    links = [str(link).split(":")[0].lstrip("/") for link in host.get("Links") or []]
+    if links:
+        problems.append(
+            f"container {spec.name} uses --link to {', '.join(links)}: links point at "
+            "containers on this host; use a user-defined network instead"
+        )
     if spec.graph_driver != "overlay2" or not spec.upper_dir:
         problems.append(
             f"storage driver {spec.graph_driver or 'unknown'!r}: only overlay2 writable layers "

@@ -43,7 +43,7 @@ from agent.docker_adapter import (
     DockerUnavailable,
 )
 from agent.journal import Journal, JournalError
-from agent.migration import criu_config, criu_log, held, hooks, networks
+from agent.migration import admission, criu_config, criu_log, fresh_start, held, hooks, networks
 from agent.migration.accept import DaemonFacts, SpecShapeError, check_spec, parse_spec
 from agent.migration.checkpointers import restore_options_for
 from agent.migration.ctrd import CtrdSweeper
@@ -134,6 +134,8 @@ class TargetHandlers:
         # Asks a source peer about a migration (used by reconcile); None in tests.
         self.peer_status = peer_status
         self.data_root = DataRootResolver(adapter.data_root, config.docker.data_root)
+        # Tries a published port in this host's network namespace (tests replace it).
+        self.bind_port: admission.Binder = admission.try_bind
         # Until prepare asks the daemon: staged state lands under Docker's data root.
         self.reservations = Reservations(
             self.clock, config.docker.data_root or Path(config.state_dir)
@@ -249,6 +251,51 @@ class TargetHandlers:
         log.info("migration.target.prepared", migration=mid, peer=peer, container=name)
         return {"accepted": True, "has_image": has_image, "reservation_ttl_s": RESERVATION_TTL}
 
+    async def check(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A dry run of prepare: would this host take the container now? Reserves nothing."""
+        name = str(body.get("name", ""))
+        if not name:
+            raise _refuse("check needs the container's name", "bad_request", 400)
+        reasons: list[str] = []
+        transient = False
+        if self.draining():
+            reasons.append(f"{self.config.name} is draining")
+        try:
+            found, has_image = await asyncio.to_thread(
+                self._prepare_checks, body, name, str(body.get("image_id", ""))
+            )
+            reasons += found
+            if body.get("spec") is not None:
+                reasons += await self._spec_reasons(body["spec"])
+        except DockerError as exc:
+            reasons.append(f"{self.config.name}'s Docker daemon: {exc}")
+            transient, has_image = True, False
+        disk = target_need(
+            int(body.get("state_bytes_estimate") or 0),
+            int(body.get("memory_bytes") or 0),
+            0 if has_image else int(body.get("image_bytes") or 0),
+        )
+        try:
+            root = await asyncio.to_thread(self.data_root.get)
+            self.reservations.data_root = root.local_root
+            self.reservations.fits(int(body.get("memory_bytes") or 0), disk)
+        except CapacityRefused as exc:
+            reasons.append(f"{self.config.name}: {exc}")
+            transient = True
+        except DockerError as exc:
+            reasons.append(f"{self.config.name}'s Docker daemon: {exc}")
+            transient = True
+        return {"reasons": reasons, "transient": transient, "has_image": has_image}
+
+    async def _spec_reasons(self, data: Any) -> list[str]:
+        """For a dry run: what stage would refuse in this spec (shape, migration.accept)."""
+        try:
+            spec = parse_spec(data)
+        except SpecShapeError as exc:
+            return [str(exc)]
+        refused = await self._accept_reasons(spec)
+        return [f"{self.config.name} does not accept: {r}" for r in refused]
+
     async def _drop_stale(self) -> None:
         """Forget migrations whose source went quiet until their reservation expired."""
         live = {r.migration_id for r in self.reservations.active()}
@@ -273,20 +320,11 @@ class TargetHandlers:
         here = self.config.name
         if self.adapter.find_container(name) is not None:
             reasons.append(f"a container named {name} already exists on {here}")
-        wanted = {(str(p.get("host_ip") or ""), int(p["host_port"])) for p in body.get("ports", [])}
-        if wanted:
-            for c in self.adapter.list_containers():
-                if c.get("State") != "running":
-                    continue
-                for p in c.get("Ports") or []:
-                    if not p.get("PublicPort"):
-                        continue
-                    used_ip = str(p.get("IP") or "")
-                    for ip, port in wanted:
-                        if port == p["PublicPort"] and (
-                            ip in ("", "0.0.0.0", "::") or used_ip in ("", "0.0.0.0", "::", ip)
-                        ):
-                            reasons.append(f"port {port} is already published on {here}")
+        ports = list(body.get("ports") or [])
+        if ports:
+            published = admission.published_here(self.adapter.list_containers())
+            reasons += admission.port_problems(ports, published, here, self.bind_port)
+        reasons += admission.address_problems(body.get("addresses") or {}, self.adapter, here)
         described = {
             str(n.get("name")): n for n in body.get("network_specs") or [] if isinstance(n, dict)
         }
@@ -375,6 +413,21 @@ class TargetHandlers:
                 "bad_request",
                 400,
             )
+        reasons = await self._accept_reasons(spec)
+        if reasons:
+            raise _refuse(
+                f"{here} does not accept this container: " + "; ".join(reasons), "not_accepted", 403
+            )
+        existing = await asyncio.to_thread(
+            lambda: [v.name for v in spec.volumes if self._volume_exists(v.name)]
+        )
+        if existing:
+            # Its data section would be unpacked into a volume that is not this migration's.
+            raise _refuse(f"volume(s) {', '.join(existing)} already exist on {here}")
+        return spec
+
+    async def _accept_reasons(self, spec: ContainerSpec) -> list[str]:
+        """What in `spec` this host's migration.accept refuses (empty: all of it is allowed)."""
         host_config = spec.body.get("HostConfig")
         notes = host_config.get("Annotations") if isinstance(host_config, dict) else None
         if (
@@ -391,18 +444,7 @@ class TargetHandlers:
         if isinstance(host_config, dict) and host_config.get("CgroupnsMode") == "host":
             info = await asyncio.to_thread(self.adapter.info)
             facts = DaemonFacts(cgroup_version=str(info.get("CgroupVersion") or "2"))
-        reasons = check_spec(spec, self.config.migration.accept, facts)
-        if reasons:
-            raise _refuse(
-                f"{here} does not accept this container: " + "; ".join(reasons), "not_accepted", 403
-            )
-        existing = await asyncio.to_thread(
-            lambda: [v.name for v in spec.volumes if self._volume_exists(v.name)]
-        )
-        if existing:
-            # Its data section would be unpacked into a volume that is not this migration's.
-            raise _refuse(f"volume(s) {', '.join(existing)} already exist on {here}")
-        return spec
+        return check_spec(spec, self.config.migration.accept, facts)
 
     def _create(self, inc: Incoming, spec: ContainerSpec) -> dict[str, Any]:
         if not self.adapter.has_image(spec.image_id):
@@ -746,9 +788,10 @@ class TargetHandlers:
         )
         self._forget(migration_id)
         await self._stop_watcher(migration_id)
-        await asyncio.to_thread(self._after_commit, inc)
+        lost = await asyncio.to_thread(self._after_commit, inc)
         log.info("migration.target.running", migration=migration_id, container_id=inc.container_id)
-        return {"running": True, "container_id": inc.container_id, "timings": timings}
+        answer = {"running": True, "container_id": inc.container_id, "timings": timings}
+        return answer | ({"state_lost": lost} if lost else {})
 
     async def _sections(self, inc: Incoming) -> dict[str, Path]:
         assert inc.container_id and inc.upper_dir
@@ -879,8 +922,11 @@ class TargetHandlers:
             self.procs.cont(left)
             time.sleep(0.02)
 
-    def _after_commit(self, inc: Incoming) -> None:
-        """Running here for good: restart policy back, health, and no state left behind."""
+    def _after_commit(self, inc: Incoming) -> str | None:
+        """Running here for good: restart policy back, health, and no state left behind.
+
+        Returns why its state is lost if Docker restarted the restored copy from scratch.
+        """
         assert inc.container_id
         spec = ContainerSpec.from_dict(inc.spec) if inc.spec else None
         cid = inc.container_id
@@ -899,6 +945,11 @@ class TargetHandlers:
         shutil.rmtree(root.checkpoint_dir(cid, inc.checkpoint), ignore_errors=True)
         criu_config.for_migration(root, inc.migration_id).remove()
         self._lazy(inc).cleanup()
+        # Ferry created this copy: any restart since is Docker's restart policy, from scratch.
+        lost = fresh_start.check_fresh_start(self.adapter, cid, {"RestartCount": 0}, True)
+        if lost:
+            log.error("migration.target.state_lost", container_id=cid, reason=lost)
+        return lost
 
     def _watch_decision(self, inc: Incoming) -> None:
         """If the commit does not come, ask the source for its decision until it answers."""

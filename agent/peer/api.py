@@ -3,6 +3,7 @@
 A source agent drives a migration on a target agent through these calls:
 
   GET  /v1/health                  -> health()
+  POST /v1/check                   -> check(peer, body)         would you take it? (dry run)
   POST /v1/migrations              -> prepare(peer, body)       can you take it? reserve
   GET  /v1/migrations/{id}         -> status(peer, id)
   POST /v1/migrations/{id}/stage   -> stage(peer, id, body)     create the target container
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 API_PREFIX = "/v1"
 HEALTH_PATH = f"{API_PREFIX}/health"
 MIGRATIONS_PATH = f"{API_PREFIX}/migrations"
+CHECK_PATH = f"{API_PREFIX}/check"
 
 # Digest of the state stream as sent, "blake3:<hex>" (older agents: "sha256:<hex>"),
 # when known before sending.
@@ -83,6 +85,10 @@ class PeerHandlers(Protocol):
 
     async def health(self) -> dict[str, Any]:
         """Keys matching agent.model.PeerHealth fields (draining, overloaded, load1, ...)."""
+        ...
+
+    async def check(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Would prepare accept this now? {"reasons", "transient", "has_image"}."""
         ...
 
     async def prepare(self, peer: str, body: dict[str, Any]) -> dict[str, Any]: ...

@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from agent.peer.api import (
+    CHECK_PATH,
     DIGEST_HEADER,
     HEALTH_PATH,
     META_HEADER,
@@ -189,6 +190,12 @@ async def _prepare(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+async def _check(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    result = await request.app[HANDLERS_KEY].check(request[PEER_NAME_KEY], body)
+    return web.json_response(result)
+
+
 async def _status(request: web.Request) -> web.Response:
     mid = _migration_id(request)
     return web.json_response(await request.app[HANDLERS_KEY].status(request[PEER_NAME_KEY], mid))
@@ -267,6 +274,7 @@ def make_peer_app(
     mig = MIGRATIONS_PATH + "/{migration_id}"
     app.router.add_get(HEALTH_PATH, _health)
     app.router.add_post(MIGRATIONS_PATH, _prepare)
+    app.router.add_post(CHECK_PATH, _check)
     app.router.add_get(mig, _status)
     app.router.add_post(mig + "/stage", _json_action("stage"))
     app.router.add_put(mig + "/image", _receive_image)

@@ -9,7 +9,7 @@ stop evaluation; their results are reported as transitions on a later tick.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ class PolicyEngine:
         limits: EngineLimits | None = None,
         host: str | None = None,
         logger: Any = None,
+        unmovable: Callable[[], Collection[str]] | None = None,
     ) -> None:
         missing = [p for p in policies if p.action not in actions]
         if missing:
@@ -79,6 +80,8 @@ class PolicyEngine:
             max_migrations=lim.max_migrations,
             window=lim.window,
         )
+        if unmovable is not None:
+            self._limits.unmovable = unmovable
         now = clock.monotonic()
         self._states = [PolicyState(policy=p, status_since=now) for p in policies]
         self._tasks: set[asyncio.Task[ActionResult]] = set()

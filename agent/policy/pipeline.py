@@ -57,6 +57,8 @@ class GlobalLimits:
     in_flight: int = 0
     starts: deque[tuple[float, int]] = field(default_factory=deque)
     busy: set[str] = field(default_factory=set)  # container ids an action is working on
+    # Container ids known not to move until something changes (agent.service.movability).
+    unmovable: Callable[[], Collection[str]] = lambda: ()
 
     def budget(self, now: float) -> int:
         while self.starts and self.starts[0][0] <= now - self.window:
@@ -245,10 +247,13 @@ def gates(ev: Evaluation) -> Evaluation | None:
 def choose(ev: Evaluation) -> Evaluation | None:
     policy = ev.state.policy
     inventory = ev.signals.containers()
-    ev.containers = selectors.pick(policy, inventory, ev.limits.busy, ev.budget)
+    unmovable = set(ev.limits.unmovable()) if ev.needs_target else set()
+    ev.containers = selectors.pick(policy, inventory, ev.limits.busy | unmovable, ev.budget)
     if not ev.containers:
         opt = " opted-in" if policy.select.require_opt_in else ""
-        ev.skip("no_containers", f"no running{opt} container matches the selector")
+        held = sum(1 for c in inventory if c.id in unmovable)
+        also = f" ({held} cannot move: see `ferry status`)" if held else ""
+        ev.skip("no_containers", f"no running{opt} container matches the selector{also}")
         return None
     names = [c.name for c in ev.containers]
     capped = ""

@@ -54,6 +54,8 @@ class AgentControl:
             # Committed but unconfirmed: the container runs nowhere until resolved.
             "in_doubt": in_doubt,
             "evacuation": agent.evacuator.status() if agent.evacuator is not None else {},
+            # Opted-in containers that cannot move now (and why), or are stopped and stay.
+            "unmovable": await agent.movability.survey() if agent.movability is not None else [],
             "peers": peers,
             **({"fleet": agent.fleet.status()} if agent.fleet is not None else {}),
             "drain_progress": self._drain_progress(),

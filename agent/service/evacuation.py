@@ -4,10 +4,15 @@ The policy engine already chose a target per container; by the time the action
 runs (or retries) a peer may have started draining or gone away, so targets
 are re-checked against the PeerDirectory and re-placed when needed.
 
-A container that cannot move stays running here. It is listed as *stuck* with
-the reason and retried with exponential backoff until it moves, disappears, or
-the operator ends the evacuation (undrain). Everything is visible through
-`status()`, which `ferry status` shows.
+Before a container is frozen, the eligibility check (through `Movability`)
+says whether it can move and which peers would take it. A container that
+cannot move for a reason that holds until something changes (`--init`, an
+address no peer has) is marked *cannot move*: never frozen, never retried, and
+left out of policy selection until the container or a peer changes. One that
+fails for a passing reason (a peer unreachable, a rollback) stays running here,
+listed as *stuck* with the reason, and is retried with exponential backoff
+until it moves, disappears, or the operator ends the evacuation (undrain).
+Everything is visible through `status()`, which `ferry status` shows.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Literal, Protocol
 import structlog
 
 from agent.backoff import Backoff
+from agent.migration.eligibility import Eligibility
 from agent.migration.errors import MigrationFailed, MigrationRefused
 from agent.model import (
     ActionResult,
@@ -34,10 +40,11 @@ from agent.model import (
     group_of_labels,
 )
 from agent.policy.placement import peer_rejection, place
+from agent.service.movability import Movability
 
 log = structlog.get_logger(__name__)
 
-ItemState = Literal["queued", "in_progress", "done", "stuck"]
+ItemState = Literal["queued", "in_progress", "done", "stuck", "cannot_move"]
 DEFAULT_PLACEMENT = "spread"
 
 
@@ -99,6 +106,9 @@ class Item:
         if self.state == "in_progress":
             out["phase"] = self.phase
             out["started_at"] = self.started_at
+        if self.state == "cannot_move":
+            out["reason"] = self.reason
+            out["retry_in_s"] = None  # asked again only when the container or a peer changes
         if self.state == "stuck":
             out["reason"] = self.reason
             out["retry_in_s"] = (
@@ -135,6 +145,8 @@ def _classify(exc: Exception) -> tuple[str, bool]:
             return f"refused: {reason}", False
         return f"refused: {reason}", True
     if isinstance(exc, MigrationFailed):
+        if exc.state_lost:
+            return f"failed: {exc.state_lost}", False
         if exc.rolled_back:
             return f"failed, rolled back: {reason}", True
         # Not rolled back: the container's state needs a human; retrying could make it worse.
@@ -161,6 +173,7 @@ class Evacuator:
         keep_done: int = 50,
         gate: Callable[[], str | None] | None = None,
         gate_retry: float = 2.0,
+        movability: Movability | None = None,
     ) -> None:
         self._migrator = migrator
         self._peers = peers
@@ -176,6 +189,7 @@ class Evacuator:
         # Why evacuations may not start now (the fleet's drain budget), or None.
         self._gate = gate
         self._gate_retry = gate_retry
+        self._movability = movability
         self._active: dict[str, Item] = {}  # container -> queued / in_progress / stuck
         self._done: deque[Item] = deque(maxlen=keep_done)
         self._wake = asyncio.Event()
@@ -200,14 +214,22 @@ class Evacuator:
         items = list(self._active.values())
         in_progress = [i.view(now) for i in items if i.state in ("queued", "in_progress")]
         stuck = [i.view(now) for i in items if i.state == "stuck"]
+        cannot = [i.view(now) for i in items if i.state == "cannot_move"]
         state = (
-            "in_progress" if in_progress else "stuck" if stuck else "done" if self._done else "idle"
+            "in_progress"
+            if in_progress
+            else "stuck"
+            if stuck
+            else "done"
+            if self._done or cannot
+            else "idle"
         )
         return {
             "state": state,
             "concurrency": self.concurrency,
             "in_progress": in_progress,
             "stuck": stuck,
+            "cannot_move": cannot,
             "done": [i.view(now) for i in self._done],
         }
 
@@ -215,7 +237,8 @@ class Evacuator:
         s = self.status()
         if s["state"] == "idle":
             return "idle"
-        return f"{len(s['in_progress'])} moving, {len(s['stuck'])} stuck, {len(s['done'])} moved"
+        line = f"{len(s['in_progress'])} moving, {len(s['stuck'])} stuck, {len(s['done'])} moved"
+        return line + (f", {len(s['cannot_move'])} cannot move" if s["cannot_move"] else "")
 
     # ------------------------------------------------------------------ execution
 
@@ -224,7 +247,7 @@ class Evacuator:
         batch: list[tuple[Item, str | None]] = []
         for idx, container in enumerate(decision.containers):
             current = self._active.get(container.name)
-            if current is not None and current.state != "stuck":
+            if current is not None and current.state not in ("stuck", "cannot_move"):
                 per[container.name] = f"skipped: already {current.state.replace('_', ' ')}"
                 continue
             target = decision.targets[idx] if idx < len(decision.targets) else None
@@ -259,8 +282,13 @@ class Evacuator:
         stuck_extra = sum(1 for v in per.values() if v.startswith("stuck"))
         ok = failed == 0 and stuck_extra == 0
         message = f"{kind}: moved {moved} of {len(per)}"
-        if not ok:
-            message += f"; {len(per) - moved} stuck or skipped (retrying; see `ferry status`)"
+        cannot = sum(1 for v in per.values() if v.startswith("cannot move"))
+        if cannot:
+            message += f"; {cannot} cannot move (not retried; see `ferry status`)"
+        if len(per) - moved - cannot:
+            message += (
+                f"; {len(per) - moved - cannot} stuck or skipped (retrying; see `ferry status`)"
+            )
         return ActionResult(ok=ok, message=message, per_container=per)
 
     def _resolve_targets(
@@ -305,6 +333,51 @@ class Evacuator:
             else:
                 out.append((item, None, "no eligible peer has room for it"))
         return out
+
+    def pick_target(self, verdict: Eligibility, policy: str | None = None) -> str | None:
+        """Placement over the peers that accept the container (none: None)."""
+        accepting = set(verdict.accepting())
+        peers = [p for p in self._peers.peers() if p.name in accepting]
+        lookup = self._policy_targets(policy) if self._policy_targets and policy else None
+        allowed = lookup.peers if lookup is not None else "any"
+        strategy = lookup.placement if lookup is not None else DEFAULT_PLACEMENT
+        result = place(strategy, [self._lookup(verdict.container)], peers, allowed, self._host)
+        return result.assigned[0][1] if result.assigned else None
+
+    async def _eligible_target(self, item: Item, target: str) -> str | None:
+        """The target to use after the eligibility check; None when the item was stuck."""
+        if self._movability is None:
+            return target
+        info = item.info or self._lookup(item.container)
+        try:
+            verdict = await self._movability.verdict(info)
+        except MigrationRefused as exc:
+            self._stick(item, f"refused: {exc.reason}", retry=not exc.bad_input)
+            return None
+        if not verdict.movable:
+            self._refused(item, verdict)
+            return None
+        if target in verdict.accepting():
+            return target
+        chosen = self.pick_target(verdict, item.policy)
+        if chosen is None:
+            self._stick(item, f"no peer that accepts it has room ({verdict.summary()})", True)
+        return chosen
+
+    @staticmethod
+    def _outcome(item: Item) -> str:
+        return str(item.reason) if item.state == "cannot_move" else f"stuck: {item.reason}"
+
+    def _refused(self, item: Item, verdict: Eligibility) -> None:
+        if verdict.permanent:
+            if self._movability is not None and item.info is not None:
+                self._movability.remember(item.info, verdict)
+            self._stick(item, f"cannot move: {verdict.summary()}", retry=False)
+            item.state = "cannot_move"
+            log.warning("evacuation.cannot_move", container=item.container, reason=item.reason)
+            self._changed()
+        else:
+            self._stick(item, f"refused: {verdict.summary()}", retry=True)
 
     def _lookup(self, name: str) -> ContainerInfo:
         for c in self._inventory() if self._inventory else ():
@@ -353,6 +426,10 @@ class Evacuator:
         return f"stuck: its group did not move (led by {lead})"
 
     async def _migrate_one(self, item: Item, target: str) -> tuple[str, str]:
+        checked = await self._eligible_target(item, target)
+        if checked is None:
+            return item.container, self._outcome(item)
+        target = checked
         item.target = target
         held = self._gate() if self._gate is not None and item.kind == "evacuate" else None
         if held:
@@ -377,6 +454,20 @@ class Evacuator:
             except asyncio.CancelledError:
                 self._stick(item, "cancelled (agent shutting down)", retry=False)
                 raise
+            except MigrationRefused as exc:
+                if exc.eligibility is not None:
+                    self._refused(item, exc.eligibility)
+                else:
+                    reason, retry = _classify(exc)
+                    self._stick(item, reason, retry=retry)
+                log.warning(
+                    "evacuation.migration_refused",
+                    container=item.container,
+                    target=target,
+                    reason=item.reason,
+                    will_retry=item.retry,
+                )
+                return item.container, self._outcome(item)
             except Exception as exc:
                 reason, retry = _classify(exc)
                 self._stick(item, reason, retry=retry)
@@ -498,7 +589,7 @@ class Evacuator:
         dropped = [
             name
             for name, item in self._active.items()
-            if item.state == "stuck" and (kind is None or item.kind == kind)
+            if item.state in ("stuck", "cannot_move") and (kind is None or item.kind == kind)
         ]
         for name in dropped:
             del self._active[name]

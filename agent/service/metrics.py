@@ -128,6 +128,12 @@ class FerryMetrics:
             "Failed migrations whose container was restored running on this host",
             registry=registry,
         )
+        self.migrations_state_lost = Counter(
+            "ferry_migrations_state_lost",
+            "Migrations after which the container did not keep its state: restarted from "
+            "scratch, or left stopped because its checkpoint could not be restored",
+            registry=registry,
+        )
         self.downtime = Histogram(
             "ferry_migration_downtime_seconds",
             "Time a migrated container was frozen (checkpoint to restore)",
@@ -167,10 +173,14 @@ class FerryMetrics:
         if bytes_moved:
             self.bytes_moved.inc(bytes_moved)
 
-    def migration_failed(self, rolled_back: bool, bytes_moved: int | None = None) -> None:
+    def migration_failed(
+        self, rolled_back: bool, bytes_moved: int | None = None, state_lost: bool = False
+    ) -> None:
         self.migrations_failed.inc()
         if rolled_back:
             self.migrations_rolled_back.inc()
+        if state_lost:
+            self.migrations_state_lost.inc()
         if bytes_moved:
             self.bytes_moved.inc(bytes_moved)
 

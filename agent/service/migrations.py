@@ -71,12 +71,19 @@ class MeteredMigrator:
             self._metrics.migration_failed(
                 rolled_back=bool(getattr(exc, "rolled_back", False)),
                 bytes_moved=int(moved) if moved is not None else None,
+                state_lost=bool(getattr(exc, "state_lost", None)),
             )
             raise
         downtime = _report_number(report, "downtime_s", "downtime_seconds", "downtime")
         moved = _report_number(report, "bytes_sent", "bytes_moved", "bytes_total", "bytes")
         self._metrics.migration_succeeded(downtime, int(moved) if moved is not None else None)
+        if getattr(report, "state_lost", None):
+            # Moved, but Docker restarted it from scratch on the target.
+            self._metrics.migrations_state_lost.inc()
         return report
+
+    async def check(self, container: str, target: str | None = None) -> Any:
+        return await self._inner.check(container, target)
 
     async def resolve(self, migration_id: str, keep: str) -> str:
         result: str = await self._inner.resolve(migration_id, keep)

@@ -46,6 +46,7 @@ from agent.service.drain import DrainMarker
 from agent.service.evacuation import EvacuateAction, EvacuationHooks, Evacuator, MoveAction
 from agent.service.metrics import FerryMetrics, MetricsServer
 from agent.service.migrations import MeteredMigrator, MigrationParts, build_migration
+from agent.service.movability import Movability
 from agent.service.notify import Notifier
 from agent.service.peer_endpoint import DrainAwareHandlers, local_health
 
@@ -108,6 +109,7 @@ class Agent:
         self.store: SignalStore | None = None
         self.engine: PolicyEngine | None = None
         self.evacuator: Evacuator | None = None
+        self.movability: Movability | None = None
         self.peers: PeerDirectory | None = None
         self.migration: MigrationParts | None = None
         self.migrator: Any = None  # MeteredMigrator, wrapped by the fleet's reservations
@@ -202,6 +204,12 @@ class Agent:
         self.migrator = MeteredMigrator(self.migration.migrator, self.metrics)
         if cfg.fleet is not None:
             self.migrator = await self._attach_fleet(monitor)
+        check = getattr(self.migration.migrator, "check", None)
+        self.movability = (
+            Movability(check, self.store.containers, self.peers, self.clock)
+            if check is not None
+            else None
+        )
         self.evacuator = Evacuator(
             self.migrator,
             self.peers,
@@ -211,6 +219,7 @@ class Agent:
             policy_targets=self._policy_targets,
             inventory=self.store.containers,
             gate=self.fleet.drain.gate if self.fleet is not None else None,
+            movability=self.movability,
         )
         actions = ActionRegistry.with_builtins()
         actions.register(EvacuateAction(self.evacuator))
@@ -226,6 +235,7 @@ class Agent:
             global_dry_run=cfg.dry_run,
             limits=EngineLimits.from_config(cfg.limits),
             host=cfg.name,
+            unmovable=self.movability.known_unmovable if self.movability else None,
         )
         self._on_close("policy engine", self.engine.aclose)
         self.policy_loop = PolicyLoop(
