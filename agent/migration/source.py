@@ -270,7 +270,7 @@ class MigrationService:
         verdict = await self.eligibility.check(container, target, inspect=inspect)
         if not verdict.movable:
             raise refusal(verdict)
-        spec = spec_from_inspect(inspect)
+        spec = self._check_source(inspect)
         run = self._start_run(spec, peer)
         emit = self._emitter(run, progress)
         try:
