@@ -31,6 +31,7 @@ from tests.e2e.migration_support import (
 )
 from tests.helpers import wait_for
 from tests.testbed import http_get_json, netns_run
+from tests.testbed.agents import write_config
 from tests.testbed.layout import Host
 
 pytestmark = [pytest.mark.testbed, pytest.mark.e2e]
@@ -76,6 +77,19 @@ def _check(host: Host, name: str, *extra: str) -> tuple[int, dict[str, Any]]:
     proc = ferry(host, "check", name, "--json", *extra)
     assert proc.returncode in (0, 1), proc.stderr
     return proc.returncode, json.loads(proc.stdout)
+
+
+def _restart_with(
+    agents: Agents,
+    host: Host,
+    hosts: list[Host],
+    policies: dict[str, str] | None = None,
+    **overrides: Any,
+) -> None:
+    """Restart `host`'s agent with another config (no policies and defaults unless given)."""
+    agents.stop(host)
+    write_config(host, hosts, policies=policies or {}, **overrides)
+    agents.start(host)
 
 
 def _ts(event: dict[str, Any]) -> float:
@@ -199,8 +213,11 @@ def test_static_ip_mac_and_tmpfs_options_are_carried(
 def test_failed_rollback_restore_reports_state_lost(
     cluster: tuple[list[Host], Agents], docker_clients: dict[str, docker.DockerClient], clean: None
 ) -> None:
-    (h1, h2, _), _ = cluster
+    (h1, h2, h3), agents = cluster
     c1 = docker_clients[h1.name]
+    # Docker's checkpoint API stops the container at the dump, so a rollback must restore it
+    # from its images (the default runc checkpointer only pauses it, and unpauses to roll back).
+    _restart_with(agents, h1, [h1, h2, h3], migration={"checkpoint_via": "engine"})
     c1.containers.run(COUNTER, name="e-lost", detach=True)
     cid = c1.containers.get("e-lost").id
     gate = hook_path(h1, "after-freeze")
@@ -221,6 +238,7 @@ def test_failed_rollback_restore_reports_state_lost(
         out, err = proc.communicate(timeout=300)
     finally:
         gate.unlink(missing_ok=True)
+        _restart_with(agents, h1, [h1, h2, h3])
     assert proc.returncode == 1, err
     assert "STATE LOST: e-lost did not keep its state" in err, err
     assert "rolled back" not in err.split("\n")[0]
@@ -273,11 +291,7 @@ def test_drain_with_an_unmovable_container_converges(
 ) -> None:
     (h1, h2, h3), agents = cluster
     c1 = docker_clients[h1.name]
-    from tests.testbed.agents import write_config
-
-    agents.stop(h1)
-    write_config(h1, [h1, h2, h3], policies={"drain.yaml": DRAIN_FAST})
-    agents.start(h1)
+    _restart_with(agents, h1, [h1, h2, h3], policies={"drain.yaml": DRAIN_FAST})
     try:
         since = time.time()
         c1.containers.run(COUNTER, name="e-stuck", detach=True, init=True, labels=OPT_IN)
@@ -318,6 +332,4 @@ def test_drain_with_an_unmovable_container_converges(
         untouched(c1, "e-stuck", since)
     finally:
         ferry(h1, "undrain")
-        agents.stop(h1)
-        write_config(h1, [h1, h2, h3], policies={})
-        agents.start(h1)
+        _restart_with(agents, h1, [h1, h2, h3])
