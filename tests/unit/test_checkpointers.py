@@ -295,3 +295,24 @@ def test_failure_after_a_runc_freeze_unpauses_in_place(
     assert "resumed in place" in rec.report["details"]["rollback"]
     mid = err.value.report.migration_id
     assert not a.service.data_root.get().checkpoint_dir(cid, f"ferry-{mid}").exists()
+
+
+def test_a_kept_source_copy_is_killed_not_left_frozen(runc_hosts: tuple[Host, Host]) -> None:
+    a, _ = runc_hosts
+    a.service.config = a.service.config.model_copy(
+        update={"migration": a.config.migration.model_copy(update={"keep_source_copy_for": 60.0})}
+    )
+    cid = a.docker.add_running("web")
+    _use_runc(a, cid)
+
+    async def scenario() -> Any:
+        report = await a.service.migrate("web", "b")
+        await a.service.close()  # cancels the pending removal: nothing outlives the service
+        return report
+
+    report = run_async(scenario())
+    assert report.outcome == "succeeded", report.reason
+    # Frozen, it would hold its clients' connections open until their timeouts.
+    kept = a.docker.containers[cid]
+    assert ("kill", cid) in a.docker.calls and not kept["State"]["Running"]
+    assert kept["Name"] == f"/web-ferry-{report.migration_id}"
