@@ -141,7 +141,13 @@ def main() -> int:
             f" {h2.name}; file lines {before['lines']} -> {after['lines']}; same process"
             f" nonce {after['nonce'] == before['nonce']}"
         )
-        left = c1.containers.list(all=True, filters={"name": NAME})
+        # The source copy goes in the migration's last phase, just after the target
+        # runs it (frozen in place until then, it takes a moment to remove).
+        deadline = time.monotonic() + 30
+        while (left := c1.containers.list(all=True, filters={"name": NAME})) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
         print(f"   {h1.name} still has {NAME}: {bool(left)}")
 
         say("the migration report, as recorded on the source (`ferry history`)")
