@@ -316,3 +316,39 @@ def test_a_kept_source_copy_is_killed_not_left_frozen(runc_hosts: tuple[Host, Ho
     kept = a.docker.containers[cid]
     assert ("kill", cid) in a.docker.calls and not kept["State"]["Running"]
     assert kept["Name"] == f"/web-ferry-{report.migration_id}"
+
+
+def test_a_failed_restore_quotes_criu_from_the_targets_kept_log(
+    runc_hosts: tuple[Host, Host],
+) -> None:
+    from agent.migration import criu_config
+
+    a, b = runc_hosts
+    cid = a.docker.add_running("web")
+    _use_runc(a, cid)
+    restore = b.docker.start
+    real_log = (Path(__file__).parent / "fixtures" / "criu" / "tcp-restore.log").read_text()
+    mids: list[str] = []
+
+    def start(ref: str, checkpoint: str | None = None) -> None:
+        if checkpoint is not None:
+            # What CRIU writes through the log-file line of the copy's config.
+            mid = checkpoint.removeprefix("ferry-")
+            mids.append(mid)
+            conf = criu_config.for_migration(b.service.data_root.get(), mid)
+            conf.local_log.write_text(real_log)
+            b.docker.fail_restore = "criu failed: type NOTIFY errno 0"
+        restore(ref, checkpoint)
+
+    b.docker.start = start  # type: ignore[method-assign]
+    with pytest.raises(MigrationFailed) as err:
+        run_async(a.service.migrate("web", "b"))
+    kept = Path(b.config.state_dir) / "criu-logs" / f"ferry-{mids[0]}.restore.log"
+    assert (
+        "CRIU: Error (criu/sk-inet.c:912): inet: Connected TCP socket in image "
+        f"(log {kept})" in str(err.value)
+    ), str(err.value)
+    assert kept.read_text() == real_log
+    # Rolled back by unpausing: the source copy runs on.
+    assert a.docker.containers[cid]["State"]["Running"]
+    assert not a.docker.containers[cid]["State"]["Paused"]
