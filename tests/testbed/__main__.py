@@ -14,6 +14,7 @@ from tests.testbed.images import ensure_images
 from tests.testbed.layout import MAX_HOSTS, load_state
 from tests.testbed.progress import step
 from tests.testbed.rootfs import ensure_rootfs
+from tests.testbed.service_images import ensure_service_image
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -25,6 +26,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     rootfs = ensure_rootfs()
     hosts = _hosts.up(args.hosts, rootfs)
     ensure_images(hosts)
+    if args.services:
+        ensure_service_image(hosts)
     step(
         f"testbed up in {time.monotonic() - started:.1f}s; "
         "`python -m tests.testbed status` describes it"
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="build/cache the rootfs and start the hosts (idempotent)")
     up.add_argument("--hosts", type=int, default=int(os.environ.get("FERRY_TESTBED_HOSTS", "2")),
                     help=f"number of hosts, 1..{MAX_HOSTS} (default 2)")  # fmt: skip
+    up.add_argument("--services", action="store_true",
+                    help="also build (once, cached) and load ferry-test/services:1; "
+                    "tests that need it do this themselves")  # fmt: skip
     up.set_defaults(func=cmd_up)
     sub.add_parser(
         "down", help="stop everything and remove namespaces, links, mounts, data"
