@@ -7,7 +7,39 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from agent.policy.sim import ManualClock
+
 T = TypeVar("T")
+
+
+class FakeClock(ManualClock):
+    """The tests' one fake `agent.model.Clock`: time moves only when the test moves it.
+
+    It is `ferry test-policy`'s ManualClock, started away from zero by default so
+    that a sample stamped 0.0 is always long ago. `now` reads and moves the
+    monotonic time (forward only); wall time is `epoch + now`.
+    """
+
+    def __init__(self, start: float = 1000.0, epoch: float = 1_700_000_000.0) -> None:
+        super().__init__(start, epoch)
+
+    @property
+    def now(self) -> float:
+        return self.monotonic()
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self.set(value)
+
+    def ticking(self, step: float = 1.0) -> Callable[[], float]:
+        """A wall clock that moves `step` seconds each time it is read, so every
+        timestamp a caller takes (the journal's, say) is distinct and ordered."""
+
+        def read() -> float:
+            self.advance(step)
+            return self.time()
+
+        return read
 
 
 class DeadlineExceeded(AssertionError):

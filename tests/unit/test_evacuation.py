@@ -13,7 +13,7 @@ import pytest
 from agent.migration.errors import MigrationFailed, MigrationRefused
 from agent.model import ContainerInfo, Decision, PeerHealth
 from agent.service.evacuation import EvacuateAction, Evacuator, MoveAction
-from tests.helpers import run_async
+from tests.helpers import FakeClock, run_async
 
 
 @dataclass
@@ -60,17 +60,6 @@ class FakePeers:
 
     def peers(self) -> list[PeerHealth]:
         return self.list
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return 1_700_000_000.0 + self.now
 
 
 def ctr(name: str, mem: int = 0) -> ContainerInfo:

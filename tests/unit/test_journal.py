@@ -9,15 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.journal import JOURNAL_FILE, Journal, JournalError
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
+from tests.helpers import FakeClock
 
 
 def _begin(j: Journal, mid: str, role: str = "source") -> None:
@@ -32,7 +24,7 @@ def _begin(j: Journal, mid: str, role: str = "source") -> None:
 
 
 def test_survives_reopen_and_lists_unfinished(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=0.0, epoch=1000.0).ticking()
     with Journal(tmp_path, clock=clock) as j:
         _begin(j, "m1")
         _begin(j, "m2", role="target")

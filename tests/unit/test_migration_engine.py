@@ -27,7 +27,7 @@ from agent.migration.held import ProcState
 from agent.migration.report import ProgressEvent
 from agent.peer.api import HandlerError
 from agent.peer.client import PeerRefused, PeerUnavailable
-from tests.helpers import run_async
+from tests.helpers import FakeClock, run_async
 
 DAEMON_ROOT = "/var/lib/docker"
 IMAGE_ID = "sha256:" + "1" * 64
@@ -602,20 +602,9 @@ def test_reconcile_removes_half_made_target_containers(hosts: tuple[Host, Host])
     assert b.docker.find_container("web") is None
 
 
-class StepClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return 1.7e9 + self.now
-
-
 def test_target_forgets_a_source_that_went_quiet(hosts: tuple[Host, Host]) -> None:
     _, b = hosts
-    clock = StepClock()
+    clock = FakeClock()
     handlers = b.service.handlers
     handlers.clock = clock
     handlers.reservations.clock = clock

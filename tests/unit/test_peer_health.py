@@ -18,18 +18,7 @@ from agent.peer.certs import init_ca, issue_host_cert
 from agent.peer.health import PeerHealthMonitor
 from agent.peer.server import make_peer_app, start_peer_server
 from agent.peer.tls import client_context, server_context
-from tests.helpers import run_async
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.mono = 100.0
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def time(self) -> float:
-        return 1_700_000_000.0 + self.mono
+from tests.helpers import FakeClock, run_async
 
 
 class ScriptedPeer:
@@ -92,7 +81,7 @@ def test_answers_failures_and_staleness() -> None:
         pa = mon.peers()[0]
         assert (pa.reachable, pa.draining, pa.overloaded) == (True, True, True)
 
-        clock.mono += 16  # > 3 intervals without a good answer
+        clock.advance(16)  # > 3 intervals without a good answer
         pa = mon.peers()[0]
         assert (pa.reachable, pa.error) == (False, "peer a: no answer for 16s")
 

@@ -12,8 +12,8 @@ from agent.errors import InputError
 from agent.model import ActionResult, ContainerInfo, Decision, PeerHealth
 from agent.policy import ActionRegistry, EngineLimits, LogAction, PolicyEngine, Transition
 from agent.policy.models import Policy
-from agent.policy.sim import ManualClock, MemorySignals, StaticPeers
-from tests.helpers import run_async
+from agent.policy.sim import MemorySignals, StaticPeers
+from tests.helpers import FakeClock, run_async
 
 CPU = "psi.cpu.some.avg10"
 
@@ -27,7 +27,7 @@ class RecordingAction:
         self.calls: list[tuple[float, Decision]] = []
         self.gate: asyncio.Event | None = None
         self.fail: BaseException | None = None
-        self.clock: ManualClock | None = None
+        self.clock: FakeClock | None = None
 
     async def execute(self, decision: Decision) -> ActionResult:
         self.calls.append((self.clock.monotonic() if self.clock else 0.0, decision))
@@ -76,7 +76,7 @@ class Harness:
         dry_run: bool = False,
         limits: EngineLimits | None = None,
     ) -> None:
-        self.clock = ManualClock()
+        self.clock = FakeClock(start=0.0)
         self.signals = MemorySignals()
         self.signals.inventory = (
             containers

@@ -14,16 +14,9 @@ from agent.model import DockerEvent, Sample
 from agent.signals.memory import MemoryDiskSource, parse_meminfo
 from agent.signals.pressure import HostLoadSource, parse_loadavg, parse_psi
 from agent.signals.store import SignalStore
+from tests.helpers import FakeClock
 
 PROC = Path(__file__).parent / "fixtures" / "proc"
-
-
-class FixedClock:
-    def monotonic(self) -> float:
-        return 50.0
-
-    def time(self) -> float:
-        return 1_700_000_000.0
 
 
 class ListSink:
@@ -53,7 +46,7 @@ def test_parsers() -> None:
 
 def test_psi_and_loadavg_from_fixture() -> None:
     sink = ListSink()
-    source = HostLoadSource(PROC / "psi", FixedClock(), interval=5, cpu_count=4)
+    source = HostLoadSource(PROC / "psi", FakeClock(), interval=5, cpu_count=4)
     with capture_logs() as logs:
         source.poll(sink)
     assert not [e for e in logs if e["log_level"] == "warning"]
@@ -70,7 +63,7 @@ def test_psi_and_loadavg_from_fixture() -> None:
     assert sink.value("psi.memory.full.avg10") == 1.5
     assert sink.value("psi.io.some.avg300") == 10.0
     assert sink.value("psi.io.full.avg60") == 15.0
-    assert sink.samples["load.1"].ts == 1_700_000_000.0
+    assert sink.samples["load.1"].ts == FakeClock().time()
     psi_names = [n for n in sink.samples if n.startswith("psi.") and n != "psi.available"]
     assert len(psi_names) == 3 * 2 * 3
 
@@ -80,8 +73,8 @@ def test_psi_and_loadavg_from_fixture() -> None:
     [("nopsi", "does not exist"), ("psi_unreadable", "cannot read")],
 )
 def test_kernel_without_psi_warns_once_and_serves_loadavg(tree: str, reason_part: str) -> None:
-    store = SignalStore(FixedClock())
-    source = HostLoadSource(PROC / tree, FixedClock(), interval=5, cpu_count=2)
+    store = SignalStore(FakeClock())
+    source = HostLoadSource(PROC / tree, FakeClock(), interval=5, cpu_count=2)
     with capture_logs() as logs:
         for _ in range(3):
             source.poll(store)
@@ -101,7 +94,7 @@ def test_kernel_without_psi_warns_once_and_serves_loadavg(tree: str, reason_part
 def test_loadavg_missing_is_logged_not_fatal(tmp_path: Path) -> None:
     sink = ListSink()
     with capture_logs() as logs:
-        HostLoadSource(tmp_path, FixedClock(), cpu_count=1).poll(sink)
+        HostLoadSource(tmp_path, FakeClock(), cpu_count=1).poll(sink)
     assert "signals.loadavg_unreadable" in [e["event"] for e in logs]
     assert sink.value("load.1") is None
 
@@ -120,7 +113,7 @@ def test_memory_and_disk_from_fixture_and_fake_statvfs() -> None:
         return FakeStatvfs(f_frsize=4096, f_blocks=1000, f_bavail=250)
 
     sink = ListSink()
-    MemoryDiskSource(PROC / "psi", Path("/srv/docker"), FixedClock(), statvfs=statvfs).poll(sink)
+    MemoryDiskSource(PROC / "psi", Path("/srv/docker"), FakeClock(), statvfs=statvfs).poll(sink)
     assert calls == ["/srv/docker"]
     assert sink.value("mem.available_bytes") == 2_000_000 * 1024
     assert sink.value("mem.total_bytes") == 8_000_000 * 1024
@@ -135,7 +128,7 @@ def test_meminfo_without_memavailable_estimates_from_free_and_cache() -> None:
     assert "MemAvailable" not in info
     sink = ListSink()
     MemoryDiskSource(
-        PROC / "nopsi", Path("/x"), FixedClock(), statvfs=lambda p: FakeStatvfs(1, 1, 1)
+        PROC / "nopsi", Path("/x"), FakeClock(), statvfs=lambda p: FakeStatvfs(1, 1, 1)
     ).poll(sink)
     assert sink.value("mem.available_bytes") == (500_000 + 100_000 + 400_000) * 1024
     assert sink.value("mem.available_ratio") == pytest.approx(0.25)
@@ -150,7 +143,7 @@ def test_statvfs_failure_warns_once_and_recovers() -> None:
         return FakeStatvfs(4096, 10, 5)
 
     sink = ListSink()
-    source = MemoryDiskSource(PROC / "psi", Path("/nope"), FixedClock(), statvfs=statvfs)
+    source = MemoryDiskSource(PROC / "psi", Path("/nope"), FakeClock(), statvfs=statvfs)
     with capture_logs() as logs:
         source.poll(sink)
         source.poll(sink)
@@ -168,8 +161,8 @@ def test_statvfs_failure_warns_once_and_recovers() -> None:
 def test_real_proc_smoke() -> None:
     """The parsers accept this machine's /proc (whatever its kernel offers)."""
     sink = ListSink()
-    HostLoadSource(Path("/proc"), FixedClock()).poll(sink)
-    MemoryDiskSource(Path("/proc"), Path("/"), FixedClock()).poll(sink)
+    HostLoadSource(Path("/proc"), FakeClock()).poll(sink)
+    MemoryDiskSource(Path("/proc"), Path("/"), FakeClock()).poll(sink)
     assert sink.value("load.1") is not None
     assert 0.0 <= (sink.value("mem.available_ratio") or -1) <= 1.0
     assert (sink.value("disk.docker.free_bytes") or 0) > 0

@@ -7,23 +7,7 @@ import threading
 
 from agent.model import ContainerInfo, DockerEvent, Sample
 from agent.signals.store import SignalStore
-from tests.helpers import run_async
-
-
-class FakeClock:
-    def __init__(self, wall: float = 1_000_000.0) -> None:
-        self.mono = 100.0
-        self.wall = wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def time(self) -> float:
-        return self.wall
-
-    def advance(self, seconds: float) -> None:
-        self.mono += seconds
-        self.wall += seconds
+from tests.helpers import FakeClock, run_async
 
 
 def _event(action: str, ts: float, cid: str = "c1", **attrs: str) -> DockerEvent:
@@ -86,7 +70,7 @@ def test_adopt_hints_from_sources() -> None:
 
 
 def test_event_count_window_and_action_detail() -> None:
-    clock = FakeClock(wall=10_000.0)
+    clock = FakeClock(epoch=9_000.0)  # wall time 10_000
     store = SignalStore(clock, event_horizon=3600)
     store.publish_event(_event("die", 9_000.0))
     store.publish_event(_event("die", 9_500.0))
@@ -104,7 +88,7 @@ def test_event_count_window_and_action_detail() -> None:
 
 
 def test_event_history_is_bounded_by_count_and_horizon() -> None:
-    clock = FakeClock(wall=10_000.0)
+    clock = FakeClock(epoch=9_000.0)  # wall time 10_000
     store = SignalStore(clock, max_events=3, event_horizon=100)
     for i in range(5):
         store.publish_event(_event("start", 9_950.0 + i))
