@@ -51,6 +51,7 @@ from pydantic import (
 
 from agent.durations import Duration
 from agent.errors import InputError, Problem, problems_from_validation
+from agent.hostport import check_host_port, split_host_port
 from agent.input_bounds import (
     DAY,
     GIB,
@@ -89,23 +90,7 @@ OwnDir = Annotated[ConfigPath, AfterValidator(refuse_system_root)]
 SocketPath = Annotated[Path, AfterValidator(check_socket_path)]
 
 
-def _check_host_port(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected host:port, got {value!r}")
-    if any(c.isspace() for c in value):
-        raise ValueError(f"whitespace in address {value!r}")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise ValueError(f"bad IPv6 address in {value!r}; write [addr]:port")
-    elif ":" in host:
-        raise ValueError(f"IPv6 addresses need brackets: [addr]:port, got {value!r}")
-    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ValueError(f"port must be 1-65535, got {port!r}")
-    return value
-
-
-HostPort = Annotated[str, AfterValidator(_check_host_port)]
+HostPort = Annotated[str, AfterValidator(check_host_port)]
 
 # Host and peer names end up in certificates (CN at most 64 characters) and log lines.
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -411,7 +396,7 @@ class FerryConfig(_Model):
     def _fleet_defaults(self, fleet: FleetConfig, tls: TLSConfig) -> FleetConfig:
         advertise = fleet.advertise
         if advertise is None:
-            host = self.listen.rpartition(":")[0].strip("[]")
+            host = split_host_port(self.listen)[0]
             if host in ("0.0.0.0", "::", ""):
                 raise ValueError(
                     "fleet.advertise: required when listen is a wildcard address "

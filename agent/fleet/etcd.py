@@ -21,6 +21,8 @@ import requests
 from etcd3gw import exceptions as etcd_errors
 from etcd3gw.client import Etcd3Client
 
+from agent.hostport import split_host_port
+
 T = TypeVar("T")
 
 
@@ -138,11 +140,11 @@ class Etcd:
         self.endpoints = list(endpoints)
         self._clients: list[Etcd3Client] = []
         for endpoint in self.endpoints:
-            host, _, port = endpoint.rpartition(":")
+            host, port = split_host_port(endpoint)
             self._clients.append(
                 etcd3gw.client(
-                    host=host.strip("[]"),
-                    port=int(port),
+                    host=host,
+                    port=port,
                     protocol="https" if ca is not None else "http",
                     timeout=timeout,
                     # No discovery round trip: every supported etcd (3.4+) serves /v3/.

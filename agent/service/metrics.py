@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from agent.hostport import split_host_port
 from agent.model import SignalView
 
 log = structlog.get_logger(__name__)
@@ -188,21 +189,13 @@ class FerryMetrics:
         return generate_latest(self.registry)
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """'127.0.0.1:9464', '[::1]:9464' or ':9464' (all interfaces) -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"metrics listen address {listen!r} is not HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
-
-
 class MetricsServer:
     """Serves /metrics with aiohttp on the agent's own loop (no extra thread)."""
 
     def __init__(self, metrics: FerryMetrics, listen: str) -> None:
         self._metrics = metrics
-        self._host, self._port = parse_listen(listen)
+        host, self._port = split_host_port(listen)
+        self._host = host or "0.0.0.0"  # ":9464" is every interface
         self._runner: web.AppRunner | None = None
 
     @property

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import FerryConfig, load_config
 from agent.errors import InputError
+from agent.hostport import split_host_port
 from agent.logging import configure_logging
 from agent.model import Clock, PeerDirectory, SignalSource, SystemClock
 from agent.peer.health import PeerHealthMonitor
@@ -350,11 +351,11 @@ class Agent:
             max_body_bytes=int(self.config.limits.max_request_bytes),
             host_name=self.config.name,
         )
-        host, _, port = self.config.listen.rpartition(":")
+        host, port = split_host_port(self.config.listen)
         server = await start_peer_server(
             app,
-            host.strip("[]"),
-            int(port),
+            host,
+            port,
             server_context(*self._tls_files()),
             max_connections=self.config.limits.max_peer_connections,
         )

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import aiohttp
-import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.model import ContainerInfo
-from agent.service.metrics import FerryMetrics, MetricsServer, parse_listen
+from agent.service.metrics import FerryMetrics, MetricsServer
 from tests.helpers import run_async
 
 
@@ -107,16 +106,3 @@ def test_broken_provider_does_not_break_scrape() -> None:
 
     m = FerryMetrics(CollectorRegistry(), policy_states=boom)
     assert b"ferry_migrations_started_total" in m.render()
-
-
-@pytest.mark.parametrize(
-    ("listen", "expected"),
-    [("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:1", ("::1", 1)), (":9", ("0.0.0.0", 9))],
-)
-def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
-    assert parse_listen(listen) == expected
-
-
-def test_parse_listen_rejects_garbage() -> None:
-    with pytest.raises(ValueError, match="HOST:PORT"):
-        parse_listen("localhost")
