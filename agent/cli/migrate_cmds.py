@@ -25,7 +25,7 @@ from rich.table import Table
 from agent.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, check_cmds, main
 from agent.cli.options import config_option, load_config_or_exit
 from agent.errors import one_line
-from agent.service.control import agent_down_line
+from agent.service.control import AgentUnreachable, ControlClient
 
 MIGRATE_ROUTE = "/v1/migrate"
 
@@ -41,8 +41,8 @@ Exit codes:
 """
 
 
-class Unreachable(Exception):
-    pass
+# The name the command's callers and tests know; it is the control client's error.
+Unreachable = AgentUnreachable
 
 
 async def stream_migration(
@@ -52,53 +52,42 @@ async def stream_migration(
     on_line: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """POST /v1/migrate on the control socket; feed progress lines; return the result line."""
-    if not socket_path.exists():
-        raise Unreachable(agent_down_line(socket_path))
-    connector = aiohttp.UnixConnector(path=str(socket_path))
     # No total timeout: a big container takes minutes. The agent reports as it goes.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
     result: dict[str, Any] | None = None
-    try:
-        async with (
-            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-            session.post(
-                f"http://ferry{MIGRATE_ROUTE}",
-                json={"container": container} | ({"target": target} if target else {}),
-            ) as resp,
-        ):
-            if resp.status == 404:
-                raise Unreachable("the agent has no migration engine (no /v1/migrate route)")
-            if resp.status >= 400:
-                text = await resp.text(errors="replace")
-                try:
-                    answer = json.loads(text)
-                except ValueError:
-                    answer = None
-                error = answer.get("error") if isinstance(answer, dict) else None
-                msg = one_line(str(error) if error else text[:300] or f"HTTP {resp.status}")
-                return {
-                    "type": "result",
-                    "ok": False,
-                    "kind": "refused",
-                    "reason": msg,
-                    "bad_input": resp.status == 400,
-                }
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line:
-                    continue
-                try:
-                    item = json.loads(line)
-                except ValueError:
-                    continue  # not ours to show; the result line decides
-                if not isinstance(item, dict):
-                    continue
-                if item.get("type") == "result":
-                    result = item
-                else:
-                    on_line(item)
-    except (PermissionError, aiohttp.ClientError, TimeoutError) as exc:
-        raise Unreachable(agent_down_line(socket_path, exc)) from exc
+    body = {"container": container} | ({"target": target} if target else {})
+    async with ControlClient(socket_path).open("POST", MIGRATE_ROUTE, body, timeout) as resp:
+        if resp.status == 404:
+            raise Unreachable("the agent has no migration engine (no /v1/migrate route)")
+        if resp.status >= 400:
+            text = await resp.text(errors="replace")
+            try:
+                answer = json.loads(text)
+            except ValueError:
+                answer = None
+            error = answer.get("error") if isinstance(answer, dict) else None
+            msg = one_line(str(error) if error else text[:300] or f"HTTP {resp.status}")
+            return {
+                "type": "result",
+                "ok": False,
+                "kind": "refused",
+                "reason": msg,
+                "bad_input": resp.status == 400,
+            }
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue  # not ours to show; the result line decides
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "result":
+                result = item
+            else:
+                on_line(item)
     if result is None:
         raise Unreachable("the agent closed the stream without a result (did it stop?)")
     return result
@@ -240,24 +229,14 @@ def migrate_cmd(
 
 
 async def _post_resolve(socket_path: Path, migration_id: str, keep: str) -> tuple[int, Any]:
-    if not socket_path.exists():
-        raise Unreachable(agent_down_line(socket_path))
-    connector = aiohttp.UnixConnector(path=str(socket_path))
     timeout = aiohttp.ClientTimeout(total=600, sock_connect=5)
-    try:
-        async with (
-            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-            session.post(
-                "http://ferry/v1/resolve", json={"migration": migration_id, "keep": keep}
-            ) as resp,
-        ):
-            text = await resp.text(errors="replace")
-            try:
-                return resp.status, json.loads(text)
-            except ValueError:
-                return resp.status, {"reason": one_line(text[:300]) or f"HTTP {resp.status}"}
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise Unreachable(agent_down_line(socket_path, exc)) from exc
+    body = {"migration": migration_id, "keep": keep}
+    async with ControlClient(socket_path).open("POST", "/v1/resolve", body, timeout) as resp:
+        text = await resp.text(errors="replace")
+        try:
+            return resp.status, json.loads(text)
+        except ValueError:
+            return resp.status, {"reason": one_line(text[:300]) or f"HTTP {resp.status}"}
 
 
 @main.command("resolve")

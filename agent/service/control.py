@@ -23,7 +23,7 @@ import json
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -265,31 +265,52 @@ class ControlRequestFailed(Exception):
 
 
 class ControlClient:
-    """Talks to a running agent over its control socket (used by the CLI)."""
+    """Talks to a running agent over its control socket: the CLI's one client.
+
+    Every call goes through `open`, so a missing socket, a refused connection
+    or a dropped stream is always the same one-line `AgentUnreachable`.
+    """
 
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
         self.path = Path(path)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
-    async def request(self, method: str, route: str, body: JSON | None = None) -> Any:
+    @contextlib.asynccontextmanager
+    async def open(
+        self,
+        method: str,
+        route: str,
+        body: JSON | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The raw response, for callers that read it themselves (a stream, say).
+
+        Connection errors raised while the caller reads it are mapped too.
+        """
         if not self.path.exists():
             raise AgentUnreachable(agent_down_line(self.path))
         connector = aiohttp.UnixConnector(path=str(self.path))
         try:
             async with (
-                aiohttp.ClientSession(connector=connector, timeout=self._timeout) as session,
+                aiohttp.ClientSession(
+                    connector=connector, timeout=timeout or self._timeout
+                ) as session,
                 session.request(method, f"http://ferry{route}", json=body) as resp,
             ):
-                try:
-                    data = await resp.json(content_type=None)
-                except (json.JSONDecodeError, aiohttp.ContentTypeError):
-                    data = {"error": (await resp.text())[:200]}
-                if resp.status >= 400:
-                    msg = data.get("error") if isinstance(data, dict) else None
-                    raise ControlRequestFailed(resp.status, msg or f"HTTP {resp.status}")
-                return data
-        except (PermissionError, aiohttp.ClientError, TimeoutError) as exc:
+                yield resp
+        except (OSError, aiohttp.ClientError) as exc:  # OSError: PermissionError, TimeoutError
             raise AgentUnreachable(agent_down_line(self.path, exc)) from exc
+
+    async def request(self, method: str, route: str, body: JSON | None = None) -> Any:
+        async with self.open(method, route, body) as resp:
+            try:
+                data = await resp.json(content_type=None)
+            except (json.JSONDecodeError, aiohttp.ContentTypeError):
+                data = {"error": (await resp.text())[:200]}
+            if resp.status >= 400:
+                msg = data.get("error") if isinstance(data, dict) else None
+                raise ControlRequestFailed(resp.status, msg or f"HTTP {resp.status}")
+            return data
 
     async def status(self) -> JSON:
         result: JSON = await self.request("GET", "/v1/status")

@@ -145,6 +145,30 @@ def test_client_reports_unreachable_agent(sock_dir: Path) -> None:
     run_async(scenario())
 
 
+def test_every_cli_call_says_unreachable_the_same_way(sock_dir: Path) -> None:
+    """`ferry migrate` and `ferry resolve` go through the same client as `ferry status`."""
+    from agent.cli import migrate_cmds
+
+    dead = sock_dir / "dead.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(dead))
+    s.close()
+    expected = f"agent at {dead}: connection refused (is `ferry run` running?)"
+
+    async def scenario() -> None:
+        calls = [
+            ControlClient(dead).status(),
+            migrate_cmds.stream_migration(dead, "web", "b", lambda _: None),
+            migrate_cmds._post_resolve(dead, "m1", "source"),
+        ]
+        for call in calls:
+            with pytest.raises(AgentUnreachable) as refused:
+                await call
+            assert str(refused.value) == expected
+
+    run_async(scenario())
+
+
 def test_refuses_to_replace_a_regular_file(sock_dir: Path) -> None:
     path = sock_dir / "ferry.sock"
     path.write_text("not a socket")
