@@ -26,7 +26,6 @@ import contextlib
 import errno
 import os
 import posixpath
-import queue
 import re
 import shutil
 import stat
@@ -34,6 +33,7 @@ import tarfile
 import tempfile
 import threading
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Callable,
@@ -50,7 +50,7 @@ import structlog
 import zstandard
 
 from agent.archive_frames import FrameError, Framer, TarSource, WireDigest
-from agent.queues import put_until
+from agent.bridges import aiter_thread, feed_blocking_consumer
 
 log = structlog.get_logger(__name__)
 
@@ -171,49 +171,14 @@ class Packer:
             self.progress(self.stats.raw_bytes, self.stats.compressed_bytes)
         return out
 
-    async def aiter(self, prefetch: int = 4) -> AsyncIterator[bytes]:
+    def aiter(self, prefetch: int = 4) -> AsyncGenerator[bytes, None]:
         """The same chunks, packed ahead in a thread so packing overlaps with sending.
 
         Up to `prefetch` chunks wait for the consumer; the event loop keeps running.
         Closing or cancelling the iterator stops the packing thread and waits for it.
         """
-        q: queue.Queue[Any] = queue.Queue(max(1, prefetch))
-        stop = threading.Event()
-
-        def offer(item: Any) -> bool:
-            return put_until(q, item, stop)
-
-        def produce() -> None:
-            end: Any = _END
-            try:
-                for chunk in self._chunks():
-                    if not offer(chunk):
-                        return
-            except BaseException as exc:  # handed to the consumer, raised there
-                end = exc
-            if not offer(end):
-                # Stopped: a consumer parked in q.get() finds the queue empty, so this fits.
-                with contextlib.suppress(queue.Full):
-                    q.put_nowait(_END)
-
-        thread = threading.Thread(target=produce, name="ferry-pack", daemon=True)
-        thread.start()
-        try:
-            while True:
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    item = await asyncio.to_thread(q.get)
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            with contextlib.suppress(queue.Full):
-                q.put_nowait(_END)  # a getter still parked in a worker thread wakes up
-            await asyncio.to_thread(thread.join)
+        # Returned, not wrapped: closing it must reach the thread's own generator at once.
+        return aiter_thread(self._chunks, prefetch, name="ferry-pack")
 
     def _tar_stream(self) -> Iterator[tuple[bytes, bool]]:
         """The tar stream in pieces, each flagged True when it is file contents."""
@@ -717,9 +682,6 @@ class StagedUnpack:
                 if max_bytes is not None and size > max_bytes:
                     raise ArchiveTooLarge(f"archive exceeds {max_bytes} bytes")
                 yield chunk
-
-        # Imported here: streams is a migration helper with no dependency back on us.
-        from agent.migration.streams import feed_blocking_consumer
 
         try:
             await feed_blocking_consumer(limited(), self.consume)

@@ -26,6 +26,7 @@ import structlog
 
 from agent.archive import ArchiveError, Packer
 from agent.backoff import Backoff
+from agent.bridges import aiter_blocking
 from agent.config import FerryConfig
 from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
 from agent.journal import Journal, JournalError, MigrationRecord
@@ -51,7 +52,6 @@ from agent.migration.spec import (
     source_problems,
     spec_from_inspect,
 )
-from agent.migration.streams import aiter_blocking
 from agent.migration.target import TargetHandlers
 from agent.model import Clock, SystemClock, group_of_labels
 from agent.peer.api import MIGRATIONS_PATH, migration_path

@@ -33,6 +33,7 @@ from agent.archive import (
     UnsafeArchive,
 )
 from agent.backoff import Backoff
+from agent.bridges import feed_blocking_consumer
 from agent.config import FerryConfig
 from agent.docker_adapter import (
     CHECKPOINT_NAME_RE,
@@ -53,7 +54,6 @@ from agent.migration.lazy_restore import LazyRestore, LazyRestoreError
 from agent.migration.paths import DataRootResolver
 from agent.migration.resources import CapacityRefused, Reservations, state_cap
 from agent.migration.spec import DEFAULT_NETWORKS, ContainerSpec
-from agent.migration.streams import feed_blocking_consumer
 from agent.model import Clock, SystemClock
 from agent.peer.api import BodyTooLarge, ByteStream, HandlerError, valid_migration_id
 

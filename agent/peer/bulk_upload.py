@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
+from agent.bridges import feed_blocking_consumer
 from agent.peer.tls import check_peer_name
 
 _END_CHUNKS = b"0\r\n\r\n"
@@ -189,9 +190,6 @@ async def bulk_put(
     chunks: AsyncIterable[bytes],
 ) -> tuple[int, bytes]:
     """Run `upload` in a thread, fed from `chunks`; cancelling it aborts the socket at once."""
-    # Imported here: streams is a migration helper with no dependency back on the peer client.
-    from agent.migration.streams import feed_blocking_consumer
-
     task = asyncio.ensure_future(
         feed_blocking_consumer(chunks, lambda it: upload.run(path, headers, it))
     )
