@@ -406,7 +406,7 @@ def render_history(items: list[dict[str, Any]], console: Console) -> None:
         t.add_column(col)
     for m in items:
         report = m.get("report") or {}
-        downtime = report.get("downtime_s") or report.get("downtime")
+        downtime = report.get("downtime_s")  # the journal keeps MigrationReport.to_dict()
         outcome = m.get("outcome") or f"running ({m.get('phase', '?')})"
         if report.get("state_lost"):
             outcome = f"{outcome}, STATE LOST"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.migration.report import MigrationReport
 
 
 class MigrationError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.report: Any = None  # the MigrationReport, once a migration was under way
+        self.report: MigrationReport | None = None  # once a migration was under way
 
 
 class MigrationRefused(MigrationError):

@@ -14,6 +14,8 @@ from typing import Any
 
 import structlog
 
+from agent.migration.errors import MigrationError, MigrationFailed
+from agent.migration.report import MigrationReport
 from agent.service.control import RouteHook
 from agent.service.evacuation import call_migrate
 from agent.service.metrics import FerryMetrics
@@ -43,16 +45,8 @@ def build_migration(owner: Any) -> MigrationParts:
     return parts
 
 
-def _report_number(report: Any, *names: str) -> float | None:
-    for name in names:
-        value = report.get(name) if isinstance(report, dict) else getattr(report, name, None)
-        if isinstance(value, int | float):
-            return float(value)
-    return None
-
-
 class MeteredMigrator:
-    """Counts every migration the evacuator starts, whatever the engine's report looks like."""
+    """Counts every migration the evacuator starts, with the engine's `MigrationReport`."""
 
     def __init__(self, inner: Any, metrics: FerryMetrics) -> None:
         self._inner = inner
@@ -66,18 +60,20 @@ class MeteredMigrator:
             self._metrics.migration_failed(rolled_back=False)
             raise
         except Exception as exc:
-            report = getattr(exc, "report", None)
-            moved = _report_number(report, "bytes_moved") if report is not None else None
+            failed = exc if isinstance(exc, MigrationFailed) else None
+            report = exc.report if isinstance(exc, MigrationError) else None
             self._metrics.migration_failed(
-                rolled_back=bool(getattr(exc, "rolled_back", False)),
-                bytes_moved=int(moved) if moved is not None else None,
-                state_lost=bool(getattr(exc, "state_lost", None)),
+                rolled_back=bool(failed and failed.rolled_back),
+                bytes_moved=report.bytes_moved if report is not None else None,
+                state_lost=bool(failed and failed.state_lost),
             )
             raise
-        downtime = _report_number(report, "downtime_s", "downtime_seconds", "downtime")
-        moved = _report_number(report, "bytes_sent", "bytes_moved", "bytes_total", "bytes")
-        self._metrics.migration_succeeded(downtime, int(moved) if moved is not None else None)
-        if getattr(report, "state_lost", None):
+        if not isinstance(report, MigrationReport):
+            # A stand-in engine (tests, embedders) that reports nothing to measure.
+            self._metrics.migration_succeeded(None, None)
+            return report
+        self._metrics.migration_succeeded(report.downtime_s, report.bytes_moved)
+        if report.state_lost:
             # Moved, but Docker restarted it from scratch on the target.
             self._metrics.migrations_state_lost.inc()
         return report

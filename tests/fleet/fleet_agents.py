@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from agent.cli import main
 from agent.config import load_config
 from agent.journal import Journal
+from agent.migration.report import MigrationReport
 from agent.model import ContainerInfo, PeerHealth
 from agent.peer.certs import ca_paths, init_ca, issue_host_cert
 from agent.service.notify import Notifier
@@ -80,7 +81,7 @@ class FakeEngine:
         self.world = world
         self.host = host
 
-    async def migrate(self, container: str, target: str, progress: Any = None) -> dict[str, Any]:
+    async def migrate(self, container: str, target: str, progress: Any = None) -> MigrationReport:
         world = self.world
         world.moves.append((container, self.host, target, world.draining_now()))
         if world.gate is not None:
@@ -89,7 +90,7 @@ class FakeEngine:
         world.containers[self.host].remove(info)
         world.containers[target].append(info)
         world.publish()
-        return {"downtime_s": 0.1, "bytes_sent": 1}
+        return MigrationReport("m", container, self.host, target, "succeeded", downtime_s=0.1)
 
 
 @dataclass

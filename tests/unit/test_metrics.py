@@ -6,8 +6,11 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.migration.errors import MigrationFailed
+from agent.migration.report import MigrationReport
 from agent.model import ContainerInfo
 from agent.service.metrics import FerryMetrics, MetricsServer
+from agent.service.migrations import MeteredMigrator
 from tests.helpers import run_async
 
 
@@ -106,3 +109,37 @@ def test_broken_provider_does_not_break_scrape() -> None:
 
     m = FerryMetrics(CollectorRegistry(), policy_states=boom)
     assert b"ferry_migrations_started_total" in m.render()
+
+
+class ReportingEngine:
+    def __init__(self, outcome: MigrationReport | Exception) -> None:
+        self.outcome = outcome
+
+    async def migrate(self, container: str, target: str, progress: object = None) -> object:
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+def test_metered_migrator_reads_the_migration_report() -> None:
+    registry = CollectorRegistry()
+    metrics = FerryMetrics(registry)
+    moved = MigrationReport("m1", "web", "a", "b", "succeeded", downtime_s=0.3, bytes_state=900)
+    moved.bytes_image = 100
+    lost = MigrationReport("m2", "web", "a", "b", "failed", bytes_state=10)
+    failed = MigrationFailed("dump failed", rolled_back=True)
+    failed.report = lost
+
+    run_async(MeteredMigrator(ReportingEngine(moved), metrics).migrate("web", "b"))
+    try:
+        run_async(MeteredMigrator(ReportingEngine(failed), metrics).migrate("web", "b"))
+    except MigrationFailed:
+        pass
+    else:
+        raise AssertionError("the failure was swallowed")
+
+    got = _samples(_scrape(metrics))
+    assert got[("ferry_migrations_succeeded_total", ())] == 1
+    assert got[("ferry_migrations_rolled_back_total", ())] == 1
+    assert got[("ferry_migration_bytes_total", ())] == 1010  # bytes_moved of both
+    assert got[("ferry_migration_downtime_seconds_sum", ())] == 0.3

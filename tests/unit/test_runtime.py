@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agent.config import load_config
 from agent.journal import Journal
+from agent.migration.report import MigrationReport
 from agent.model import ActionResult, ContainerInfo, Decision, PeerHealth, Sample, SignalSink
 from agent.peer.certs import init_ca, issue_host_cert
 from agent.peer.client import PeerClient, PeerRefused
@@ -77,23 +78,15 @@ class FakePeers:
         return self.list
 
 
-@dataclass
-class Report:
-    container: str
-    target: str
-    downtime_s: float = 0.25
-    bytes_sent: int = 4096
-
-
 class FakeMigrator:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
         self.moved = asyncio.Event()
 
-    async def migrate(self, container: str, target: str, progress: Any = None) -> Report:
+    async def migrate(self, container: str, target: str, progress: Any = None) -> MigrationReport:
         self.calls.append((container, target))
         self.moved.set()
-        return Report(container, target)
+        return MigrationReport("m1", container, "a", target, "succeeded", downtime_s=0.25)
 
 
 class FakeHandlers:
