@@ -348,3 +348,114 @@ def test_a_group_moves_once_with_its_first_member() -> None:
         assert {x["container"] for x in ev.status()["done"]} == {"app", "cache", "lone"}
 
     run_async(scenario())
+
+
+class FakeCheck:
+    """The eligibility check: per container, the peers that refuse it and why."""
+
+    def __init__(self, peers: list[str]) -> None:
+        self.peers = peers
+        self.blockers: dict[str, list[str]] = {}
+        self.refusing: dict[str, dict[str, str]] = {}
+        self.calls: list[str] = []
+
+    async def __call__(self, container: str, target: str | None) -> Any:
+        from agent.migration.eligibility import Eligibility, PeerVerdict
+
+        self.calls.append(container)
+        refusing = self.refusing.get(container, {})
+        verdict = Eligibility(container, f"id-{container}")
+        verdict.blockers = list(self.blockers.get(container, []))
+        if not verdict.blockers:
+            verdict.peers = {
+                p: PeerVerdict(p, [refusing[p]] if p in refusing else []) for p in self.peers
+            }
+        return verdict
+
+
+def _with_movability(
+    mig: FakeMigrator, peers: FakePeers, check: FakeCheck, inventory: list[ContainerInfo]
+) -> tuple[Evacuator, Any]:
+    from agent.service.movability import Movability
+
+    clock = FakeClock()
+    movability = Movability(check, lambda: inventory, peers, clock)
+    ev = Evacuator(
+        mig, peers, host="a", clock=clock, inventory=lambda: inventory, movability=movability
+    )
+    return ev, movability
+
+
+def test_a_container_that_cannot_move_is_never_tried_nor_retried_until_it_changes() -> None:
+    async def scenario() -> None:
+        mig, peers = FakeMigrator(), FakePeers(peer("b"))
+        check = FakeCheck(["b"])
+        check.blockers["old"] = ["container old runs with --init: docker-init ..."]
+        inventory = [ctr("old"), ctr("web")]
+        ev, movability = _with_movability(mig, peers, check, inventory)
+        result = await EvacuateAction(ev).execute(decision(["old", "web"], ["b", "b"]))
+        assert result.per_container["old"].startswith("cannot move: container old runs with")
+        assert result.per_container["web"] == "moved to b"
+        assert mig.calls == [("web", "b")], "a known failure must never reach the freeze"
+        assert "1 cannot move (not retried" in result.message
+        (item,) = ev.status()["cannot_move"]
+        assert item["container"] == "old" and item["retry_in_s"] is None
+        assert ev.due() == [] and ev.status()["stuck"] == []
+        # Left out of policy selection while nothing changes; asked again once it does.
+        assert movability.known_unmovable() == {"id-old"}
+        peers.list.append(peer("c"))
+        assert movability.known_unmovable() == set()
+
+    run_async(scenario())
+
+
+def test_a_peer_that_refuses_is_replaced_by_one_that_accepts() -> None:
+    async def scenario() -> None:
+        mig, peers = FakeMigrator(), FakePeers(peer("b"), peer("c"))
+        check = FakeCheck(["b", "c"])
+        check.refusing["web"] = {"b": "10.0.0.5 is not an address of b"}
+        ev, _ = _with_movability(mig, peers, check, [ctr("web")])
+        result = await EvacuateAction(ev).execute(decision(["web"], ["b"]))
+        assert result.per_container["web"] == "moved to c" and mig.calls == [("web", "c")]
+        # Every peer refusing for a lasting reason: cannot move, with each peer's words.
+        check.refusing["db"] = {"b": "port 80 in use", "c": "static address taken"}
+        ev2, _ = _with_movability(FakeMigrator(), peers, check, [ctr("db")])
+        out = await EvacuateAction(ev2).execute(decision(["db"], ["b"]))
+        assert out.per_container["db"] == (
+            "cannot move: b: port 80 in use; c: static address taken"
+        )
+
+    run_async(scenario())
+
+
+def test_survey_lists_unmovable_and_stopped_opted_in_containers() -> None:
+    async def scenario() -> None:
+        check = FakeCheck(["b"])
+        check.blockers["old"] = ["uses --link to db"]
+        opted = {"ferry.migrate": "true"}
+        inventory = [
+            ContainerInfo("id-old", "old", "img", "sha", opted, "running"),
+            ContainerInfo("id-off", "off", "img", "sha", opted, "exited"),
+            ContainerInfo("id-ok", "ok", "img", "sha", opted, "running"),
+            ContainerInfo("id-x", "x", "img", "sha", {}, "running"),
+        ]
+        _, movability = _with_movability(FakeMigrator(), FakePeers(peer("b")), check, inventory)
+        survey = await movability.survey()
+        assert survey == [
+            {
+                "container": "old",
+                "state": "cannot_move",
+                "reason": "uses --link to db",
+                "permanent": True,
+            },
+            {
+                "container": "off",
+                "state": "left_behind",
+                "reason": "exited: only running containers move; it stays here",
+            },
+        ]
+        calls = list(check.calls)
+        await movability.survey()
+        assert check.calls == calls, "nothing changed: the answers are remembered"
+
+    run_async(scenario())

@@ -151,3 +151,83 @@ def test_cli_bad_config_is_2(tmp_path: Path) -> None:
 def test_cli_without_agent_is_3(config: Path) -> None:
     result = CliRunner().invoke(main, ["migrate", "web", "--to", "b", "--config", str(config)])
     assert result.exit_code == 3 and ": no socket (is `ferry run` running?)" in result.output
+
+
+def test_state_lost_is_said_first_and_is_never_rolled_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: Path
+) -> None:
+    lost = "STATE LOST: web did not keep its state: left stopped, checkpoint kept at /x"
+    failed = MigrationFailed("restore failed on b", rolled_back=True, state_lost=lost)
+    failed.report = _report()
+    assert not failed.rolled_back and str(failed).endswith(f"({lost})")
+    _, result = run_async(_serve_and_ask(tmp_path / "s.sock", FakeService(failed)))
+    assert result["state_lost"] == lost and not result["rolled_back"]
+    # Moved, but restarted from scratch on the target: not reported as a success.
+    report = _report()
+    report.state_lost = "STATE LOST: web did not keep its state: on b: Docker restarted it"
+    _, moved = run_async(_serve_and_ask(tmp_path / "t.sock", FakeService(report)))
+    assert moved["ok"] is False and moved["state_lost"] == report.state_lost
+    cli = _cli(monkeypatch, config, result)
+    assert cli.exit_code == 1 and f"ferry: {lost}" in cli.output.splitlines()
+    assert "rolled back" not in cli.output
+    assert _cli(monkeypatch, config, moved).exit_code == 1
+
+
+def test_metered_migrator_counts_state_lost() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from agent.service.metrics import FerryMetrics
+    from agent.service.migrations import MeteredMigrator
+
+    metrics = FerryMetrics(CollectorRegistry())
+    lost = MigrationFailed("x", rolled_back=False, state_lost="STATE LOST: web ...")
+    metered = MeteredMigrator(FakeService(lost), metrics)
+    with pytest.raises(MigrationFailed):
+        run_async(metered.migrate("web", "b", progress=lambda e: None))
+    text = metrics.render().decode()
+    assert "ferry_migrations_state_lost_total 1.0" in text
+    assert "ferry_migrations_rolled_back_total 0.0" in text
+
+
+def test_check_cli_prints_every_reason_and_exits_by_the_convention(
+    monkeypatch: pytest.MonkeyPatch, config: Path
+) -> None:
+    from agent.service.control import AgentUnreachable, ControlClient, ControlRequestFailed
+
+    answers: list[Any] = []
+
+    async def request(self: Any, method: str, route: str, body: Any = None) -> Any:
+        assert (method, route) == ("POST", "/v1/check")
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(ControlClient, "request", request)
+    cannot = {
+        "movable": False,
+        "permanent": True,
+        "container": "web",
+        "reasons": ["container web runs with --init: ...", "b: port 80 in use"],
+        "changes": ["its address 172.17.0.2 on network bridge changes"],
+        "peers": {},
+    }
+    can = dict(cannot, movable=True, reasons=[], peers={"b": {"accepts": True, "changes": []}})
+    answers += [
+        {"eligibility": cannot, "pick": None},
+        {"eligibility": can, "pick": "b"},
+        ControlRequestFailed(400, "no container 'x' on a"),
+        AgentUnreachable("no agent socket"),
+        {"eligibility": can, "pick": "b"},
+    ]
+    run = CliRunner().invoke
+    out = run(main, ["check", "web", "--config", str(config)])
+    assert out.exit_code == 1, out.output
+    assert "web cannot move (not until something changes):" in out.output
+    assert "  - b: port 80 in use" in out.output and "changes" in out.output
+    out = run(main, ["check", "web", "--config", str(config)])
+    assert out.exit_code == 0 and "web can move to b" in out.output
+    assert run(main, ["check", "x", "--config", str(config)]).exit_code == 2
+    assert run(main, ["check", "web", "--config", str(config)]).exit_code == 3
+    dry = run(main, ["migrate", "web", "--dry-run", "--config", str(config)])
+    assert dry.exit_code == 0 and "web can move to b" in dry.output

@@ -156,3 +156,38 @@ def test_daemon_paths_map_into_the_configured_data_root(tmp_path: Any) -> None:
         except PathOutsideDataRoot:
             continue
         raise AssertionError(f"{outside} was mapped")
+
+
+def test_static_address_mac_and_tmpfs_options_are_carried() -> None:
+    pinned = copy.deepcopy(INSPECT)
+    pinned["Config"]["MacAddress"] = "02:42:ac:1f:46:99"
+    pinned["NetworkSettings"]["Networks"]["appnet"]["IPAMConfig"] = {"IPv4Address": "10.9.0.7"}
+    pinned["HostConfig"]["Mounts"] = [
+        {"Type": "tmpfs", "Target": "/scratch", "TmpfsOptions": {"SizeBytes": 4096, "Mode": 1016}}
+    ]
+    pinned["Mounts"].append({"Type": "tmpfs", "Destination": "/scratch", "RW": True})
+    spec = spec_from_inspect(pinned)
+    endpoint = spec.body["NetworkingConfig"]["EndpointsConfig"]["appnet"]
+    assert endpoint["IPAMConfig"] == {"IPv4Address": "10.9.0.7"}
+    assert endpoint["MacAddress"] == "02:42:ac:1f:46:99"
+    assert spec.addresses == {"appnet": {"IPv4Address": "10.9.0.7"}}
+    assert spec.mac_address == "02:42:ac:1f:46:99"
+    assert {
+        "Type": "tmpfs",
+        "Target": "/scratch",
+        "ReadOnly": False,
+        "TmpfsOptions": {"SizeBytes": 4096, "Mode": 1016},
+    } in spec.body["HostConfig"]["Mounts"]
+    # Docker's own address and MAC are not pinned: the target picks its own.
+    plain = spec_from_inspect(INSPECT)
+    assert plain.addresses == {} and "IPAMConfig" not in str(plain.body)
+
+
+def test_init_and_links_are_refused_with_the_reason() -> None:
+    bad = copy.deepcopy(INSPECT)
+    bad["HostConfig"]["Init"] = True
+    bad["HostConfig"]["Links"] = ["/db:/web/db", "/cache:/web/cache"]
+    spec = spec_from_inspect(bad)
+    problems = source_problems(bad, spec, copy_named_volumes=True)
+    assert any("--init: docker-init as PID 1 does not restore here" in p for p in problems)
+    assert any("--link to db, cache" in p for p in problems)
