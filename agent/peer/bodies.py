@@ -40,6 +40,21 @@ class PrepareBody(_Body):
     volumes: list[str] = Field(default=[], max_length=256)
 
 
+class CheckBody(_Body):
+    """A dry run of prepare: the same fields without a migration id, and maybe the spec."""
+
+    name: str = Field(pattern=_NAME)
+    container_id: str = Field(default="", max_length=128)
+    image_id: str = Field(default="", pattern=rf"{_IMAGE_ID}|^$")
+    image_bytes: int = Field(default=0, ge=0)
+    memory_bytes: int = Field(default=0, ge=0)
+    state_bytes_estimate: int = Field(default=0, ge=0)
+    ports: list[_Port] = Field(default=[], max_length=4096)
+    networks: list[str] = Field(default=[], max_length=256)
+    volumes: list[str] = Field(default=[], max_length=256)
+    spec: dict[str, Any] | None = None  # its inside is checked by agent.migration.accept
+
+
 class StageBody(_Body):
     spec: dict[str, Any]  # its inside is checked by agent.migration.accept
 

@@ -40,6 +40,7 @@ from agent.peer.api import (
 from agent.peer.bodies import (
     AbortBody,
     BodyShapeError,
+    CheckBody,
     ImageMeta,
     PrepareBody,
     RestoreBody,
@@ -191,7 +192,7 @@ async def _prepare(request: web.Request) -> web.Response:
 
 
 async def _check(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = checked(CheckBody, await _json_body(request), "body")
     result = await request.app[HANDLERS_KEY].check(request[PEER_NAME_KEY], body)
     return web.json_response(result)
 
