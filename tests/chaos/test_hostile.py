@@ -99,14 +99,16 @@ def target_state(cluster: Cluster) -> Target:
     return Target(containers, tags, {i.id for i in images}, time.time())
 
 
-def assert_nothing_left(cluster: Cluster, before: Target) -> None:
+def assert_nothing_left(cluster: Cluster, before: Target, *, made_rows: bool = True) -> None:
+    """Nothing of the probe's migrations is left on the target; with `made_rows`, it made
+    at least one (else the test did not test what it says)."""
     after = target_state(cluster)
     assert after.containers == before.containers, "the target kept a container"
     assert after.tags == before.tags, "a tag moved, appeared or went"
     assert after.images == before.images, "an image was left (or removed)"
     h2 = cluster.hosts[1]
     rows = [r for r in journal_rows(h2) if r.started >= before.since]
-    assert rows, "the probe made no migration at all"
+    assert rows or not made_rows, "the probe made no migration at all"
     unfinished = [r for r in rows if r.outcome is None]
     assert not unfinished, f"unfinished journal rows: {unfinished}"
     left = leftover_problems([h2], cluster.clients, rows, before.since, keep=set())
@@ -171,14 +173,16 @@ def test_ferry_migrate_shows_the_targets_refusal_before_anything_is_frozen(
         result = result_of(lines)
         assert result["kind"] == "refused", result
         reason = result["reason"]
-        assert f"{h2.name} does not accept this container" in reason, reason
+        # In the eligibility dry run (/v1/check) or at stage: the target's words either way.
+        assert f"{h2.name} does not accept" in reason, reason
         assert "HostConfig.Privileged" in reason and "migration.accept.privileged" in reason
         assert "\n" not in reason
         # Refused at stage, before the freeze: the same process runs on, never checkpointed.
         state = c1.api.inspect_container(src.id)["State"]
         assert state["Running"] and state["StartedAt"] == started, state
         assert not c1.api.get(c1.api._url(f"/containers/{src.id}/checkpoints")).json()
-        assert_nothing_left(cluster, before)
+        # A dry run (/v1/check) may have refused it before any migration began there.
+        assert_nothing_left(cluster, before, made_rows=False)
     finally:
         src.remove(force=True)
 
