@@ -140,6 +140,12 @@ class DockerConfig(_Model):
     runc_command: list[_Word] = Field(
         default=["runc", "--root", "/run/docker/runtime-runc/moby"], min_length=1
     )
+    # Run runc_command inside dockerd's namespaces (`nsenter -t <pid> -m -p -r`), with
+    # dockerd's PID taken from the socket's peer credentials at each checkpoint. The
+    # agent usually runs elsewhere: the shipped systemd unit gives it a private /tmp,
+    # a read-only /usr and cgroup tree, and CRIU needs dockerd's view. false: the
+    # runc_command given enters them itself (or needs not).
+    runc_in_daemon_namespaces: bool = True
     # How to run CRIU where dockerd runs (its mount and PID namespaces), for the local
     # lazy-pages daemon of migration.restore_via: lazy; an argv prefix.
     criu_command: list[_Word] = Field(default=["criu"], min_length=1)

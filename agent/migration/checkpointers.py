@@ -57,6 +57,11 @@ WORK_PREFIX = "ferry-criu-"  # under <data root>/tmp, which dockerd empties at i
 DUMP_OPTIONS: tuple[str, ...] = ("tcp-established", "file-locks")
 
 
+def in_daemon_namespaces(daemon_pid: int, command: Sequence[str]) -> list[str]:
+    """`command` run in dockerd's mount and PID namespaces and with its root."""
+    return ["nsenter", "-t", str(daemon_pid), "-m", "-p", "-r", *command]
+
+
 def restore_options_for(dump_options: Sequence[str]) -> list[str]:
     """The CRIU restore options images dumped with `dump_options` need on another host.
 
@@ -174,17 +179,33 @@ class RuncCheckpointer:
         timeout: float,
         logs_dir: Path | None = None,
         run: Runner | None = None,
+        enter_daemon: bool = False,
     ) -> None:
         self.adapter = adapter
         self.data_root = data_root
         self.command = list(command)
+        self.enter_daemon = enter_daemon
         self.timeout = timeout
         self.logs_dir = logs_dir
         self.run = run or _run
 
+    def prefix(self) -> list[str]:
+        """The runc argv prefix; in dockerd's namespaces when `enter_daemon`."""
+        if not self.enter_daemon:
+            return list(self.command)
+        pid = self.adapter.daemon_pid()
+        if pid is None:
+            raise CheckpointError(
+                "checkpoint via runc",
+                "cannot tell dockerd's process from docker.url to run runc in its "
+                "namespaces; set docker.runc_in_daemon_namespaces: false and a "
+                "docker.runc_command that runs there",
+            )
+        return in_daemon_namespaces(pid, self.command)
+
     def argv(self, root: DataRoot, container_id: str, name: str) -> list[str]:
         return [
-            *self.command,
+            *self.prefix(),
             "checkpoint",
             "--leave-running",
             *(f"--{opt}" for opt in self.options),
@@ -304,5 +325,6 @@ def make_checkpointer(
             timeout=config.migration.checkpoint_timeout,
             logs_dir=logs_dir,
             run=run,
+            enter_daemon=config.docker.runc_in_daemon_namespaces,
         )
     return EngineCheckpointer(adapter, logs_dir)

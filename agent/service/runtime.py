@@ -30,6 +30,7 @@ from agent.config import FerryConfig, load_config
 from agent.errors import InputError
 from agent.hostport import split_host_port
 from agent.logging import configure_logging
+from agent.migration.checkpointers import in_daemon_namespaces
 from agent.model import Clock, PeerDirectory, SignalSource, SystemClock
 from agent.peer.health import PeerHealthMonitor
 from agent.plugin_loader import Plugins, load_plugins
@@ -508,6 +509,9 @@ class Agent:
 
 async def _default_prereqs(agent: Agent) -> list[str]:
     cfg = agent.config
+    runc = None
+    if cfg.migration.checkpoint_via == "runc":
+        runc = await asyncio.to_thread(_runc_command, agent)
     probe = None
     if isinstance(agent.peers, PeerHealthMonitor) and cfg.peers:
         probe = agent.peers.poll_once
@@ -519,9 +523,19 @@ async def _default_prereqs(agent: Agent) -> list[str]:
         tls_files=agent._tls_files(),
         host=cfg.name,
         peer_probe=probe,
-        runc_command=cfg.docker.runc_command if cfg.migration.checkpoint_via == "runc" else None,
+        runc_command=runc,
     )
     return [str(p) for p in fatal(problems)]
+
+
+def _runc_command(agent: Agent) -> list[str]:
+    """docker.runc_command as the runc checkpointer runs it (in dockerd's namespaces)."""
+    cfg = agent.config
+    ask = getattr(agent.docker, "daemon_pid", None)
+    pid = ask() if ask is not None and cfg.docker.runc_in_daemon_namespaces else None
+    if pid is None:
+        return list(cfg.docker.runc_command)
+    return in_daemon_namespaces(pid, cfg.docker.runc_command)
 
 
 # ---------------------------------------------------------------------- entry point

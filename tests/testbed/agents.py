@@ -73,12 +73,8 @@ def write_config(
             "data_root": host.data_root,
             # CRIU lives in the host's rootfs, where its dockerd runs.
             "criu_check": ["nsenter", "-t", str(host.init_pid), "-m", "-r", "criu", "--version"],
-            # dockerd's runc, for migration.checkpoint_via: runc. It needs the host's PID
-            # namespace too: CRIU reads /proc/self there.
-            "runc_command": [
-                *("nsenter", "-t", str(host.init_pid), "-m", "-p", "-r"),
-                *("runc", "--root", "/run/docker/runtime-runc/moby"),
-            ],
+            # runc runs in dockerd's namespaces by default (docker.runc_in_daemon_namespaces:
+            # nsenter to the PID behind docker.url), as it would under the systemd unit.
             # The local lazy-pages daemon runs beside dockerd, like runc.
             "criu_command": ["nsenter", "-t", str(host.init_pid), "-m", "-p", "-r", "criu"],
             # The host's /tmp, where its containerd leaves a copy of each restored checkpoint.

@@ -352,3 +352,22 @@ def test_a_failed_restore_quotes_criu_from_the_targets_kept_log(
     # Rolled back by unpausing: the source copy runs on.
     assert a.docker.containers[cid]["State"]["Running"]
     assert not a.docker.containers[cid]["State"]["Paused"]
+
+
+def test_runc_runs_in_dockerds_namespaces_found_through_its_socket(root: DataRoot) -> None:
+    class Found(States):
+        def daemon_pid(self) -> int | None:
+            return 4242
+
+    run = Runc(root)
+    plain = ["runc", "--root", "/run/docker/runtime-runc/moby"]
+    RuncCheckpointer(
+        Found(), lambda: root, plain, timeout=5, run=run, enter_daemon=True
+    ).checkpoint(CID, "ferry-x9")
+    assert run.calls[0][:9] == ["nsenter", "-t", "4242", "-m", "-p", "-r", *plain]
+    # No PID behind docker.url (a TCP daemon): refused before anything is paused.
+    states = States()
+    lost = RuncCheckpointer(states, lambda: root, plain, timeout=5, run=run, enter_daemon=True)
+    with pytest.raises(CheckpointError, match="runc_in_daemon_namespaces: false"):
+        lost.checkpoint(CID, "ferry-x10")
+    assert states.calls == []
