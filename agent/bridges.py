@@ -9,6 +9,8 @@ stops the other side when one side goes away.
 - `aiter_blocking`: the loop pulls a blocking iterator, one item per thread hop.
 - `aiter_thread`: a thread produces ahead into a bounded queue; the loop consumes.
 - `feed_blocking_consumer`: the loop feeds an async source to a blocking consumer.
+- `to_thread_to_the_end`: a blocking call whose outcome the caller must know,
+  off the loop, that a cancellation does not cut short (journal writes).
 """
 
 from __future__ import annotations
@@ -47,6 +49,25 @@ def put_until(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
         except queue.Full:
             continue
     return False
+
+
+async def to_thread_to_the_end(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """`asyncio.to_thread`, except that a cancellation waits for the call to end.
+
+    The thread cannot be stopped anyway; what this adds is that the caller
+    never goes on (or rolls back) while a write it started may still land: when
+    the CancelledError reaches it, the call has finished one way or the other.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # seen here; the cancellation is what the caller gets
+        raise
 
 
 async def aiter_blocking(

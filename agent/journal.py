@@ -2,6 +2,10 @@
 
 SQLite in the state dir, WAL with synchronous=FULL: a phase recorded before it
 starts survives a crash or power loss right after.
+
+Every method blocks until its commit is on disk. The migration engine calls
+them through `agent.bridges.to_thread_to_the_end`, so the event loop keeps
+serving while SQLite fsyncs, and the engine still acts only on what is durable.
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ class Journal:
         target: str,
         role: str,
         phase: str = "start",
+        report: dict[str, Any] | None = None,
     ) -> MigrationRecord:
         if role not in ("source", "target"):
             raise JournalError(f"role must be source or target, not {role!r}")
@@ -127,8 +132,7 @@ class Journal:
         try:
             with self._tx() as db:
                 db.execute(
-                    f"INSERT INTO migrations ({_COLUMNS}) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,NULL,NULL,'{}')",
+                    f"INSERT INTO migrations ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,NULL,NULL,?)",
                     (
                         migration_id,
                         container_id,
@@ -139,18 +143,31 @@ class Journal:
                         phase,
                         now,
                         now,
+                        json.dumps(report or {}),
                     ),
                 )
         except sqlite3.IntegrityError:
             raise JournalError(f"migration {migration_id} is already in the journal") from None
         return self.get(migration_id)
 
-    def set_phase(self, migration_id: str, phase: str) -> None:
-        """Record the phase about to start (call before starting it)."""
+    def set_phase(
+        self, migration_id: str, phase: str, report: dict[str, Any] | None = None
+    ) -> None:
+        """Record the phase about to start (call before starting it).
+
+        With `report`, the report so far is replaced in the same commit: one
+        fsync per phase, which matters inside the freeze window.
+        """
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE migrations SET phase = ?, updated = ? WHERE id = ? AND outcome IS NULL",
-                (phase, self._clock(), migration_id),
+                "UPDATE migrations SET phase = ?, updated = ?, report = COALESCE(?, report) "
+                "WHERE id = ? AND outcome IS NULL",
+                (
+                    phase,
+                    self._clock(),
+                    None if report is None else json.dumps(report),
+                    migration_id,
+                ),
             )
             if cur.rowcount != 1:
                 raise JournalError(f"no unfinished migration {migration_id}")

@@ -26,7 +26,7 @@ import structlog
 
 from agent.archive import ArchiveError, Packer
 from agent.backoff import Backoff
-from agent.bridges import aiter_blocking
+from agent.bridges import aiter_blocking, to_thread_to_the_end
 from agent.config import FerryConfig
 from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
 from agent.journal import Journal, JournalError, MigrationRecord
@@ -313,8 +313,8 @@ class MigrationService:
             target=peer.name,
             role="source",
             phase=rp.PREPARE,
+            report=self._journal_data(run),
         )
-        self._save(run)
         self.active[spec.id] = mid
         log.info(
             "migration.started", migration=mid, container=spec.name, target=peer.name, group=group
@@ -381,7 +381,7 @@ class MigrationService:
             reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
             for r in runs:
                 await asyncio.shield(self._abort_target(r, str(reason)))
-                self._end(r, "refused", f"group {group}: {reason}")
+                await self._end(r, "refused", f"group {group}: {reason}")
             if isinstance(exc, asyncio.CancelledError):
                 raise
             refused = MigrationRefused(f"group {group}: {reason}")
@@ -412,7 +412,9 @@ class MigrationService:
         # One decision for every member, in one journal transaction.
         for r in runs:
             r.decision = rp.DECISION_COMMIT
-        self.journal.decide({r.mid: self._journal_data(r) for r in runs}, rp.COMMIT)
+        await to_thread_to_the_end(
+            self.journal.decide, {r.mid: self._journal_data(r) for r in runs}, rp.COMMIT
+        )
         in_doubt: list[str] = []
         for r in runs:
             emits[r.mid](rp.COMMIT, f"committing: {r.peer.name} runs it")
@@ -422,7 +424,7 @@ class MigrationService:
             except MigrationFailed as exc:
                 in_doubt.append(f"{r.spec.name}: {exc.reason}")
                 if not exc.in_doubt:
-                    self._mark_in_doubt(r, exc.reason)
+                    await self._mark_in_doubt(r, exc.reason)
         report = self._group_report(group, runs)
         if in_doubt:
             failed = MigrationFailed(f"group {group}: " + "; ".join(in_doubt), in_doubt=True)
@@ -472,13 +474,15 @@ class MigrationService:
         data["decision"] = run.decision
         return data
 
-    def _save(self, run: _Run) -> None:
+    async def _save(self, run: _Run) -> None:
         with contextlib.suppress(JournalError):
-            self.journal.update_report(run.mid, self._journal_data(run))
+            await to_thread_to_the_end(self.journal.update_report, run.mid, self._journal_data(run))
 
-    def _phase(self, run: _Run, phase: str, emit: Callable[..., None], message: str = "") -> None:
-        self.journal.set_phase(run.mid, phase)
-        self._save(run)
+    async def _phase(
+        self, run: _Run, phase: str, emit: Callable[..., None], message: str = ""
+    ) -> None:
+        # One commit: the phase and the report so far, off the loop, durable before it starts.
+        await to_thread_to_the_end(self.journal.set_phase, run.mid, phase, self._journal_data(run))
         log.info("migration.phase", migration=run.mid, phase=phase, container=run.spec.name)
         emit(phase, message)
 
@@ -489,18 +493,18 @@ class MigrationService:
             await self._before_freeze(run, inspect, emit)
         except MigrationRefused as exc:
             await self._abort_target(run, exc.reason)
-            self._end(run, "refused", exc.reason)
+            await self._end(run, "refused", exc.reason)
             log.info("migration.refused", migration=run.mid, reason=exc.reason)
             raise
         except asyncio.CancelledError:
             # Nothing here was touched yet; only the target may hold a staged copy.
             await asyncio.shield(self._abort_target(run, "migration cancelled"))
-            self._end(run, "refused", "migration cancelled before the freeze")
+            await self._end(run, "refused", "migration cancelled before the freeze")
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             await self._abort_target(run, reason)
-            self._end(run, "refused", reason)
+            await self._end(run, "refused", reason)
             log.exception("migration.refused", migration=run.mid, reason=reason)
             raise MigrationRefused(reason) from exc
 
@@ -517,7 +521,7 @@ class MigrationService:
                     raise
                 if isinstance(exc, MigrationFailed) and exc.in_doubt:
                     raise
-                self._mark_in_doubt(run, str(reason))
+                await self._mark_in_doubt(run, str(reason))
                 raise MigrationFailed(str(reason), in_doubt=True) from exc
             await asyncio.shield(self._roll_back(run, str(reason), emit, before=inspect))
             if isinstance(exc, asyncio.CancelledError):
@@ -584,17 +588,17 @@ class MigrationService:
                     f"image {spec.image_ref} is {image_bytes} bytes, over "
                     f"migration.max_image_bytes ({int(mig.max_image_bytes)})"
                 )
-            self._phase(run, rp.PRESTAGE, emit, "shipping image")
+            await self._phase(run, rp.PRESTAGE, emit, "shipping image")
             with run.timer.phase("image"):
                 await self._ship_image(run, image, image_bytes, emit)
         else:
-            self._phase(run, rp.PRESTAGE, emit, "creating the target container")
+            await self._phase(run, rp.PRESTAGE, emit, "creating the target container")
         with run.timer.phase(rp.PRESTAGE):
             staged = await self._call(
                 peer.post_json(migration_path(run.mid, "stage"), {"spec": spec.to_dict()})
             )
         run.report.target_container_id = str(staged.get("container_id"))
-        self._save(run)
+        await self._save(run)
 
     def _network_specs(self, spec: ContainerSpec) -> list[dict[str, Any]]:
         out = []
@@ -648,7 +652,9 @@ class MigrationService:
         await self._restore_held(run, emit)
         # The decision is durable before anyone acts on it; from here there is no rollback.
         run.decision = rp.DECISION_COMMIT
-        self.journal.decide({run.mid: self._journal_data(run)}, rp.COMMIT)
+        await to_thread_to_the_end(
+            self.journal.decide, {run.mid: self._journal_data(run)}, rp.COMMIT
+        )
         log.info("migration.phase", migration=run.mid, phase=rp.COMMIT, container=run.spec.name)
         emit(rp.COMMIT, f"committing: {run.peer.name} runs it")
         await self._commit(run, emit)
@@ -656,7 +662,7 @@ class MigrationService:
 
     async def _freeze(self, run: _Run, emit: Callable[..., None]) -> None:
         spec = run.spec
-        self._phase(run, rp.FREEZE, emit, "checkpointing")
+        await self._phase(run, rp.FREEZE, emit, "checkpointing")
         run.frozen_at = self.clock.monotonic()
         with run.timer.phase(rp.FREEZE):
             if (spec.restart_policy.get("Name") or "no") != "no":
@@ -670,7 +676,7 @@ class MigrationService:
 
     async def _transfer(self, run: _Run, emit: Callable[..., None]) -> None:
         spec, peer = run.spec, run.peer
-        self._phase(run, rp.TRANSFER, emit, "streaming state")
+        await self._phase(run, rp.TRANSFER, emit, "streaming state")
         root = await asyncio.to_thread(self.data_root.get)
         sections = {
             "checkpoint": root.checkpoint_dir(spec.id, run.checkpoint),
@@ -702,7 +708,7 @@ class MigrationService:
         peer = run.peer
         digest = run.report.details["digest"]
         run.restore_sent = True
-        self._phase(run, rp.RESTORE, emit, f"restoring on {peer.name}")
+        await self._phase(run, rp.RESTORE, emit, f"restoring on {peer.name}")
         mig = self.config.migration
         with run.timer.phase(rp.RESTORE):
             try:
@@ -741,7 +747,7 @@ class MigrationService:
                 f"committed, but {peer.name} did not confirm within "
                 f"{float(mig.commit_timeout):.0f}s; nothing runs here, state kept"
             )
-            self._mark_in_doubt(run, why)
+            await self._mark_in_doubt(run, why)
             raise MigrationFailed(why, in_doubt=True)
         run.report.downtime_s = round(self.clock.monotonic() - run.frozen_at, 4)
         if committed.get("state_lost"):
@@ -754,11 +760,11 @@ class MigrationService:
 
     async def _finish(self, run: _Run, emit: Callable[..., None]) -> None:
         spec, peer = run.spec, run.peer
-        self._phase(run, rp.FINISH, emit, "cleaning up the source")
+        await self._phase(run, rp.FINISH, emit, "cleaning up the source")
         with run.timer.phase(rp.FINISH):
             run.report.details["source_copy"] = await self._dispose_source(run)
         run.timer.finish()
-        self._end(run, "succeeded", None)
+        await self._end(run, "succeeded", None)
         log.info(
             "migration.succeeded",
             migration=run.mid,
@@ -845,7 +851,7 @@ class MigrationService:
                 return _IN_DOUBT
             await asyncio.sleep(delay)
 
-    def _mark_in_doubt(self, run: _Run, reason: str) -> None:
+    async def _mark_in_doubt(self, run: _Run, reason: str) -> None:
         log.error(
             "migration.in_doubt",
             migration=run.mid,
@@ -854,7 +860,7 @@ class MigrationService:
             reason=reason,
         )
         run.timer.finish()
-        self._end(run, rp.IN_DOUBT, reason)
+        await self._end(run, rp.IN_DOUBT, reason)
         self._spawn(self._resolve_in_doubt(run.mid))
 
     async def _resolve_in_doubt(self, mid: str) -> None:
@@ -995,13 +1001,15 @@ class MigrationService:
         # Journalled before the target hears it: a held copy asks for exactly this.
         run.decision = rp.DECISION_ROLLBACK
         with contextlib.suppress(JournalError):
-            self._phase(run, rp.ROLLBACK, emit, reason)
+            await self._phase(run, rp.ROLLBACK, emit, reason)
         with run.timer.phase(rp.ROLLBACK):
             if await self._abort_target(run, reason):
                 log.warning("migration.target_has_it", migration=run.mid)
                 run.report.details["source_copy"] = await self._dispose_source(run)
                 run.timer.finish()
-                self._end(run, "succeeded", f"target refused the abort, it runs there: {reason}")
+                await self._end(
+                    run, "succeeded", f"target refused the abort, it runs there: {reason}"
+                )
                 return
             try:
                 if run.frozen_at is None:
@@ -1025,7 +1033,7 @@ class MigrationService:
                 lost = state_lost_sentence(run.spec.name, detail)
                 why = f"{reason}; AND its state could not be restored here: {detail}"
                 run.report.state_lost = lost
-                self._end(run, "failed", why)
+                await self._end(run, "failed", why)
                 log.error("migration.state_lost", migration=run.mid, reason=why)
                 emit("done", lost)
                 raise MigrationFailed(why, rolled_back=False, state_lost=lost) from exc
@@ -1036,7 +1044,7 @@ class MigrationService:
                 self.clock.monotonic() - run.frozen_at, 4
             )
         run.timer.finish()
-        self._end(run, "rolled_back", reason)
+        await self._end(run, "rolled_back", reason)
         log.warning("migration.rolled_back", migration=run.mid, reason=reason, how=how)
         emit("done", f"rolled back: {reason}")
 
@@ -1088,14 +1096,16 @@ class MigrationService:
             log.warning("migration.abort_unanswered", migration=mid, error=str(exc))
         return False
 
-    def _end(self, run: _Run, outcome: str, reason: str | None) -> None:
+    async def _end(self, run: _Run, outcome: str, reason: str | None) -> None:
         run.report.outcome = outcome
         run.report.reason = reason
         if not run.report.total_s:
             run.timer.finish()
         data = self._journal_data(run)
         try:
-            self.journal.finish(run.mid, outcome, reason=reason, report=data)
+            await to_thread_to_the_end(
+                self.journal.finish, run.mid, outcome, reason=reason, report=data
+            )
         except JournalError:
             log.exception("migration.journal_failed", migration=run.mid)
 

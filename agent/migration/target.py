@@ -33,7 +33,7 @@ from agent.archive import (
     UnsafeArchive,
 )
 from agent.backoff import Backoff
-from agent.bridges import feed_blocking_consumer
+from agent.bridges import feed_blocking_consumer, to_thread_to_the_end
 from agent.config import FerryConfig
 from agent.docker_adapter import (
     CHECKPOINT_NAME_RE,
@@ -161,9 +161,14 @@ class TargetHandlers:
             raise _refuse(f"migration {mid} belongs to another peer", "forbidden", 403)
         return inc
 
-    def _phase(self, inc: Incoming, phase: str) -> None:
-        self.journal.set_phase(inc.migration_id, phase)
-        self.journal.update_report(inc.migration_id, inc.journal_report())
+    async def _phase(self, inc: Incoming, phase: str, extra: dict[str, Any] | None = None) -> None:
+        # One commit for the phase and the report, off the loop; done before the phase starts.
+        report = inc.journal_report() | (extra or {})
+        await to_thread_to_the_end(self.journal.set_phase, inc.migration_id, phase, report)
+
+    async def _save(self, inc: Incoming) -> None:
+        report = inc.journal_report()
+        await to_thread_to_the_end(self.journal.update_report, inc.migration_id, report)
 
     async def close(self) -> None:
         for task in list(self._cleanup_tasks):
@@ -390,7 +395,7 @@ class TargetHandlers:
                 reason = f"cannot create the container on {self.config.name}: {exc.message}"
                 await self._discard(inc, reason)
                 raise _refuse(reason) from exc
-            self._phase(inc, T_STAGED)
+            await self._phase(inc, T_STAGED)
             log.info(
                 "migration.target.staged", migration=migration_id, container_id=inc.container_id
             )
@@ -558,7 +563,7 @@ class TargetHandlers:
             )
         if not inc.image_cap:
             raise _refuse(f"{here} has image {declared} already; none was expected", "bad_order")
-        self._phase(inc, T_IMAGE)
+        await self._phase(inc, T_IMAGE)
         before = await asyncio.to_thread(self.adapter.image_ids)
         counted = _Counting(stream, inc.image_cap)
         strippers: list[TagStripper] = []
@@ -597,9 +602,9 @@ class TargetHandlers:
                 422,
             )
         inc.loaded_image = declared if declared not in before else None
-        self.journal.update_report(inc.migration_id, inc.journal_report())
+        await self._save(inc)
         await asyncio.to_thread(self._add_absent_tags, inc, manifest.repo_tags)
-        self.journal.update_report(inc.migration_id, inc.journal_report())
+        await self._save(inc)
         log.info(
             "migration.target.image_loaded",
             migration=inc.migration_id,
@@ -651,7 +656,7 @@ class TargetHandlers:
         self, inc: Incoming, stream: ByteStream, digest: str | None
     ) -> dict[str, Any]:
         migration_id = inc.migration_id
-        self._phase(inc, T_RECEIVED)
+        await self._phase(inc, T_RECEIVED)
         previous = self._staged.pop(migration_id, None)
         if previous is not None:  # a resent state replaces what came before
             await asyncio.to_thread(previous.discard)
@@ -680,7 +685,7 @@ class TargetHandlers:
         inc.staging_dirs = staged.staging_dirs
         inc.archive_digest = result.digest
         inc.archive_bytes = result.size
-        self.journal.update_report(migration_id, inc.journal_report())
+        await self._save(inc)
         return {"digest": result.digest, "bytes": result.size}
 
     async def restore(self, peer: str, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -700,7 +705,7 @@ class TargetHandlers:
                     "digest_mismatch",
                     422,
                 )
-            self._phase(inc, T_RESTORE)
+            await self._phase(inc, T_RESTORE)
             t0 = self.clock.monotonic()
             timings: dict[str, float] = {}
             try:
@@ -723,8 +728,7 @@ class TargetHandlers:
                 await self._discard(inc, reason)
                 code = "unsafe_archive" if isinstance(exc, UnsafeArchive) else "restore_failed"
                 raise _refuse(reason, code, 422 if code == "unsafe_archive" else 500) from exc
-            self._phase(inc, T_RESTORED)
-            self.journal.update_report(migration_id, inc.journal_report() | {"timings": timings})
+            await self._phase(inc, T_RESTORED, {"timings": timings})
             inc.timings = timings
             self._watch_decision(inc)
             log.info("migration.target.held", migration=migration_id, container_id=inc.container_id)
@@ -783,8 +787,11 @@ class TargetHandlers:
             ) from exc
         timings = dict((rec.report or {}).get("timings") or {})
         timings["continue_s"] = round(self.clock.monotonic() - t0, 4)
-        self.journal.finish(
-            migration_id, "succeeded", report=inc.journal_report() | {"timings": timings}
+        await to_thread_to_the_end(
+            self.journal.finish,
+            migration_id,
+            "succeeded",
+            report=inc.journal_report() | {"timings": timings},
         )
         self._forget(migration_id)
         await self._stop_watcher(migration_id)

@@ -66,6 +66,18 @@ def test_durability_settings(tmp_path: Path) -> None:
         j.close()
 
 
+def test_a_phase_and_its_report_are_one_commit(tmp_path: Path) -> None:
+    with Journal(tmp_path) as j:
+        _begin(j, "m1")
+        before = j._db.total_changes
+        j.set_phase("m1", "transfer", {"staged": True})
+        assert j._db.total_changes - before == 1  # one UPDATE, one transaction
+        rec = j.get("m1")
+        assert (rec.phase, rec.report) == ("transfer", {"staged": True})
+        j.set_phase("m1", "restore")  # without a report: the last one stays
+        assert j.get("m1").report == {"staged": True}
+
+
 def test_misuse_is_refused(tmp_path: Path) -> None:
     with Journal(tmp_path) as j:
         _begin(j, "m1")
