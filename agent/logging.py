@@ -14,6 +14,9 @@ from typing import Any, TextIO
 
 import structlog
 
+# Marks the handler configure_logging installs, so a second call replaces it.
+_OURS = "_ferry_handler"
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -38,23 +41,43 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     else:
         raise ValueError(f"unknown log format {fmt!r}; use auto, json or console")
 
-    processors: list[Any] = [
+    # Ferry's own events and library records (docker, aiohttp, urllib3) take the
+    # same road: stdlib logging, then structlog's ProcessorFormatter on one
+    # handler. Every line on the stream is rendered by the same renderer, so a
+    # JSON log never carries a plain "WARNING urllib3: ..." line.
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.StackInfoRenderer(),
-        structlog.processors.format_exc_info,
-        renderer,
     ]
     structlog.configure(
-        processors=processors,
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
-    # Libraries (docker, aiohttp) log through stdlib; keep them on the same stream and level.
-    logging.basicConfig(stream=out, level=numeric, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(numeric)
+    formatter = structlog.stdlib.ProcessorFormatter(
+        # Only for library records: they name their logger, Ferry's events do not.
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    setattr(handler, _OURS, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(old)  # configured again (tests, a reload): one stream, not two
+    root.addHandler(handler)
+    root.setLevel(numeric)
 
 
 def _isatty(stream: TextIO) -> bool:

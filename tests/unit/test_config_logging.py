@@ -53,3 +53,34 @@ def test_bad_settings_are_refused() -> None:
         configure_logging("loud", "json", stream=io.StringIO())
     with pytest.raises(ValueError, match="log format"):
         configure_logging("info", "xml", stream=io.StringIO())
+
+
+def test_library_records_are_rendered_like_ferrys_own() -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    structlog.get_logger("agent.t").info("migration.phase", phase="freeze")
+    logging.getLogger("urllib3.connectionpool").warning("Retrying (%s) after %s", 2, "reset")
+    try:
+        raise OSError("socket closed")
+    except OSError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    logging.getLogger("chatty.lib").debug("below the level")
+
+    events = [json.loads(line) for line in out.getvalue().splitlines()]  # every line is JSON
+    assert [e["event"] for e in events] == [
+        "migration.phase",
+        "Retrying (2) after reset",
+        "Error handling request",
+    ]
+    assert events[0]["phase"] == "freeze" and "logger" not in events[0]
+    assert events[1]["level"] == "warning" and events[1]["logger"] == "urllib3.connectionpool"
+    assert "timestamp" in events[1]
+    assert events[2]["level"] == "error" and "OSError: socket closed" in events[2]["exception"]
+
+
+def test_configuring_again_replaces_the_stream() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("info", "json", stream=first)
+    configure_logging("info", "json", stream=second)
+    logging.getLogger("lib").warning("once")
+    assert first.getvalue() == "" and json.loads(second.getvalue())["event"] == "once"
