@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -109,10 +108,3 @@ def problems_from_validation(
             where, loc = rename(loc)
         problems.append(Problem(where, format_loc(loc), _reason(err)))
     return problems
-
-
-def read_yaml(path: Path, shown: str | None = None) -> Any:
-    """The strict reader in agent.yaml_input, for callers that import it from here."""
-    from agent.yaml_input import read_yaml as strict_read_yaml
-
-    return strict_read_yaml(path, shown)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from agent.config import FerryConfig
 from agent.docker_adapter import DockerAdapter
@@ -37,40 +36,3 @@ def build_service(
     )
     service.owns_adapter = adapter is None
     return service
-
-
-def runtime_parts(owner: Any, journal: Journal) -> Any:
-    """The runtime's MigrationParts for `ferry run` (an agent.service.runtime.Agent as owner).
-
-    Uses the agent's own Docker adapter, clock and drain state; the control
-    socket gets POST /v1/migrate. That route goes through the owner's metered
-    migrator (set once the metrics exist, before the socket serves), so a
-    `ferry migrate` is counted like a policy's migration.
-    """
-    from agent.migration.control_routes import add_migration_routes
-    from agent.service.migrations import MigrationParts
-
-    service = build_service(
-        owner.config, journal, owner.draining, owner.clock, adapter=owner.docker
-    )
-
-    def pick(verdict: Any) -> str | None:
-        evacuator = getattr(owner, "evacuator", None)
-        return evacuator.pick_target(verdict) if evacuator is not None else None
-
-    def routes(app: Any) -> None:
-        migrator = getattr(owner, "migrator", None) or service
-        add_migration_routes(app, migrator, check=service.check, pick=pick)
-
-    async def close() -> None:
-        await service.close()
-        journal.close()
-
-    return MigrationParts(
-        migrator=service,
-        handlers=service.handlers,
-        journal=journal,
-        route_hooks=[routes],
-        reconcile=service.reconcile,
-        close=close,
-    )

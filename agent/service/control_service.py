@@ -10,72 +10,97 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 if TYPE_CHECKING:
-    from agent.service.runtime import Agent
+    from agent.fleet.runtime import FleetParts
+    from agent.journal import Journal
+    from agent.model import Clock, PeerDirectory
+    from agent.policy.engine import PolicyEngine
+    from agent.service.drain import DrainMarker
+    from agent.service.evacuation import Evacuator
+    from agent.service.movability import Movability
+    from agent.service.policy_loop import PolicyLoop
+    from agent.signals.store import SignalStore
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlParts:
+    """The parts of a started agent the control socket reads, handed over once they all exist."""
+
+    host: str
+    dry_run: bool
+    clock: Clock
+    started_at: float  # wall time
+    store: SignalStore
+    engine: PolicyEngine
+    peers: PeerDirectory
+    evacuator: Evacuator
+    policy_loop: PolicyLoop
+    drain: DrainMarker
+    draining: Callable[[], bool]
+    drain_reason: Callable[[], str | None]
+    overloaded: Callable[[], bool]
+    journal: Journal | None = None  # None when the engine keeps no journal (tests)
+    movability: Movability | None = None  # None when the engine cannot check
+    fleet: FleetParts | None = None  # only with a `fleet:` config section
 
 
 class AgentControl:
     """The ControlService the control socket serves, reading the agent's parts as they are now."""
 
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
+    def __init__(self, parts: ControlParts) -> None:
+        self._parts = parts
 
     async def status(self) -> dict[str, Any]:
-        agent = self._agent
+        agent = self._parts
         now_mono, now_wall = agent.clock.monotonic(), agent.clock.time()
         policies = []
-        if agent.engine is not None:
-            for s in agent.engine.states():
-                d = asdict(s)
-                d["since_wall"] = now_wall - (now_mono - s.since)
-                policies.append(d)
+        for s in agent.engine.states():
+            d = asdict(s)
+            d["since_wall"] = now_wall - (now_mono - s.since)
+            policies.append(d)
         migrations = await self._in_flight()
         in_doubt = await self._in_doubt()
-        peers = [asdict(p) for p in agent.peers.peers()] if agent.peers is not None else []
         return {
-            "host": agent.config.name,
+            "host": agent.host,
             "version": _version(),
             "uptime_s": round(time.time() - agent.started_at, 1),
             "draining": agent.draining(),
             "drain_reason": agent.drain_reason(),
             "overloaded": agent.overloaded(),
-            "dry_run": agent.config.dry_run,
-            "status_line": agent.policy_loop.status_line if agent.policy_loop is not None else "",
-            "signals": agent.store.snapshot() if agent.store is not None else {},
+            "dry_run": agent.dry_run,
+            "status_line": agent.policy_loop.status_line,
+            "signals": agent.store.snapshot(),
             "policies": policies,
             "migrations": migrations,
             # Committed but unconfirmed: the container runs nowhere until resolved.
             "in_doubt": in_doubt,
-            "evacuation": agent.evacuator.status() if agent.evacuator is not None else {},
+            "evacuation": agent.evacuator.status(),
             # Opted-in containers that cannot move now (and why), or are stopped and stay.
             "unmovable": await agent.movability.survey() if agent.movability is not None else [],
-            "peers": peers,
+            "peers": [asdict(p) for p in agent.peers.peers()],
             **({"fleet": agent.fleet.status()} if agent.fleet is not None else {}),
             "drain_progress": self._drain_progress(),
         }
 
     def _drain_progress(self) -> dict[str, Any]:
         """What `ferry drain --wait` watches: opted-in containers still running here."""
-        agent = self._agent
-        store = agent.store
-        left = []
-        if store is not None:
-            left = sorted(
-                c.name
-                for c in store.containers()
-                if c.state == "running" and c.labels.get("ferry.migrate") == "true"
-            )
-        return {"marker": agent.drain.active(), "remaining": left}
+        left = sorted(
+            c.name
+            for c in self._parts.store.containers()
+            if c.state == "running" and c.labels.get("ferry.migrate") == "true"
+        )
+        return {"marker": self._parts.drain.active(), "remaining": left}
 
     async def _in_flight(self) -> list[dict[str, Any]]:
-        journal = self._journal()
+        journal = self._parts.journal
         if journal is None:
             return []
         records = await asyncio.to_thread(journal.unfinished)
@@ -93,7 +118,7 @@ class AgentControl:
         ]
 
     async def _in_doubt(self) -> list[dict[str, Any]]:
-        journal = self._journal()
+        journal = self._parts.journal
         if journal is None:
             return []
         records = await asyncio.to_thread(journal.in_doubt)
@@ -110,10 +135,10 @@ class AgentControl:
         ]
 
     async def drain(self, reason: str) -> dict[str, Any]:
-        fleet = self._agent.fleet
+        fleet = self._parts.fleet
         if fleet is not None:
             return await self._fleet_drain(fleet, reason)
-        marker = self._agent.drain
+        marker = self._parts.drain
         await asyncio.to_thread(marker.set, reason)
         log.info("agent.drain_requested", reason=reason, marker=str(marker.path))
         self._follow_marker()
@@ -143,13 +168,13 @@ class AgentControl:
         return {"draining": True, "fleet": state, "message": message}
 
     async def undrain(self) -> dict[str, Any]:
-        fleet = self._agent.fleet
+        fleet = self._parts.fleet
         if fleet is not None:
             existed = await fleet.drain.cancel()
             self._follow_marker()
             what = "left the fleet's drain queue" if existed else "was not draining"
             return {"draining": False, "message": f"{what}; accepting again"}
-        marker = self._agent.drain
+        marker = self._parts.drain
         existed = await asyncio.to_thread(marker.clear)
         log.info("agent.undrain_requested", marker=str(marker.path), was_draining=existed)
         self._follow_marker()
@@ -160,21 +185,15 @@ class AgentControl:
         }
 
     async def history(self, limit: int) -> list[dict[str, Any]]:
-        journal = self._journal()
+        journal = self._parts.journal
         if journal is None:
             return []
         records = await asyncio.to_thread(journal.history, limit)
         return [asdict(r) for r in records]
 
-    def _journal(self) -> Any:
-        migration = self._agent.migration
-        return migration.journal if migration is not None else None
-
     def _follow_marker(self) -> None:
-        loop = self._agent.policy_loop
-        if loop is not None:
-            loop.check_drain_transition()
-            loop.update_status()
+        self._parts.policy_loop.check_drain_transition()
+        self._parts.policy_loop.update_status()
 
 
 def _version() -> str:

@@ -36,13 +36,43 @@ class MigrationParts:
 
 
 def build_migration(owner: Any) -> MigrationParts:
+    """The runtime's MigrationParts for `ferry run` (an agent.service.runtime.Agent as owner).
+
+    Uses the agent's own Docker adapter, clock and drain state; the control
+    socket gets POST /v1/migrate. That route goes through the owner's metered
+    migrator (set once the metrics exist, before the socket serves), so a
+    `ferry migrate` is counted like a policy's migration.
+    """
+    # Imported here: the engine (and its TLS/aiohttp setup) only when the runtime builds one.
     from agent.journal import Journal
-    from agent.migration.factory import runtime_parts
+    from agent.migration.control_routes import add_migration_routes
+    from agent.migration.factory import build_service
 
     journal = Journal(owner.config.state_dir)
+    service = build_service(
+        owner.config, journal, owner.draining, owner.clock, adapter=owner.docker
+    )
 
-    parts: MigrationParts = runtime_parts(owner, journal)
-    return parts
+    def pick(verdict: Any) -> str | None:
+        evacuator = getattr(owner, "evacuator", None)
+        return evacuator.pick_target(verdict) if evacuator is not None else None
+
+    def routes(app: Any) -> None:
+        migrator = getattr(owner, "migrator", None) or service
+        add_migration_routes(app, migrator, check=service.check, pick=pick)
+
+    async def close() -> None:
+        await service.close()
+        journal.close()
+
+    return MigrationParts(
+        migrator=service,
+        handlers=service.handlers,
+        journal=journal,
+        route_hooks=[routes],
+        reconcile=service.reconcile,
+        close=close,
+    )
 
 
 class MeteredMigrator:

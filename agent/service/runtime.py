@@ -43,7 +43,7 @@ from agent.service.control import (
     RouteHook,
     remove_stale_socket,
 )
-from agent.service.control_service import AgentControl
+from agent.service.control_service import AgentControl, ControlParts
 from agent.service.drain import DrainMarker
 from agent.service.evacuation import EvacuateAction, EvacuationHooks, Evacuator, MoveAction
 from agent.service.metrics import FerryMetrics, MetricsServer
@@ -255,7 +255,26 @@ class Agent:
         await self._start_peer_server()
         self.control = ControlServer(
             cfg.control_socket,
-            AgentControl(self),
+            AgentControl(
+                ControlParts(
+                    host=cfg.name,
+                    dry_run=cfg.dry_run,
+                    clock=self.clock,
+                    started_at=self.started_at,
+                    store=self.store,
+                    engine=self.engine,
+                    peers=self.peers,
+                    evacuator=self.evacuator,
+                    policy_loop=self.policy_loop,
+                    drain=self.drain,
+                    draining=self.draining,
+                    drain_reason=self.drain_reason,
+                    overloaded=self.overloaded,
+                    journal=self.migration.journal,
+                    movability=self.movability,
+                    fleet=self.fleet,
+                )
+            ),
             route_hooks=[*self.migration.route_hooks, *self._o.extra_route_hooks],
         )
         await self.control.start()
