@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,7 +108,12 @@ class EtcdCluster:
     def start(self, timeout: float = 30.0) -> None:
         for m in self.members:
             self._spawn(m, "new")
-        wait_for(self.healthy, timeout, 0.2, "etcd cluster to elect a leader")
+        try:
+            wait_for(self.healthy, timeout, 0.2, "etcd cluster to elect a leader")
+        except BaseException:
+            logs = {m.name: (self.root / f"{m.name}.log").read_text()[-1500:] for m in self.members}
+            self.stop()
+            raise AssertionError(f"etcd did not come up: {logs}") from None
 
     def _spawn(self, m: Member, state: str) -> None:
         log = open(self.root / f"{m.name}.log", "ab")  # noqa: SIM115 - the process owns it
@@ -124,6 +130,18 @@ class EtcdCluster:
 
         targets = [member] if member else [m for m in self.members if self.running(m)]
         for m in targets:
+            if m.prefix:
+                # Only reachable from inside the testbed's network: ask from there.
+                probe = subprocess.run(
+                    [*m.prefix, sys.executable, "-m", "tests.etcd_cluster", m.endpoint,
+                     str(self.tls.ca), str(self.tls.cert), str(self.tls.key)],
+                    capture_output=True,
+                    timeout=10,
+                    check=False,
+                )  # fmt: skip
+                if probe.returncode == 0:
+                    return True
+                continue
             client = etcd3gw.client(
                 host=m.ip,
                 port=m.client_port,
@@ -164,3 +182,29 @@ def loopback_cluster(size: int = 1) -> EtcdCluster:
 
 
 __all__ = ["EtcdCluster", "Member", "loopback_cluster"]
+
+
+def _probe(endpoint: str, ca: str, cert: str, key: str) -> int:
+    """Exit 0 when a linearizable read at `endpoint` answers (run inside a host's netns)."""
+    import etcd3gw
+
+    from agent.fleet.etcd import tls_session
+
+    host, _, port = endpoint.rpartition(":")
+    client = etcd3gw.client(
+        host=host,
+        port=int(port),
+        protocol="https",
+        session=tls_session(Path(ca), Path(cert), Path(key)),
+        timeout=1.0,
+        api_path="/v3/",
+    )
+    try:
+        client.get("health-probe")
+    except Exception:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe(*sys.argv[1:5]))

@@ -138,11 +138,17 @@ def drain_outcome(status: dict[str, Any]) -> tuple[str, str | None]:
         return "done", None
     if moving:
         return "waiting", f"{len(moving)} moving, {len(remaining)} left"
-    # Every try has run (nothing moving or queued) and something is still here.
-    tried = {str(x.get("container")): x for x in stuck if int(x.get("attempts", 0)) > 0}
-    if evac.get("state") in ("stuck", "done") and all(x.get("container") in tried for x in stuck):
+    # Every try has run (nothing moving or queued) and something is still here. A
+    # container held for its turn (the fleet's drain budget) is not stuck: its reason
+    # starts with "waiting".
+    final = {
+        str(x.get("container")): x
+        for x in stuck
+        if not str(x.get("reason") or "").startswith("waiting")
+    }
+    if evac.get("state") in ("stuck", "done") and len(final) == len(stuck):
         unselected = {"reason": "not selected by any policy"}
-        lines = [f"  {name}: {tried.get(name, unselected).get('reason')}" for name in remaining]
+        lines = [f"  {name}: {final.get(name, unselected).get('reason')}" for name in remaining]
         return "stuck", "\n".join(lines)
     return "waiting", f"{len(remaining)} left"
 

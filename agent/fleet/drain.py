@@ -25,6 +25,8 @@ from agent.service.drain import DrainMarker
 
 log = structlog.get_logger(__name__)
 
+WAITING = "waiting"
+
 
 class FleetDrain:
     def __init__(
@@ -48,6 +50,8 @@ class FleetDrain:
 
     async def request(self, reason: str) -> dict[str, Any]:
         """Queue this host for draining. Raises FleetUnavailable: no request without etcd."""
+        if not reason and self.requested():
+            reason = self.reason() or ""  # asked again (e.g. `drain --wait`): keep the why
         await self._fleet.enqueue_drain(reason)
         await asyncio.to_thread(self._request.set, reason)
         await self.step()
@@ -107,16 +111,20 @@ class FleetDrain:
                     await self._fleet.refresh()
 
     def gate(self) -> str | None:
-        """Why an evacuation may not start now, or None. Only drains are gated."""
+        """Why an evacuation may not start now, or None. Only drains are gated.
+
+        The reason starts with WAITING: the container is not stuck, its turn has
+        not come (`ferry drain --wait` keeps waiting on it).
+        """
         if not (self.requested() or self._marker.active()):
             return None
         position, holders = self._fleet.drain_position()
         if position == "draining":
             return None
         if not self._fleet.fresh():
-            return self._fleet.stale_reason()
+            return f"{WAITING} for etcd: {self._fleet.stale_reason()}"
         return (
-            f"queued behind {', '.join(holders) or '?'} "
+            f"{WAITING} for a drain slot: queued behind {', '.join(holders) or '?'} "
             f"(fleet.max_draining_hosts={self._fleet.budget})"
         )
 

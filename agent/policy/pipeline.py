@@ -86,6 +86,7 @@ class Evaluation:
     containers: list[ContainerInfo] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     unplaced: list[str] = field(default_factory=list)
+    unplaced_why: dict[str, str] = field(default_factory=dict)
     decision: Decision | None = None
     transitions: list[Transition] = field(default_factory=list)
     staged: list[Transition] = field(default_factory=list)
@@ -283,6 +284,7 @@ def place_step(ev: Evaluation) -> Evaluation | None:
     ev.containers = [c for c, _ in result.assigned]
     ev.targets = [peer for _, peer in result.assigned]
     ev.unplaced = [c.name for c in result.unplaced]
+    ev.unplaced_why = dict(result.why)
     extra = f"; no room for {', '.join(ev.unplaced)}" if ev.unplaced else ""
     ev.stage(
         TARGET,
@@ -313,7 +315,7 @@ def _decision(ev: Evaluation) -> Decision:
         targets=list(ev.targets),
         reason=policy.summary(),
         dry_run=ev.dry_run,
-        details={"unplaced": ev.unplaced} if ev.unplaced else {},
+        details={"unplaced": ev.unplaced, "unplaced_why": ev.unplaced_why} if ev.unplaced else {},
     )
 
 

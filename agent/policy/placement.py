@@ -23,6 +23,7 @@ from agent.model import SPREAD_LABEL, ContainerInfo, PeerHealth
 class Placement:
     assigned: list[tuple[ContainerInfo, str]] = field(default_factory=list)
     unplaced: list[ContainerInfo] = field(default_factory=list)
+    why: dict[str, str] = field(default_factory=dict)  # unplaced container -> why
     rejected: dict[str, str] = field(default_factory=dict)  # peer -> why it was not a candidate
 
 
@@ -48,9 +49,12 @@ class _Slot:
     mem_left: int = 0
     spread: set[str] = field(default_factory=set)
 
+    def has_replica(self, key: str) -> bool:
+        return key in self.peer.spread or key in self.spread
+
     def fits(self, container: ContainerInfo) -> bool:
         key = container.labels.get(SPREAD_LABEL)
-        if key and (key in self.peer.spread or key in self.spread):
+        if key and self.has_replica(key):
             return False  # a replica of the same service is already there
         if container.memory_bytes <= 0 or self.peer.mem_available_bytes <= 0:
             return True  # unknown on either side: let the target's own admission check decide
@@ -88,6 +92,11 @@ def place(
         fitting = [s for s in slots if s.fits(container)]
         if not fitting:
             result.unplaced.append(container)
+            key = container.labels.get(SPREAD_LABEL)
+            if slots and key and all(s.has_replica(key) for s in slots):
+                result.why[container.name] = (
+                    f"every eligible peer already has a replica of {SPREAD_LABEL}={key}"
+                )
             continue
         best = min(fitting, key=lambda s: (*_key(strategy, s), s.peer.name))
         best.assigned += 1

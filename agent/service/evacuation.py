@@ -254,10 +254,13 @@ class Evacuator:
             item = current or Item(container=container.name, policy=decision.policy, kind=kind)
             item.info = container
             batch.append((item, target))
+        why = decision.details.get("unplaced_why") or {}
         for name in decision.details.get("unplaced", []) or []:
             if name not in self._active:
                 item = Item(container=name, policy=decision.policy, kind=kind)
-                self._stick(item, "no peer has room for it (placement)", retry=True)
+                self._stick(
+                    item, why.get(name) or "no peer has room for it (placement)", retry=True
+                )
                 per[name] = f"stuck: {item.reason}"
 
         if decision.dry_run:
@@ -330,6 +333,8 @@ class Evacuator:
                 out.append((item, None, f"no eligible peer ({rejected})"))
             elif not peers:
                 out.append((item, None, "no peers known"))
+            elif id(info) in {id(c) for c in result.unplaced} and info.name in result.why:
+                out.append((item, None, result.why[info.name]))
             else:
                 out.append((item, None, "no eligible peer has room for it"))
         return out
