@@ -4,6 +4,7 @@ is frozen, and give it back when the migration ends, either way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +19,14 @@ from agent.service.evacuation import call_migrate
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["SPREAD_LABEL", "FleetMigrator"]
+__all__ = ["SPREAD_LABEL", "FleetMigrator", "TargetRefused"]
+
+
+class TargetRefused(MigrationRefused):
+    """The fleet refused this target (draining, gone, full, a replica there, contended):
+    the container is untouched and another target may well take it."""
+
+    retarget = True
 
 
 class FleetMigrator:
@@ -48,7 +56,10 @@ class FleetMigrator:
             # The checkpoint is about the size of the memory it holds: stage that much disk.
             await self._fleet.reserve(target, mid, memory, memory, spread)
         except ReservationRefused as exc:
-            raise MigrationRefused(f"fleet reservation refused: {exc}") from None
+            # Let placement see what the transaction saw before it chooses again.
+            with contextlib.suppress(FleetUnavailable):
+                await self._fleet.refresh()
+            raise TargetRefused(f"fleet reservation refused: {exc}") from None
         except FleetUnavailable as exc:
             raise MigrationRefused(f"fleet coordination unavailable, not starting: {exc}") from None
         log.info("fleet.reserved", container=container, target=target, reservation=mid)

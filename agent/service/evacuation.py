@@ -46,6 +46,7 @@ log = structlog.get_logger(__name__)
 
 ItemState = Literal["queued", "in_progress", "done", "stuck", "cannot_move"]
 DEFAULT_PLACEMENT = "spread"
+RETARGET_TRIES = 5
 
 
 class Migrator(Protocol):
@@ -463,8 +464,7 @@ class Evacuator:
                 if exc.eligibility is not None:
                     self._refused(item, exc.eligibility)
                 else:
-                    reason, retry = _classify(exc)
-                    self._stick(item, reason, retry=retry)
+                    self._stick_failed(item, exc)
                 log.warning(
                     "evacuation.migration_refused",
                     container=item.container,
@@ -474,8 +474,7 @@ class Evacuator:
                 )
                 return item.container, self._outcome(item)
             except Exception as exc:
-                reason, retry = _classify(exc)
-                self._stick(item, reason, retry=retry)
+                reason, retry = self._stick_failed(item, exc)
                 log.warning(
                     "evacuation.migration_failed",
                     container=item.container,
@@ -503,6 +502,18 @@ class Evacuator:
                 self._changed()
 
         return await call_migrate(self._migrator, item.container, target, progress)
+
+    def _stick_failed(self, item: Item, exc: Exception) -> tuple[str, bool]:
+        reason, retry = _classify(exc)
+        # The target turned out unsuitable (e.g. it started draining after it was
+        # chosen; agent.fleet): place the container again soon, a few times, no backoff.
+        again = getattr(exc, "retarget", False) and item.attempts <= RETARGET_TRIES
+        if again:
+            reason = f"waiting to be placed again ({reason})"
+        self._stick(item, reason, retry=retry)
+        if again:
+            item.next_retry = self._clock.monotonic() + self._gate_retry
+        return reason, retry
 
     def _stick(self, item: Item, reason: str, retry: bool) -> None:
         item.state, item.phase, item.reason, item.retry = "stuck", None, reason, retry
