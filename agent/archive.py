@@ -10,7 +10,7 @@ xattrs (``SCHILY.xattr.*`` PAX records, e.g. ``trusted.overlay.opaque``) and
 whiteouts (0:0 character devices, the only device nodes allowed).
 
 Packing yields chunks as it goes (packed ahead in a thread) so they can feed an
-HTTP upload directly. Unpacking (StagedUnpack, and unpack_file on top of it)
+HTTP upload directly. Unpacking (StagedUnpack)
 happens in one pass while the bytes arrive: every byte is hashed, every entry
 validated before it is written, and written into a private staging dir in the
 destination's parent, walked with O_NOFOLLOW directory fds so it can never
@@ -283,56 +283,10 @@ def _kind(mode: int, rdev: int = 0) -> str:
     return f"file of mode {mode:o}"
 
 
-def pack_to_file(sections: Mapping[str, Path], dest: Path, **kwargs: Any) -> ArchiveStats:
-    """Pack into a file (for spooling or tests); returns the stats with the digest."""
-    packer = Packer(sections, **kwargs)
-    with open(dest, "wb") as f:
-        for chunk in packer:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    return packer.stats
-
-
 @dataclass
 class SpoolResult:
     digest: str
     size: int
-
-
-async def spool(
-    stream: AsyncIterable[bytes],
-    dest: Path,
-    *,
-    expected_digest: str | None = None,
-    max_bytes: int | None = None,
-    progress: ProgressFn | None = None,
-) -> SpoolResult:
-    """Write an incoming archive to `dest`, hashing as it arrives.
-
-    With `expected_digest`, a mismatch removes the file and raises DigestMismatch.
-    """
-    h = WireDigest()
-    size = 0
-    try:
-        with open(dest, "wb") as f:
-            async for chunk in stream:
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise ArchiveError(f"archive exceeds {max_bytes} bytes")
-                h.update(chunk)
-                f.write(chunk)
-                if progress:
-                    progress(0, size)
-        # No fsync: a half-written spool file after a crash is thrown away with
-        # the migration, which the source then rolls back.
-        digest = _digest(h)
-        if expected_digest is not None and digest != expected_digest:
-            raise DigestMismatch(f"archive digest is {digest}, expected {expected_digest}")
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    return SpoolResult(digest, size)
 
 
 class _ChunkReader:
@@ -364,12 +318,6 @@ class _ChunkReader:
         """Pull (and hash) whatever the tar reader left: the digest covers every byte."""
         while self.next_chunk() is not None:
             pass
-
-
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(DEFAULT_CHUNK):
-            yield chunk
 
 
 # Metadata entries tarfile reads whole into memory: PAX headers and GNU long names.
@@ -481,28 +429,6 @@ def _member_kind(m: tarfile.TarInfo) -> str:
     if m.issparse():
         return "sparse file"
     return f"entry of type {m.type!r}"
-
-
-def unpack_file(
-    archive: Path,
-    sections: Mapping[str, Path],
-    *,
-    expected_digest: str | None,
-    container_roots: Collection[str] = CONTAINER_ROOT_SECTIONS,
-    max_raw_bytes: int | None = None,
-    progress: ProgressFn | None = None,
-) -> ArchiveStats:
-    """Verify, validate and unpack `archive` into the destination dir of each section.
-
-    Blocking; run it with asyncio.to_thread. One pass through StagedUnpack:
-    nothing appears in a destination unless the digest matches and every entry
-    was valid. Raises DigestMismatch / UnsafeArchive / ArchiveError otherwise.
-    """
-    staged = StagedUnpack(
-        sections, container_roots=container_roots, max_raw_bytes=max_raw_bytes, progress=progress
-    )
-    staged.consume(_file_chunks(archive))
-    return staged.commit(expected_digest)
 
 
 class _Stage:

@@ -66,8 +66,9 @@ def restore_options_for(dump_options: Sequence[str]) -> list[str]:
     """The CRIU restore options images dumped with `dump_options` need on another host.
 
     ``tcp-established`` becomes ``tcp-close``: the container's address changes, so
-    the connections cannot be re-bound (CRIU-OPTIONS-NOTES.md); listening sockets
-    are restored as they were. ``file-locks`` must be repeated, or the locks are
+    the connections cannot be re-bound (CRIU then fails with "Can't bind inet
+    socket back: Cannot assign requested address"); listening sockets are
+    restored as they were. ``file-locks`` must be repeated, or the locks are
     silently dropped.
     """
     out: list[str] = []

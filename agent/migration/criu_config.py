@@ -2,8 +2,8 @@
 
 Docker's checkpoint API takes no CRIU options, but runc reads the file named by
 a container's `org.criu.config` annotation on every checkpoint and restore of
-that container (CRIU-OPTIONS-NOTES.md). Ferry creates the target container, so
-it sets the annotation there and controls the restore:
+that container (runc >= 1.1; without one, /etc/criu/runc.conf). Ferry creates
+the target container, so it sets the annotation there and controls the restore:
 
 - `leave-stopped`: the restored copy must not run application code before the
   source commits (docs/commit-protocol.md);
@@ -69,13 +69,3 @@ def restore_options(
         options.append("leave-stopped")
     options.extend(extra)
     return options
-
-
-def error_lines(log: Path, limit: int = 3) -> list[str]:
-    """CRIU's own error lines from a log, first ones first (empty if none or unreadable)."""
-    try:
-        text = log.read_text(errors="replace")
-    except OSError:
-        return []
-    found = [ln.strip() for ln in text.splitlines() if "Error (" in ln or ": Error" in ln]
-    return found[:limit]

@@ -11,7 +11,8 @@ page in before it calls the copy held. All pages are already on this host and
 the source has exited, so nothing depends on the network or the source.
 
 If the daemon fails, the copy it half-filled is killed and the restore is tried
-again from the same local images (POSTCOPY-NOTES.md: a retry worked).
+again from the same local images: on the testbed such a retry (same checkpoint
+name, same container) restored the right memory.
 """
 
 from __future__ import annotations

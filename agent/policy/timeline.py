@@ -25,7 +25,6 @@ The engine runs on a manual clock in dry-run: no action is ever executed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,7 +330,3 @@ def describe_transition(t: Transition) -> str:
         moves = " " + ", ".join(t.containers)
     why = f" [{t.skip_reason}]" if t.skip_reason else ""
     return f"{format_duration(t.at):>8}  {t.policy}  {t.event}{why}{moves}: {t.reason}"
-
-
-def run_timeline_sync(timeline: Timeline, policies: Sequence[Policy]) -> TimelineResult:
-    return asyncio.run(run_timeline(timeline, policies))

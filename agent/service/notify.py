@@ -11,7 +11,6 @@ and systemd restarts the agent, which is the point of `WatchdogSec=`.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from collections.abc import Mapping
@@ -110,15 +109,6 @@ class Notifier:
         if status:
             fields["STATUS"] = status
         return self.send(**fields)
-
-    async def watchdog_loop(self) -> None:
-        """Ping at `watchdog_interval` until cancelled; returns at once when disabled."""
-        if self.watchdog_interval is None:
-            return
-        log.info("notify.watchdog_enabled", interval_s=self.watchdog_interval)
-        while True:
-            self.watchdog()
-            await asyncio.sleep(self.watchdog_interval)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import os
 import socket
 import stat
 import tarfile
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
 import zstandard
 
 from agent import archive
-from agent.archive import DigestMismatch, Packer, UnsafeArchive, pack_to_file, spool, unpack_file
+from agent.archive import ArchiveStats, DigestMismatch, Packer, StagedUnpack, UnsafeArchive
 from tests.helpers import run_async
+
+
+def _pack_to_file(sections: dict[str, Path], dest: Path, **kwargs: Any) -> ArchiveStats:
+    """The source's Packer, its stream kept in a file so a test can corrupt or inspect it."""
+    packer = Packer(sections, **kwargs)
+    with open(dest, "wb") as f:
+        for chunk in packer:
+            f.write(chunk)
+    return packer.stats
+
+
+def _staged_unpack(
+    path: Path, sections: dict[str, Path], *, expected_digest: str, **kwargs: Any
+) -> ArchiveStats:
+    """The target's way: StagedUnpack takes the stream as it arrives, commit publishes it."""
+    staged = StagedUnpack(sections, **kwargs)
+    with open(path, "rb") as f:
+        staged.consume(iter(lambda: f.read(1 << 16), b""))
+    return staged.commit(expected_digest)
+
 
 UID, GID = 1234, 4321
 
@@ -99,7 +118,7 @@ def test_round_trip_preserves_overlay_upper_dir(tmp_path: Path) -> None:
     before_upper, before_ckpt = _snapshot(src / "upper"), _snapshot(src / "ckpt")
     progress: list[tuple[int, int]] = []
     spooled = tmp_path / "state.tar.zst"
-    stats = pack_to_file(
+    stats = _pack_to_file(
         {"checkpoint": src / "ckpt", "upper": src / "upper"},
         spooled,
         chunk_size=256 * 1024,
@@ -111,7 +130,7 @@ def test_round_trip_preserves_overlay_upper_dir(tmp_path: Path) -> None:
     assert progress[-1] == (stats.raw_bytes, stats.compressed_bytes)
 
     dst = tmp_path / "dst"
-    got = unpack_file(
+    got = _staged_unpack(
         spooled,
         {"checkpoint": dst / "ckpt", "upper": dst / "upper"},
         expected_digest=stats.digest,
@@ -189,16 +208,16 @@ def test_digest_mismatch_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "keep").write_text("x")
     spooled = tmp_path / "a.zst"
-    stats = pack_to_file({"upper": tmp_path / "src" / "upper"}, spooled)
+    stats = _pack_to_file({"upper": tmp_path / "src" / "upper"}, spooled)
     with pytest.raises(DigestMismatch, match="expected sha256:0000"):
-        unpack_file(spooled, _dests(tmp_path), expected_digest="sha256:" + "0" * 64)
+        _staged_unpack(spooled, _dests(tmp_path), expected_digest="sha256:" + "0" * 64)
     _assert_nothing_written(tmp_path)
 
     data = bytearray(spooled.read_bytes())
     data[len(data) // 2] ^= 0xFF  # corruption in transit
     spooled.write_bytes(bytes(data))
     with pytest.raises(DigestMismatch):
-        unpack_file(spooled, _dests(tmp_path), expected_digest=stats.digest)
+        _staged_unpack(spooled, _dests(tmp_path), expected_digest=stats.digest)
     _assert_nothing_written(tmp_path)
 
 
@@ -295,7 +314,7 @@ def test_hostile_archive_refused_and_nothing_written(tmp_path: Path, case: str) 
     spooled = tmp_path / "evil.zst"
     digest = _hostile(spooled, entries)
     with pytest.raises(UnsafeArchive, match=message.replace("(", r"\(")):
-        unpack_file(spooled, _dests(tmp_path), expected_digest=digest)
+        _staged_unpack(spooled, _dests(tmp_path), expected_digest=digest)
     _assert_nothing_written(tmp_path)
 
 
@@ -306,7 +325,7 @@ def test_decompression_bomb_limit(tmp_path: Path) -> None:
     digest = _hostile(spooled, [*_BASE, _entry("upper/zeros", data=b"\0" * (1 << 20))])
     assert spooled.stat().st_size < 4096
     with pytest.raises(UnsafeArchive, match="more than 65536 bytes"):
-        unpack_file(spooled, _dests(tmp_path), expected_digest=digest, max_raw_bytes=65536)
+        _staged_unpack(spooled, _dests(tmp_path), expected_digest=digest, max_raw_bytes=65536)
     _assert_nothing_written(tmp_path)
 
 
@@ -321,30 +340,7 @@ def test_unpack_never_follows_symlinks_already_in_destination(tmp_path: Path) ->
         spooled,
         [*_BASE, _entry("upper/lib", tarfile.DIRTYPE), _entry("upper/lib/pwn", data=b"x")],
     )
-    unpack_file(spooled, dests, expected_digest=digest)
+    _staged_unpack(spooled, dests, expected_digest=digest)
     assert sorted(p.name for p in (tmp_path / "outside").iterdir()) == ["keep"]
     assert (dests["upper"] / "lib").is_dir() and not (dests["upper"] / "lib").is_symlink()
     assert (dests["upper"] / "lib" / "pwn").read_bytes() == b"x"
-
-
-def test_spool_checks_digest_and_size(tmp_path: Path) -> None:
-    async def chunks() -> AsyncIterator[bytes]:
-        for i in range(10):
-            yield bytes([i]) * 1000
-            await asyncio.sleep(0)
-
-    data = b"".join(bytes([i]) * 1000 for i in range(10))
-    good = "sha256:" + hashlib.sha256(data).hexdigest()
-
-    async def go() -> None:
-        res = await spool(chunks(), tmp_path / "ok", expected_digest=good)
-        assert (res.digest, res.size) == (good, len(data))
-        assert (tmp_path / "ok").read_bytes() == data
-        with pytest.raises(DigestMismatch):
-            await spool(chunks(), tmp_path / "bad", expected_digest="sha256:" + "1" * 64)
-        with pytest.raises(archive.ArchiveError, match="exceeds 5000 bytes"):
-            await spool(chunks(), tmp_path / "big", max_bytes=5000)
-
-    run_async(go())
-    assert not (tmp_path / "bad").exists()
-    assert not (tmp_path / "big").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import tempfile
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from agent.service.notify import Notifier
-from tests.helpers import run_async
 
 
 @pytest.fixture
@@ -39,7 +37,6 @@ def test_noop_without_notify_socket() -> None:
     assert not n.enabled
     assert n.watchdog_interval is None
     assert n.ready("x") is False
-    run_async(n.watchdog_loop())  # returns at once when disabled
 
 
 def test_ready_status_stopping_on_path_socket(dgram_path: tuple[socket.socket, str]) -> None:
@@ -90,29 +87,3 @@ def test_watchdog_interval_is_half_and_respects_pid() -> None:
     assert Notifier.from_env({**env, "WATCHDOG_PID": other_pid}).watchdog_interval is None
     assert Notifier.from_env({**env, "WATCHDOG_USEC": "junk"}).watchdog_interval is None
     assert Notifier.from_env({"WATCHDOG_USEC": "30000000"}).watchdog_interval is None
-
-
-def test_watchdog_loop_pings_repeatedly(dgram_path: tuple[socket.socket, str]) -> None:
-    sock, path = dgram_path
-    sock.setblocking(False)
-    n = Notifier(path, watchdog_interval=0.01)
-
-    async def scenario() -> int:
-        loop = asyncio.get_running_loop()
-        task = asyncio.create_task(n.watchdog_loop())
-        pings = 0
-        try:
-            while pings < 3:
-                data = await loop.sock_recv(sock, 4096)
-                assert data == b"WATCHDOG=1"
-                pings += 1
-        finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        return pings
-
-    try:
-        assert run_async(scenario(), timeout=10) == 3
-    finally:
-        n.close()
