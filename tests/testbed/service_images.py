@@ -42,17 +42,31 @@ PGDATA = "/var/lib/pg"
 PG_BIN = "/usr/lib/postgresql/17/bin"
 PG_SHIM = "/usr/local/lib/pguid.so"
 PG_UID = 990  # created before the packages, so the shim knows it without a lookup
-# Space, not function: docs, man pages and locales nobody reads in a test container.
-STRIP = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "var/cache/apt"]
+# Space, not function: docs, man pages and locales nobody reads in a test container,
+# and PostgreSQL's JIT (LLVM, about 150 MB; jit = off below, so it is never loaded).
+STRIP = [
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "var/cache/apt",
+    "usr/lib/postgresql/17/lib/bitcode",
+    "usr/lib/postgresql/17/lib/llvmjit.so",
+    "usr/lib/postgresql/17/lib/llvmjit_types.bc",
+]
+STRIP_GLOBS = ["usr/lib/*-linux-gnu/libLLVM*"]
 
 
-RECIPE_VERSION = 1  # bump when the build steps below change
+RECIPE_VERSION = 2  # bump when the build steps below change
+RECIPE_LABEL = "ferry.test.recipe"  # on the image: which recipe built it
 
 
 def recipe_hash() -> str:
     """Key of the cached image: the recipe's inputs, not this file's formatting."""
     h = hashlib.sha256(
-        repr((RECIPE_VERSION, SUITE, BASE_PACKAGES, SERVER_PACKAGES, PG_UID, STRIP)).encode()
+        repr(
+            (RECIPE_VERSION, SUITE, BASE_PACKAGES, SERVER_PACKAGES, PG_UID, STRIP, STRIP_GLOBS)
+        ).encode()
     )
     for src in sorted(SRC.iterdir()):
         h.update(src.name.encode())
@@ -144,6 +158,7 @@ def build_rootfs(root: Path, log: Path) -> None:
                 "shared_buffers = 32MB\n"
                 "max_connections = 20\n"
                 "fsync = off\n"
+                "jit = off\n"
             )
         with (pgdata / "pg_hba.conf").open("a") as fh:
             fh.write("host all all 0.0.0.0/0 trust\n")
@@ -151,7 +166,14 @@ def build_rootfs(root: Path, log: Path) -> None:
         subprocess.run(["umount", "-l", str(root / "proc")], check=False)
     policy.unlink()
     for rel in STRIP:
-        shutil.rmtree(root / rel, ignore_errors=True)
+        path = root / rel
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for pattern in STRIP_GLOBS:
+        for path in root.glob(pattern):
+            path.unlink(missing_ok=True)
     shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
 
 
@@ -191,7 +213,12 @@ def build_tarball(first: Host) -> Path:
                 fh.read(),
                 repository=repo,
                 tag=tag,
-                changes=['CMD ["sleep", "infinity"]', "WORKDIR /", "ENV LANG=C.UTF-8"],
+                changes=[
+                    'CMD ["sleep", "infinity"]',
+                    "WORKDIR /",
+                    "ENV LANG=C.UTF-8",
+                    f"LABEL {RECIPE_LABEL}={recipe_hash()}",
+                ],
             )
         part = out.with_suffix(".part")
         with part.open("wb") as fh:
@@ -227,9 +254,13 @@ def ensure_service_image(hosts: list[Host]) -> None:
 
 
 def _has(host: Host) -> bool:
+    """The host has the image of this recipe (an older recipe's image is replaced)."""
     client = docker.DockerClient(base_url=host.docker_host)
     try:
-        return any(SERVICES in img.tags for img in client.images.list(name=SERVICES))
+        return any(
+            SERVICES in img.tags and img.labels.get(RECIPE_LABEL) == recipe_hash()
+            for img in client.images.list(name=SERVICES)
+        )
     finally:
         client.close()
 
