@@ -1,15 +1,27 @@
 """`make bench`: Ferry against the manual procedure, side by side in one run.
 
-For each workload the same container is moved host1 -> host2 three times: by
-the manual procedure operators use today (checkpoint, tar, copy over the
-network, untar, create, start from the checkpoint; tests/testbed/manual.py),
-by `ferry migrate` with the default `migration.checkpoint_via: engine`, and by
-`ferry migrate` after restarting the agents with `checkpoint_via: runc`.
-Downtime is freeze -> running on the target. The ratios are what the benchmark
-reports; absolute times depend on the machine.
+For each workload (the counter service, a 256 MiB and a 1 GiB memhog of random
+memory) the same container is moved host1 -> host2 by:
+
+- manual: the procedure operators use today (checkpoint, tar, copy over the
+  network, untar, create, start from the checkpoint; tests/testbed/manual.py);
+- engine: `ferry migrate` with `checkpoint_via: engine`, `restore_via: docker`;
+- runc: `checkpoint_via: runc`, `restore_via: docker` (the plain Docker restore);
+- lazy: `checkpoint_via: runc`, `restore_via: lazy`, Ferry's default (local
+  lazy restore: Docker never copies the pages);
+- postcopy: a column kept for post-copy, filled once it exists (POSTCOPY below).
+
+For each: downtime (freeze -> running on the target), "all pages in" (the same
+for stop-and-copy: every page is in before the copy runs) and bytes moved. In
+the same run, tests/bench_link measures the raw-TCP and TLS ceilings of the
+host1 -> host2 path and Ferry's state channel over it, for 1 GiB of random
+memory. Everything is read as ratios; absolute times depend on the machine.
+The issue-10 targets are checked in the output, not asserted in tests.
 
 It also measures the agent's idle cost: CPU time used by an idle `ferry run`
 over a fixed window, as a share of one core.
+
+    FERRY_BENCH_WORKLOADS=counter,memhog-1GiB make bench   # a subset
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from dataclasses import dataclass
 
 import docker
 
+from tests import bench_link
 from tests.testbed import load_hosts
 from tests.testbed.agents import agents_down, agents_up
 from tests.testbed.layout import Host
@@ -30,11 +43,23 @@ from tests.testbed.manual import ManualTimings, move_by_hand
 from tests.testbed.procs import alive, netns_argv
 
 IDLE_WINDOW = float(os.environ.get("FERRY_BENCH_IDLE_SECONDS", "20"))
-RUNC = {"migration": {"checkpoint_via": "runc"}}
-WORKLOADS = [
+# Ferry's configurations, one agent restart each: (column, migration overrides).
+CONFIGS: list[tuple[str, dict[str, str]]] = [
+    ("engine", {"checkpoint_via": "engine", "restore_via": "docker"}),
+    ("runc", {"checkpoint_via": "runc", "restore_via": "docker"}),
+    ("lazy", {"checkpoint_via": "runc", "restore_via": "lazy"}),
+]
+# Post-copy (issue 10): add its overrides here, e.g. {"postcopy": "always"}, once
+# migration.postcopy exists; its column and ratios are printed from then on.
+POSTCOPY: dict[str, str] | None = None
+COLUMNS = ["manual", *(c for c, _ in CONFIGS), "postcopy"]
+ALL_WORKLOADS = [
     ("counter", "ferry-test/counter:1", {}, {"8080/tcp": 8080}),
     ("memhog-256MiB", "ferry-test/memhog:1", {"MEMHOG_MIB": "256"}, {}),
+    ("memhog-1GiB", "ferry-test/memhog:1", {"MEMHOG_MIB": "1024"}, {}),
 ]
+_chosen = os.environ.get("FERRY_BENCH_WORKLOADS")
+WORKLOADS = [w for w in ALL_WORKLOADS if not _chosen or w[0] in _chosen.split(",")]
 
 
 @dataclass
@@ -42,6 +67,8 @@ class Result:
     downtime: float
     total: float
     bytes: int
+    all_pages_in: float = 0.0  # freeze -> every page on the target
+    channel_mb_s: float = 0.0  # state bytes (unpacked) / transfer phase
 
 
 def _wait_running(client: docker.DockerClient, name: str, timeout: float = 120) -> None:
@@ -90,7 +117,7 @@ def manual(h1: Host, h2: Host, clients: dict, name: str, image: str, env: dict, 
         timings=t, over_network=True,
     )  # fmt: skip
     _wait_running(clients[h2.name], name)
-    return Result(t.downtime, time.monotonic() - start, t.archive_bytes)
+    return Result(t.downtime, time.monotonic() - start, t.archive_bytes, t.downtime)
 
 
 def ferry_move(h1: Host, h2: Host, clients: dict, name: str, image: str, env: dict, ports: dict):  # type: ignore[no-untyped-def]
@@ -109,9 +136,24 @@ def ferry_move(h1: Host, h2: Host, clients: dict, name: str, image: str, env: di
     _wait_running(clients[h2.name], name)
     # The agent's own total, like the manual one: no CLI process start-up in it.
     via = report.get("details", {}).get("checkpoint_via", "engine")
-    freeze = float(report.get("phases", {}).get("freeze", 0.0))
-    print(f"bench: {name}: checkpoint via {via}, freeze {freeze:.2f}s", flush=True)
-    return Result(float(report["downtime_s"]), float(report["total_s"]), int(report["bytes_moved"]))
+    phases = report.get("phases", {})
+    freeze = float(phases.get("freeze", 0.0))
+    transfer = float(phases.get("transfer", 0.0))
+    print(
+        f"bench: {name}: checkpoint via {via}, freeze {freeze:.2f}s, transfer {transfer:.2f}s, "
+        f"phases {json.dumps(phases)}",
+        flush=True,
+    )
+    downtime = float(report["downtime_s"])
+    raw = int(report.get("bytes_state_raw") or 0)
+    return Result(
+        downtime,
+        float(report["total_s"]),
+        int(report["bytes_moved"]),
+        # Stop-and-copy: every page is in before the copy may run. Post-copy reports its own.
+        float(report.get("all_pages_in_s") or downtime),
+        raw / 1e6 / transfer if transfer > 0 else 0.0,
+    )
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -132,6 +174,85 @@ def _clean(clients: dict) -> None:
             cont.remove(force=True)
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "-"
+
+
+def _report(
+    rows: dict[str, dict[str, Result]], link: bench_link.LinkFigures | None, idle: dict[str, float]
+) -> list[str]:
+    out = ["", "Ferry vs the manual procedure (host1 -> host2, one run, same machine)"]
+    out.append(
+        "engine/runc: checkpoint_via, both with restore_via docker; lazy: runc + restore_via "
+        "lazy (the default); postcopy: not built yet"
+    )
+    head = f"{'workload':14} {'':13}" + "".join(f"{c:>10}" for c in COLUMNS)
+    out.append(head + f"{'manual/lazy':>13}{'docker/lazy':>13}{'engine/runc':>13}")
+    for label, r in rows.items():
+        for what, get, unit in (
+            ("downtime", lambda x: x.downtime, "s"),
+            ("all pages in", lambda x: x.all_pages_in, "s"),
+            ("total", lambda x: x.total, "s"),
+        ):
+            cells = "".join(f"{get(r[c]):9.2f}{unit}" if c in r else f"{'-':>10}" for c in COLUMNS)
+            extra = ""
+            if what == "downtime" and {"manual", "runc", "lazy", "engine"} <= r.keys():
+                extra = (
+                    f"{_ratio(r['manual'].downtime, r['lazy'].downtime):>13}"
+                    f"{_ratio(r['runc'].downtime, r['lazy'].downtime):>13}"
+                    f"{_ratio(r['engine'].downtime, r['runc'].downtime):>13}"
+                )
+            out.append(f"{label:14} {what:13}{cells}{extra}")
+        cells = "".join(f"{r[c].bytes / 1e6:8.1f}MB" if c in r else f"{'-':>10}" for c in COLUMNS)
+        out.append(f"{label:14} {'bytes':13}{cells}")
+    if link is not None:
+        out.append("")
+        out.extend(bench_link.describe(link))
+        for label, r in rows.items():
+            if "lazy" in r and r["lazy"].channel_mb_s and r["lazy"].bytes > 100e6:
+                mbs = r["lazy"].channel_mb_s
+                out.append(
+                    f"  {label} migration's transfer phase: {mbs:.0f} MB/s, "
+                    f"{_ratio(mbs, link.tls_mb_s)} of the TLS ceiling"
+                )
+    out.append("")
+    out.append("Issue 10 targets, this run:")
+    for line in _targets(rows, link):
+        out.append(f"  {line}")
+    out.append(f"\nAgent idle cost over {IDLE_WINDOW:.0f}s (share of one core):")
+    for name, pct in idle.items():
+        out.append(f"  {name}: {pct:.2f}%  ({'OK' if pct < 1.0 else 'OVER'} the 1% goal)")
+    return out
+
+
+def _targets(rows: dict[str, dict[str, Result]], link: bench_link.LinkFigures | None) -> list[str]:
+    def mark(ok: bool) -> str:
+        return "met " if ok else "MISS"
+
+    lines = []
+    big = rows.get("memhog-1GiB", {})
+    if "lazy" in big:
+        d = big["lazy"].downtime
+        lines.append(f"{mark(d <= 3.5)} 1 GiB local lazy restore downtime {d:.2f}s (<= 3.5 s)")
+        if "runc" in big:
+            ratio = big["runc"].downtime / d
+            lines.append(
+                f"{mark(ratio >= 6)} 1 GiB plain Docker restore / lazy downtime "
+                f"{ratio:.1f}x (>= 6x)"
+            )
+    if link is not None:
+        lines.append(
+            f"{mark(link.channel_vs_tls >= 0.7)} stop-and-copy channel / TLS ceiling "
+            f"{link.channel_vs_tls:.2f}x (>= 0.7x)"
+        )
+    counter = rows.get("counter", {})
+    if "lazy" in counter and "manual" in counter:
+        ratio = counter["lazy"].downtime / counter["manual"].downtime
+        lines.append(f"{mark(ratio <= 0.5)} counter downtime / manual {ratio:.2f}x (<= 0.5x)")
+    lines.append("-    post-copy targets: post-copy is not built yet")
+    return lines
+
+
 def main() -> int:
     started_testbed = not load_hosts()
     if started_testbed:
@@ -140,27 +261,30 @@ def main() -> int:
     h1, h2 = hosts[0], hosts[1]
     started_agents = not all(alive(h.agent_pid) for h in hosts)
     clients = {h.name: docker.DockerClient(base_url=h.docker_host, timeout=300) for h in hosts}
-    rows: list[tuple[str, Result, Result, Result]] = []
+    rows: dict[str, dict[str, Result]] = {label: {} for label, *_ in WORKLOADS}
+    link = None
     try:
         if started_agents:
             agents_up(hosts)
         _clean(clients)
         idle = idle_cost(hosts)
-        engine: dict[str, tuple[Result, Result]] = {}
         for label, image, env, ports in WORKLOADS:
-            m = manual(h1, h2, clients, f"bench-{label}-manual", image, env, ports)
+            rows[label]["manual"] = manual(
+                h1, h2, clients, f"bench-{label}-manual", image, env, ports
+            )
             _clean(clients)
-            f = ferry_move(h1, h2, clients, f"bench-{label}-ferry", image, env, ports)
-            _clean(clients)
-            engine[label] = (m, f)
-        # The same moves with the agents freezing through dockerd's runc.
+        configs = [*CONFIGS, *([("postcopy", POSTCOPY)] if POSTCOPY else [])]
+        for column, overrides in configs:
+            agents_down(hosts)
+            agents_up(hosts, overrides={"migration": overrides})
+            for label, image, env, ports in WORKLOADS:
+                rows[label][column] = ferry_move(
+                    h1, h2, clients, f"bench-{label}-{column}", image, env, ports
+                )
+                _clean(clients)
         agents_down(hosts)
-        agents_up(hosts, overrides=RUNC)
-        for label, image, env, ports in WORKLOADS:
-            r = ferry_move(h1, h2, clients, f"bench-{label}-runc", image, env, ports)
-            _clean(clients)
-            rows.append((label, *engine[label], r))
-        agents_down(hosts)
+        # The link's ceilings and the channel, in the same run, with no agent or container busy.
+        link = bench_link.measure(h1, h2, 1024)
         if not started_agents:
             agents_up(hosts)  # leave agents running, on the default config
     finally:
@@ -172,23 +296,7 @@ def main() -> int:
         if started_testbed:
             subprocess.run([sys.executable, "-m", "tests.testbed", "down"], check=False)
 
-    print("\nFerry vs the manual procedure (host1 -> host2, same run, same machine)")
-    print("engine: checkpoint_via engine (Docker's API); runc: checkpoint_via runc")
-    head = f"{'workload':16} {'':8} {'manual':>9} {'engine':>9} {'runc':>9}"
-    print(f"{head} {'manual/engine':>14} {'manual/runc':>12} {'engine/runc':>12}")
-    for label, m, f, r in rows:
-        for what, a, b, c in (
-            ("downtime", m.downtime, f.downtime, r.downtime),
-            ("total", m.total, f.total, r.total),
-        ):
-            print(
-                f"{label:16} {what:8} {a:8.2f}s {b:8.2f}s {c:8.2f}s"
-                f" {a / b:13.2f}x {a / c:11.2f}x {b / c:11.2f}x"
-            )
-        print(f"{label:16} {'bytes':8} {m.bytes:9d} {f.bytes:9d} {r.bytes:9d}")
-    print(f"\nAgent idle cost over {IDLE_WINDOW:.0f}s (share of one core):")
-    for name, pct in idle.items():
-        print(f"  {name}: {pct:.2f}%  ({'OK' if pct < 1.0 else 'OVER'} the 1% goal)")
+    print("\n".join(_report(rows, link, idle)))
     return 0 if all(p < 1.0 for p in idle.values()) else 1
 
 
