@@ -344,15 +344,28 @@ class MigrationService:
         inspects.sort(key=container_name)
         problems: list[str] = []
         specs: list[tuple[ContainerSpec, dict[str, Any]]] = []
+        verdicts: list[Eligibility] = []
         for inspect in inspects:
+            # Each member through the same check as a single container, target's answer too.
+            name = container_name(inspect)
+            verdict = await self.eligibility.check(name, peer.name, inspect=inspect)
+            verdicts.append(verdict)
+            if not verdict.movable:
+                problems.append(f"{name}: {verdict.summary()}")
+                continue
             try:
                 specs.append((self._check_source(inspect), inspect))
             except MigrationRefused as exc:
-                problems.append(f"{container_name(inspect)}: {exc.reason}")
+                problems.append(f"{name}: {exc.reason}")
         if problems or not specs:
-            raise MigrationRefused(
+            refused = MigrationRefused(
                 f"group {group} cannot move as a unit: " + ("; ".join(problems) or "no members")
             )
+            blocked = [v for v in verdicts if not v.movable]
+            if blocked and all(v.permanent for v in blocked):
+                # Lasting, like a single container's: drain does not retry the group for it.
+                refused.eligibility = blocked[0]
+            raise refused
         runs = [self._start_run(spec, peer, group) for spec, _ in specs]
         members = [r.spec.name for r in runs]
         for r in runs:

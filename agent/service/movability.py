@@ -11,6 +11,7 @@ shows it with the reason (`survey`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,26 +93,32 @@ class Movability:
 
     async def survey(self) -> list[dict[str, Any]]:
         """Opted-in containers that cannot move now, or are stopped and stay behind."""
+        inventory = list(self._inventory())
         out: list[dict[str, Any]] = []
-        present = set()
-        for info in self._inventory():
-            present.add(info.name)
+        running: list[ContainerInfo] = []
+        for info in inventory:
             if not opted_in(info):
                 continue
-            if info.state != "running":
-                out.append(
-                    {
-                        "container": info.name,
-                        "state": "left_behind",
-                        "reason": f"{info.state}: only running containers move; it stays here",
-                    }
-                )
+            if info.state == "running":
+                running.append(info)
                 continue
-            try:
-                verdict = await self.verdict(info)
-            except MigrationRefused as exc:  # gone between listing and checking
-                log.debug("movability.check_failed", container=info.name, reason=exc.reason)
+            out.append(
+                {
+                    "container": info.name,
+                    "state": "left_behind",
+                    "reason": f"{info.state}: only running containers move; it stays here",
+                }
+            )
+        # Together: one slow peer must not make `ferry status` wait once per container.
+        answers = await asyncio.gather(
+            *(self.verdict(info) for info in running), return_exceptions=True
+        )
+        for info, verdict in zip(running, answers, strict=True):
+            if isinstance(verdict, MigrationRefused):  # gone between listing and checking
+                log.debug("movability.check_failed", container=info.name, reason=verdict.reason)
                 continue
+            if isinstance(verdict, BaseException):
+                raise verdict
             if not verdict.movable:
                 out.append(
                     {
@@ -121,6 +128,6 @@ class Movability:
                         "permanent": verdict.permanent,
                     }
                 )
-        for gone in set(self._known) - present:
+        for gone in set(self._known) - {info.name for info in inventory}:
             del self._known[gone]
         return out

@@ -764,3 +764,21 @@ def test_a_group_needs_disk_for_every_member_at_once(
     # Nothing stays claimed: with room for both, the group moves.
     _free_disk(monkeypatch, {a.docker.root: 2 * one + (1 << 20)})
     assert run_async(a.service.migrate("app", "b")).outcome == "succeeded"
+
+
+def test_a_group_member_that_cannot_move_stops_the_group_before_any_freeze(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    cids = _group(a, "app", "cache")
+    a.docker.containers[cids[1]]["HostConfig"]["Init"] = True
+    b.docker.add_running("app")  # and the target already has a container named app
+    with pytest.raises(MigrationRefused) as err:
+        run_async(a.service.migrate("app", "b"))
+    reason = err.value.reason
+    assert reason.startswith("group stack cannot move as a unit: app: b: a container named app")
+    assert "cache: container cache runs with --init" in reason
+    assert err.value.eligibility is not None and err.value.eligibility.permanent
+    assert all(a.docker.containers[c]["State"]["Running"] for c in cids)
+    assert not any(call[0] in ("checkpoint", "policy", "pause") for call in a.docker.calls)
+    assert a.journal.history() == []
