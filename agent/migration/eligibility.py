@@ -30,6 +30,7 @@ from agent.migration.spec import (
     source_problems,
     spec_from_inspect,
 )
+from agent.model import group_of_labels
 from agent.peer.api import CHECK_PATH
 from agent.peer.client import PeerError, PeerRefused
 
@@ -94,10 +95,6 @@ class Eligibility:
 
     def summary(self) -> str:
         return "; ".join(self.reasons())
-
-    def all_changes(self, target: str | None = None) -> list[str]:
-        picked = [self.peers[target]] if target in self.peers else []
-        return self.changes + [c for v in picked for c in v.changes]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -175,12 +172,17 @@ def source_changes(
 
 
 def neighbours_on_networks(
-    containers: list[dict[str, Any]], container_id: str
+    containers: list[dict[str, Any]], container_id: str, group: str | None = None
 ) -> dict[str, list[str]]:
-    """Other containers on this host, per network name (from `docker ps` data)."""
+    """Other running containers on this host that stay here, per network (`docker ps` data).
+
+    Members of the container's own group move with it, so they are not left behind.
+    """
     out: dict[str, list[str]] = {}
     for c in containers:
         if c.get("Id") == container_id or c.get("State") != "running":
+            continue
+        if group is not None and group_of_labels(c.get("Labels")) == group:
             continue
         name = str((c.get("Names") or ["?"])[0]).lstrip("/")
         for net in (c.get("NetworkSettings") or {}).get("Networks") or {}:
@@ -247,7 +249,10 @@ class EligibilityChecker:
             result.blockers = [f"{spec.name} is already being migrated ({running})"]
             result.blockers_transient = True
         listed = await asyncio.to_thread(self.adapter.list_containers)
-        result.changes = source_changes(inspect, spec, neighbours_on_networks(listed, spec.id))
+        group = group_of_labels((inspect.get("Config") or {}).get("Labels"))
+        result.changes = source_changes(
+            inspect, spec, neighbours_on_networks(listed, spec.id, group)
+        )
         if result.blockers:
             return result  # the targets' answers would not change the outcome
         body = await self._body(spec)

@@ -89,7 +89,7 @@ def test_movable_lists_what_changes_and_sends_the_target_what_prepare_checks() -
     peer = FakePeer("b", OK)
     verdict = _check(FakeDocker(INSPECT, [neighbour]), {"b": peer}, "b")
     assert verdict.movable and verdict.accepting() == ["b"]
-    changes = verdict.all_changes("b")
+    changes = verdict.changes
     assert any("172.18.0.5 on network appnet changes" in c for c in changes)
     assert any("leaves network appnet on this host: db stay here" in c for c in changes)
     assert any("published port 18080 (8080/tcp)" in c for c in changes)
@@ -219,3 +219,20 @@ def test_fresh_start_by_docker_or_by_someone_else() -> None:
     assert fresh_start(before, started, restored=True) is None  # a restore starts it too
     assert "started from scratch at t2" in str(fresh_start(before, started, restored=False))
     assert fresh_start(before, before, restored=False) is None
+
+
+def test_group_members_are_not_neighbours_left_behind() -> None:
+    from agent.migration.eligibility import neighbours_on_networks
+
+    def ctr(name: str, **labels: str) -> dict[str, Any]:
+        return {
+            "Id": name * 8,
+            "Names": [f"/{name}"],
+            "State": "running",
+            "Labels": labels,
+            "NetworkSettings": {"Networks": {"appnet": {}}},
+        }
+
+    listed = [ctr("app"), ctr("redis", **{"com.docker.compose.project": "shop"}), ctr("other")]
+    assert neighbours_on_networks(listed, "app" * 8, "shop") == {"appnet": ["other"]}
+    assert neighbours_on_networks(listed, "app" * 8) == {"appnet": ["redis", "other"]}
