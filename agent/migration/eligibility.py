@@ -248,7 +248,10 @@ class EligibilityChecker:
             # Alone: while it migrates it is frozen, and "paused" is only a symptom of that.
             result.blockers = [f"{spec.name} is already being migrated ({running})"]
             result.blockers_transient = True
-        listed = await asyncio.to_thread(self.adapter.list_containers)
+        try:
+            listed = await asyncio.to_thread(self.adapter.list_containers)
+        except DockerError:
+            listed = []  # only the list of neighbours left behind is missing then
         group = group_of_labels((inspect.get("Config") or {}).get("Labels"))
         result.changes = source_changes(
             inspect, spec, neighbours_on_networks(listed, spec.id, group)

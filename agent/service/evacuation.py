@@ -360,6 +360,9 @@ class Evacuator:
         except MigrationRefused as exc:
             self._stick(item, f"refused: {exc.reason}", retry=not exc.bad_input)
             return None
+        except Exception as exc:  # the check itself broke (Docker away): try again later
+            self._stick(item, f"error: eligibility check: {type(exc).__name__}: {exc}", True)
+            return None
         if not verdict.movable:
             self._refused(item, verdict)
             return None
