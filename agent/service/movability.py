@@ -52,12 +52,17 @@ class Movability:
         self._ttl = ttl
         self._known: dict[str, _Known] = {}  # container name -> last answer
 
-    def fingerprint(self, info: ContainerInfo) -> tuple[Any, ...]:
-        peers = tuple(
+    def _peers_key(self) -> tuple[Any, ...]:
+        return tuple(
             sorted((p.name, p.reachable, p.draining, p.overloaded) for p in self._peers.peers())
         )
+
+    def fingerprint(
+        self, info: ContainerInfo, peers: tuple[Any, ...] | None = None
+    ) -> tuple[Any, ...]:
         labels = tuple(sorted(info.labels.items()))
-        return (info.id, info.state, info.memory_bytes, labels, peers)
+        key = peers if peers is not None else self._peers_key()
+        return (info.id, info.state, info.memory_bytes, labels, key)
 
     def remember(self, info: ContainerInfo, verdict: Eligibility) -> None:
         self._known[info.name] = _Known(self.fingerprint(info), self._clock.monotonic(), verdict)
@@ -76,13 +81,16 @@ class Movability:
 
     def known_unmovable(self) -> set[str]:
         """Ids of containers that cannot move for a reason that holds until something changes."""
+        if not self._known:
+            return set()  # asked every tick by every policy: nothing to compute most of the time
+        peers = self._peers_key()
         out = set()
         for info in self._inventory():
             known = self._known.get(info.name)
             if (
                 known is not None
                 and known.verdict.permanent
-                and known.fingerprint == self.fingerprint(info)
+                and known.fingerprint == self.fingerprint(info, peers)
             ):
                 out.add(info.id)
         return out
