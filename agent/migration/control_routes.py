@@ -106,6 +106,22 @@ def result_line(outcome: Any) -> dict[str, Any]:
     }
 
 
+async def _container_and_target(request: web.Request) -> tuple[str, str | None] | web.Response:
+    """The {"container", "target" (optional)} body of /v1/migrate and /v1/check, or its 400."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        return web.json_response({"error": "body must be a JSON object"}, status=400)
+    container, target = body.get("container"), body.get("target")
+    if not isinstance(container, str) or not container:
+        return web.json_response({"error": "container must be a non-empty string"}, status=400)
+    if target is not None and (not isinstance(target, str) or not target):
+        return web.json_response({"error": "target must be a non-empty string"}, status=400)
+    return container, target
+
+
 def add_migration_routes(
     app: web.Application,
     service: Migrates,
@@ -115,15 +131,10 @@ def add_migration_routes(
     app[_TASKS_KEY] = set()
 
     async def migrate(request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
-        if not isinstance(body, dict):
-            return web.json_response({"error": "body must be a JSON object"}, status=400)
-        container, target = body.get("container"), body.get("target")
-        if not isinstance(container, str) or not container:
-            return web.json_response({"error": "container must be a non-empty string"}, status=400)
+        asked = await _container_and_target(request)
+        if isinstance(asked, web.Response):
+            return asked
+        container, target = asked
         if target is None and check is not None and pick is not None:
             try:
                 target = await choose_target(check, pick, container)
@@ -215,17 +226,10 @@ def add_migration_routes(
 
     async def check_route(request: web.Request) -> web.Response:
         assert check is not None
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
-        if not isinstance(body, dict):
-            return web.json_response({"error": "body must be a JSON object"}, status=400)
-        container, target = body.get("container"), body.get("target")
-        if not isinstance(container, str) or not container:
-            return web.json_response({"error": "container must be a non-empty string"}, status=400)
-        if target is not None and (not isinstance(target, str) or not target):
-            return web.json_response({"error": "target must be a non-empty string"}, status=400)
+        asked = await _container_and_target(request)
+        if isinstance(asked, web.Response):
+            return asked
+        container, target = asked
         try:
             verdict = await check(container, target)
         except MigrationRefused as exc:
