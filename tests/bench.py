@@ -174,6 +174,10 @@ def _clean(clients: dict) -> None:
             cont.remove(force=True)
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e3:8.1f}kB" if n < 1e6 else f"{n / 1e6:8.1f}MB"
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 else "-"
 
@@ -203,7 +207,7 @@ def _report(
                     f"{_ratio(r['engine'].downtime, r['runc'].downtime):>13}"
                 )
             out.append(f"{label:14} {what:13}{cells}{extra}")
-        cells = "".join(f"{r[c].bytes / 1e6:8.1f}MB" if c in r else f"{'-':>10}" for c in COLUMNS)
+        cells = "".join(_size(r[c].bytes) if c in r else f"{'-':>10}" for c in COLUMNS)
         out.append(f"{label:14} {'bytes':13}{cells}")
     if link is not None:
         out.append("")

@@ -201,3 +201,9 @@ async def bulk_put(
         with contextlib.suppress(BaseException):
             await task
         raise
+    finally:
+        # Close the producer here rather than leave it to the event loop's finalizer.
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
