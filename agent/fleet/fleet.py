@@ -26,6 +26,7 @@ from agent.fleet.etcd import (
     FleetUnavailable,
     cmp_create,
     cmp_mod,
+    op_delete,
     op_put,
     op_range,
     op_range_prefix,
@@ -119,9 +120,7 @@ class Fleet:
     async def beat(self) -> FleetView:
         """Renew the lease, publish this host's record, read the fleet. Raises FleetUnavailable."""
         await self._ensure_lease()
-        await self.etcd.put(
-            self.keys.member(self.name), json.dumps(self.record()).encode(), self.lease
-        )
+        await self.etcd.txn([], [self._record_op()])
         return await self.refresh()
 
     async def refresh(self) -> FleetView:
@@ -169,13 +168,23 @@ class Fleet:
         # state before this request fail its transaction.
         await self.etcd.txn(
             [cmp_create(key, "EQUAL", 0)],
-            [op_put(key, body, self.lease), op_put(self.keys.seq(self.name), b"")],
+            [
+                op_put(key, body, self.lease),
+                op_put(self.keys.seq(self.name), b""),
+                self._record_op(),
+            ],
         )
         await self.refresh()
 
     async def dequeue_drain(self) -> None:
-        await self.etcd.delete(self.keys.drain(self.name))
+        """Leave the queue; the record says "not draining" in the same revision, so the
+        host that takes the freed slot never sees this one as still draining."""
+        await self._ensure_lease()
+        await self.etcd.txn([], [self._record_op(), op_delete(self.keys.drain(self.name))])
         await self.refresh()
+
+    def _record_op(self) -> dict[str, Any]:
+        return op_put(self.keys.member(self.name), json.dumps(self.record()).encode(), self.lease)
 
     def drain_position(self) -> tuple[str, list[str]]:
         """("draining", []), ("queued", [hosts holding the budget]) or ("idle", [])."""
