@@ -909,7 +909,7 @@ class MigrationService:
         if answer is None:
             # Proven: the target holds no copy and never will run one. Ours is the state.
             data["decision"] = rp.DECISION_ROLLBACK
-            self.journal.update_report(rec.id, data)
+            await to_thread_to_the_end(self.journal.update_report, rec.id, data)
             return await self._restore_record(
                 rec, f"{rec.target} proved it holds no copy after the commit; "
             )
@@ -917,8 +917,12 @@ class MigrationService:
         if info is not None:
             with contextlib.suppress(DockerNotFound):
                 await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
-        self.journal.finish(
-            rec.id, "succeeded", reason="the target confirmed it runs the container", report=data
+        await to_thread_to_the_end(
+            self.journal.finish,
+            rec.id,
+            "succeeded",
+            reason="the target confirmed it runs the container",
+            report=data,
         )
         return "target runs it; source copy removed"
 
@@ -929,7 +933,9 @@ class MigrationService:
         policy = dict(data.get("restart_policy") or {"Name": "no"})
         info = await asyncio.to_thread(self.adapter.find_container, rec.container_id)
         if info is None:
-            self.journal.finish(rec.id, "failed", reason="container gone from the source")
+            await to_thread_to_the_end(
+                self.journal.finish, rec.id, "failed", reason="container gone from the source"
+            )
             return "container missing"
         root = await asyncio.to_thread(self.data_root.get)
         settled = await asyncio.to_thread(
@@ -963,13 +969,19 @@ class MigrationService:
                 )
         except StateNotRestored as exc:
             data["state_lost"] = state_lost_sentence(rec.container_name, exc.message)
-            self.journal.finish(
-                rec.id, "failed", reason=f"state not restored: {exc.message}", report=data
+            await to_thread_to_the_end(
+                self.journal.finish,
+                rec.id,
+                "failed",
+                reason=f"state not restored: {exc.message}",
+                report=data,
             )
             log.error("migration.state_lost", migration=rec.id, reason=exc.message)
             return f"failed: {data['state_lost']}"
         data["details"] = dict(data.get("details") or {}) | {"rollback": how}
-        self.journal.finish(rec.id, "rolled_back", reason=f"{why}{how}", report=data)
+        await to_thread_to_the_end(
+            self.journal.finish, rec.id, "rolled_back", reason=f"{why}{how}", report=data
+        )
         log.warning("migration.rolled_back", migration=rec.id, how=how)
         return f"rolled back: {how}"
 
@@ -1136,7 +1148,8 @@ class MigrationService:
             outcome = await self._settle_commit(rec, patience=0)
             if outcome is None:
                 if rec.outcome != rp.IN_DOUBT:
-                    self.journal.finish(
+                    await to_thread_to_the_end(
+                        self.journal.finish,
                         rec.id,
                         rp.IN_DOUBT,
                         reason=f"committed; {rec.target} has not confirmed it runs the container",
@@ -1147,11 +1160,13 @@ class MigrationService:
             return outcome
         if rec.phase not in rp.FROZEN_PHASES:
             await self._send_abort(peer, rec.id, "source agent restarted before the freeze")
-            self.journal.finish(rec.id, "refused", reason="agent restarted before the freeze")
+            await to_thread_to_the_end(
+                self.journal.finish, rec.id, "refused", reason="agent restarted before the freeze"
+            )
             return "untouched: restarted before the freeze"
         # No commit was journalled: roll back, and say so first.
         data["decision"] = rp.DECISION_ROLLBACK
-        self.journal.update_report(rec.id, data)
+        await to_thread_to_the_end(self.journal.update_report, rec.id, data)
         if await self._send_abort(peer, rec.id, "source rolled back at reconcile"):
             log.error("migration.target_ran_uncommitted", migration=rec.id, target=rec.target)
             raise MigrationFailed(
@@ -1185,7 +1200,8 @@ class MigrationService:
             data["decision"] = rp.DECISION_COMMIT
             with contextlib.suppress(DockerNotFound):
                 await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
-            self.journal.finish(
+            await to_thread_to_the_end(
+                self.journal.finish,
                 rec.id,
                 "succeeded",
                 reason="resolved by an operator: kept the target's copy",
@@ -1200,7 +1216,7 @@ class MigrationService:
                 f"{rec.target} reports the container running there: use --keep target"
             )
         data["decision"] = rp.DECISION_ROLLBACK
-        self.journal.update_report(rec.id, data)
+        await to_thread_to_the_end(self.journal.update_report, rec.id, data)
         how = await self._restore_record(
             dataclasses.replace(rec, report=data), "resolved by an operator: kept the source; "
         )

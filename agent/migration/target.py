@@ -240,7 +240,8 @@ class TargetHandlers:
         except CapacityRefused as exc:
             raise _refuse(f"{self.config.name}: {exc}", "no_capacity") from exc
         try:
-            self.journal.begin(
+            await to_thread_to_the_end(
+                self.journal.begin,
                 mid,
                 container_id=inc.source_container_id,
                 container_name=name,
@@ -1056,8 +1057,12 @@ class TargetHandlers:
             self._spawn_cleanup(inc, reason)
             return False
         with contextlib.suppress(JournalError):
-            self.journal.finish(
-                inc.migration_id, "aborted", reason=reason, report=inc.journal_report()
+            await to_thread_to_the_end(
+                self.journal.finish,
+                inc.migration_id,
+                "aborted",
+                reason=reason,
+                report=inc.journal_report(),
             )
         self._forget(inc.migration_id)
         # A network another member of the same group still used goes with the last one.
@@ -1101,7 +1106,9 @@ class TargetHandlers:
                 except DockerError:
                     continue
                 with contextlib.suppress(JournalError):
-                    self.journal.finish(inc.migration_id, "aborted", reason=reason)
+                    await to_thread_to_the_end(
+                        self.journal.finish, inc.migration_id, "aborted", reason=reason
+                    )
                 with contextlib.suppress(DockerError):
                     await asyncio.to_thread(self._sweep_networks)
                 log.info("migration.target.cleanup_done", migration=inc.migration_id)
@@ -1133,11 +1140,16 @@ class TargetHandlers:
             procs = await asyncio.to_thread(self.procs.processes, str(inc.container_id))
             if procs and not any(p.state in ("T", "t") for p in procs):
                 # Continued, then the agent died before journalling it: only a commit does that.
-                self.journal.finish(rec.id, "succeeded", reason="continued; confirmed at reconcile")
+                await to_thread_to_the_end(
+                    self.journal.finish,
+                    rec.id,
+                    "succeeded",
+                    reason="continued; confirmed at reconcile",
+                )
                 await asyncio.to_thread(self._after_commit, inc)
                 return "kept: running here"
             if rec.phase == T_RESTORE:
-                self.journal.set_phase(rec.id, T_RESTORED)
+                await to_thread_to_the_end(self.journal.set_phase, rec.id, T_RESTORED)
             outcome = await self.resolve_held(rec.id)
             if outcome == "waiting":
                 raise RuntimeError(
