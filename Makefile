@@ -56,8 +56,8 @@ demo: deps venv  ## two hosts, two agents: drain host 1 and watch a counter move
 bench: deps venv  ## side-by-side benchmarks on the testbed (ratios, idle cost)
 	$(BIN)/python -m tests.bench
 
-install: venv  ## install ferry system-wide with its systemd unit (root)
-	bash systemd/install.sh
+install:  ## install ferry system-wide with its systemd unit (root; DEPS=system: offline, from distribution packages)
+	DEPS=$(or $(DEPS),index) bash systemd/install.sh
 
 clean:  ## remove the virtualenv and caches (not the testbed rootfs cache)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -10,6 +10,12 @@
 #
 # Overridable for packaging: PY (python to build the venv with), PREFIX,
 # BINDIR, UNITDIR, CONFDIR, and DESTDIR (staging root; skips systemctl).
+#
+# DEPS says where Ferry's Python dependencies come from:
+#   index  (default) pip installs them from the package index pip is configured for;
+#   system the distribution's packages (SYSTEM_DEPS_HINT below, installed first):
+#          the venv sees the system site-packages and pip runs with --no-index, so
+#          nothing is downloaded. For hosts without access to a package index.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ] && [ -z "${DESTDIR:-}" ]; then
@@ -24,17 +30,39 @@ PREFIX=${PREFIX:-/opt/ferry}
 BINDIR=${BINDIR:-/usr/local/bin}
 UNITDIR=${UNITDIR:-/etc/systemd/system}
 CONFDIR=${CONFDIR:-/etc/ferry}
+DEPS=${DEPS:-index}
+SYSTEM_DEPS_HINT="apt-get install python3-venv python3-setuptools python3-docker \
+python3-watchdog python3-pydantic python3-structlog python3-yaml python3-click python3-rich \
+python3-aiohttp python3-cryptography python3-prometheus-client python3-zstandard"
+
+case "$DEPS" in
+    index | system) ;;
+    *)
+        echo "install.sh: DEPS=$DEPS is not known; use DEPS=index (pip from the package index) or DEPS=system (distribution packages, offline)" >&2
+        exit 1
+        ;;
+esac
 
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     echo "install.sh: $PY is missing or older than Python 3.11; set PY=/path/to/python3.11" >&2
     exit 1
 fi
 
-echo "ferry: installing into ${DESTDIR}${PREFIX}"
-"$PY" -m venv "${DESTDIR}${PREFIX}"
-"${DESTDIR}${PREFIX}/bin/pip" install --quiet --upgrade pip
+echo "ferry: installing into ${DESTDIR}${PREFIX} (dependencies: DEPS=$DEPS)"
 # A regular (not editable) install: the service must not depend on this checkout.
-"${DESTDIR}${PREFIX}/bin/pip" install --quiet "$SRC"
+if [ "$DEPS" = system ]; then
+    "$PY" -m venv --system-site-packages "${DESTDIR}${PREFIX}"
+    # --no-build-isolation: the build backend (setuptools) comes from the system
+    # too, so pip has nothing to fetch.
+    if ! "${DESTDIR}${PREFIX}/bin/pip" install --quiet --no-index --no-build-isolation "$SRC"; then
+        echo "install.sh: DEPS=system: a dependency is missing or too old; install them first: $SYSTEM_DEPS_HINT" >&2
+        exit 1
+    fi
+else
+    "$PY" -m venv "${DESTDIR}${PREFIX}"
+    "${DESTDIR}${PREFIX}/bin/pip" install --quiet --upgrade pip
+    "${DESTDIR}${PREFIX}/bin/pip" install --quiet "$SRC"
+fi
 install -m 0644 "$SRC/README.md" "${DESTDIR}${PREFIX}/README.md"
 
 install -d -m 0755 "${DESTDIR}${BINDIR}"

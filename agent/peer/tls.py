@@ -25,7 +25,11 @@ from agent.peer.certs import cert_names
 
 log = structlog.get_logger(__name__)
 
-PEER_NAME_KEY = web.RequestKey("ferry_peer_name", str)
+# web.RequestKey (typed request storage) arrived in aiohttp 3.14; distributions
+# ship older ones (Debian trixie: 3.11), where a plain string key does the same.
+PEER_NAME_KEY: Any = (
+    web.RequestKey("ferry_peer_name", str) if hasattr(web, "RequestKey") else "ferry_peer_name"
+)
 
 
 class PeerIdentityError(ssl.SSLCertVerificationError):

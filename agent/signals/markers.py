@@ -40,6 +40,10 @@ log = structlog.get_logger(__name__)
 MAX_CONTENT_BYTES = 4096
 ObserverFactory = Callable[[], BaseObserver]
 
+# chmod can make a marker unreadable, which changes its content. watchdog 7
+# reports it as ATTRIB events; older releases (Debian trixie ships 6.0) report it
+# as a modification, which is already watched.
+_HAS_ATTRIB = hasattr(ev, "EVENT_TYPE_ATTRIB")
 # Opened and closed-without-write are deliberately absent (see the module doc).
 CHANGE_EVENT_TYPES = frozenset(
     {
@@ -47,8 +51,8 @@ CHANGE_EVENT_TYPES = frozenset(
         ev.EVENT_TYPE_DELETED,
         ev.EVENT_TYPE_MOVED,
         ev.EVENT_TYPE_MODIFIED,
-        ev.EVENT_TYPE_ATTRIB,  # chmod can make a marker unreadable, which changes its content
         ev.EVENT_TYPE_CLOSED,  # closed after a write
+        *([ev.EVENT_TYPE_ATTRIB] if _HAS_ATTRIB else []),
     }
 )
 # The same, as classes for the observer's event_filter, so the kernel is not even
@@ -58,13 +62,12 @@ _CHANGE_EVENT_CLASSES: list[type[FileSystemEvent]] = [
     ev.FileDeletedEvent,
     ev.FileMovedEvent,
     ev.FileModifiedEvent,
-    ev.FileAttribEvent,
     ev.FileClosedEvent,
     ev.DirCreatedEvent,  # a directory at the marker path still counts as present
     ev.DirDeletedEvent,
     ev.DirMovedEvent,
     ev.DirModifiedEvent,
-    ev.DirAttribEvent,
+    *([ev.FileAttribEvent, ev.DirAttribEvent] if _HAS_ATTRIB else []),
 ]
 
 

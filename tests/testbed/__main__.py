@@ -23,8 +23,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"testbed: cannot run here: {why}", file=sys.stderr)
         return 3
     started = time.monotonic()
-    rootfs = ensure_rootfs()
-    hosts = _hosts.up(args.hosts, rootfs)
+    if args.systemd:
+        from tests.testbed.systemd_rootfs import ensure_systemd_rootfs
+
+        rootfs = ensure_systemd_rootfs()
+    else:
+        rootfs = ensure_rootfs()
+    hosts = _hosts.up(args.hosts, rootfs, systemd=args.systemd)
     ensure_images(hosts)
     if args.services:
         ensure_service_image(hosts)
@@ -96,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--services", action="store_true",
                     help="also build (once, cached) and load ferry-test/services:1; "
                     "tests that need it do this themselves")  # fmt: skip
+    up.add_argument(
+        "--systemd",
+        action="store_true",
+        help="boot each host with systemd as PID 1 and docker.service inside",
+    )
     up.set_defaults(func=cmd_up)
     sub.add_parser(
         "down", help="stop everything and remove namespaces, links, mounts, data"

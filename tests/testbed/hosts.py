@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -207,14 +208,17 @@ def pings(host: Host) -> bool:
 
 
 def healthy(host: Host) -> bool:
-    return procs.alive(host.init_pid) and procs.alive(host.dockerd_pid) and pings(host)
+    # On a systemd host docker.service owns dockerd; its answer is what counts.
+    daemon = host.systemd or procs.alive(host.dockerd_pid)
+    return procs.alive(host.init_pid) and daemon and pings(host)
 
 
-def up(count: int, rootfs: Path) -> list[Host]:
+def up(count: int, rootfs: Path, systemd: bool = False) -> list[Host]:
     if not 1 <= count <= MAX_HOSTS:
         raise ValueError(f"hosts must be between 1 and {MAX_HOSTS}, not {count}")
     existing, old_rootfs = load_state()
-    if existing and old_rootfs == rootfs and all(healthy(h) for h in existing):
+    same_kind = all(h.systemd == systemd for h in existing)
+    if existing and old_rootfs == rootfs and same_kind and all(healthy(h) for h in existing):
         if len(existing) >= count:
             step(f"{len(existing)} hosts already up")
             return existing
@@ -228,17 +232,36 @@ def up(count: int, rootfs: Path) -> list[Host]:
     step(f"creating network: bridge {BRIDGE} in netns {SWITCH_NETNS}, {len(new)} new host(s)")
     _setup_switch()
     for host in new:
-        _prepare_dirs(host)
         _setup_network(host)
-        _start_init(host, rootfs)
-    step("starting dockerd on the new hosts")
-    with ThreadPoolExecutor(max_workers=len(new)) as pool:
-        list(pool.map(start_dockerd, new))
+    if systemd:
+        _boot_systemd(new, rootfs)
+    else:
+        for host in new:
+            _prepare_dirs(host)
+            _start_init(host, rootfs)
+        step("starting dockerd on the new hosts")
+        with ThreadPoolExecutor(max_workers=len(new)) as pool:
+            list(pool.map(start_dockerd, new))
     hosts = existing + new
     save_state(hosts, rootfs)
     for host in new:
         step(f"{host.name} up: {host.ip}, {host.docker_host}")
     return hosts
+
+
+def _boot_systemd(new: list[Host], rootfs: Path) -> None:
+    from tests.testbed import systemd_hosts
+
+    step("booting systemd (PID 1) with docker.service on the new hosts")
+    for host in new:
+        host.systemd = True
+    try:
+        with ThreadPoolExecutor(max_workers=len(new)) as pool:
+            list(pool.map(lambda h: systemd_hosts.boot(h, rootfs), new))
+    finally:
+        # Even a half-booted host must be in state.json, so `down` finds its PID 1.
+        existing, _ = load_state()
+        save_state([*existing, *new], rootfs)
 
 
 def _leftovers() -> bool:
@@ -299,6 +322,9 @@ def leftovers(netns_inodes: set[int] | None = None) -> list[str]:
         mnt = line.split()[4]
         if mnt.startswith((str(DATA_DIR), str(RUN_DIR))):
             found.append(f"mount {mnt}")
+    cgroups = _testbed_cgroups()
+    if cgroups:
+        found.append(f"cgroups: {[str(c) for c in cgroups]}")
     # A process left in a deleted netns keeps it alive, unseen by `ip netns list`.
     stray = procs.pids_in_netns_inodes(netns_inodes or set())
     if stray:
@@ -314,18 +340,32 @@ def _unmount_under(path: Path) -> None:
             procs.run(["umount", "-l", mnt], check=False)
 
 
-def _remove_cgroups() -> None:
-    root = Path("/sys/fs/cgroup")
-    if not root.exists():
-        return
-    for top in [root, *[p for p in root.iterdir() if p.is_dir()]]:
-        for cg in top.glob(f"ferry-testbed{INSTANCE}-*"):
+def _remove_cgroups(timeout: float = 15.0) -> None:
+    # Killing a host's PID 1 kills its processes (containers too) asynchronously,
+    # and a cgroup with tasks cannot be removed: retry until the deadline.
+    deadline = time.monotonic() + timeout
+    while True:
+        for cg in _testbed_cgroups():
             # Deepest first: a cgroup can only be removed once it has no children.
             for sub in sorted(
                 (p for p in cg.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
             ):
                 _rmdir(sub)
             _rmdir(cg)
+        if not _testbed_cgroups() or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+
+
+def _testbed_cgroups() -> list[Path]:
+    root = Path("/sys/fs/cgroup")
+    if not root.exists():
+        return []
+    return [
+        cg
+        for top in [root, *[p for p in root.iterdir() if p.is_dir()]]
+        for cg in top.glob(f"ferry-testbed{INSTANCE}-*")
+    ]
 
 
 def _rmdir(path: Path) -> None:

@@ -53,6 +53,8 @@ class Host:
     dockerd_pid: int = 0
     agent_config: str | None = None
     agent_pid: int = 0
+    # True: systemd is PID 1 and runs docker.service (`up --systemd`, systemd_hosts.py).
+    systemd: bool = False
 
     @property
     def netns_path(self) -> str:
