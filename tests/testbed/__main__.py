@@ -73,7 +73,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
     extra = {}
     if match[0].agent_config:
         extra["FERRY_CONFIG"] = match[0].agent_config
-    argv = procs.netns_argv(match[0], cmd, extra)
+    if match[0].systemd:
+        from tests.testbed.systemd_hosts import host_argv
+
+        # A systemd host is a machine of its own: enter all its namespaces.
+        argv = host_argv(match[0], cmd)
+    else:
+        argv = procs.netns_argv(match[0], cmd, extra)
     os.execvp(argv[0], argv)
     return 127  # pragma: no cover
 

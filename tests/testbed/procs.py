@@ -52,6 +52,9 @@ def wait_until(cond, timeout: float, what: str, interval: float = 0.05):  # type
 
 
 def signal_pid(pid: int, sig: int) -> None:
+    # 0 means "never started" in state.json; kill(0) would signal our own process group.
+    if pid <= 0:
+        return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
 

@@ -1,10 +1,10 @@
-#!/bin/sh
+#!/bin/bash
 # Becomes PID 1 of one systemd testbed host: runs inside fresh mount, PID, UTS,
 # IPC and cgroup namespaces (unshare) and the host's network namespace
 # (nsenter), builds the mounts systemd expects of a container, pivots into an
 # overlay of the systemd rootfs and execs systemd. See SYSTEMD-NOTES.md.
 # Usage: systemd-init.sh HOST_DIR ROOTFS HOSTNAME CONSOLE_FD CONSOLE_MASTER_FD CGROUPS_V1...
-set -eu
+set -eu  # bash, not sh: the console fds may be above 9, which dash cannot name
 H=$1 ROOTFS=$2 NAME=$3 CONSOLE=$4 MASTER=$5
 shift 5
 R=$H/root

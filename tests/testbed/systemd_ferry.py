@@ -10,6 +10,7 @@ package index inside the testbed), `ferry certs init/issue` on one host and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -114,12 +115,25 @@ def unit_property(host: Host, name: str, unit: str = UNIT) -> str:
 def main_pid(host: Host) -> int:
     """The agent's PID as seen from the root namespace (systemd reports the host's own)."""
     inner = int(unit_property(host, "MainPID") or 0)
-    if inner == 0:
-        return 0
-    for line in root_path(host, f"/proc/{inner}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{host.name}: no NSpid for pid {inner}")
+    return outer_pid(host, inner) if inner else 0
+
+
+def outer_pid(host: Host, inner: int) -> int:
+    """The root-namespace PID of the host's process `inner` (NSpid: outer ... inner)."""
+    host_ns = os.stat(f"/proc/{host.init_pid}/ns/pid").st_ino
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/pid").st_ino != host_ns:
+                continue
+            status = Path(f"/proc/{entry}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        nspid = next(ln for ln in status.splitlines() if ln.startswith("NSpid:")).split()[1:]
+        if int(nspid[-1]) == inner:
+            return int(entry)
+    raise RuntimeError(f"{host.name}: no process with pid {inner} in its namespace")
 
 
 def journal(host: Host, *args: str, unit: str = UNIT) -> list[dict[str, Any]]:

@@ -115,7 +115,7 @@ def boot(host: Host, rootfs: Path) -> None:
                 "nsenter", f"--net={host.netns_path}",
                 "unshare", "--mount", "--pid", "--fork", "--uts", "--ipc", "--cgroup",
                 "--propagation", "private",
-                "/bin/sh", str(INIT_SCRIPT), host.host_dir, str(rootfs), host.name,
+                "/bin/bash", str(INIT_SCRIPT), host.host_dir, str(rootfs), host.name,
                 str(console), str(master), *V1_CONTROLLERS,
             ],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -116,3 +116,30 @@ def test_install_refuses_when_not_root() -> None:
 
 def test_install_script_parses() -> None:
     subprocess.run(["bash", "-n", str(INSTALL)], check=True, timeout=30)
+
+
+def test_every_hardening_option_kept_off_says_why() -> None:
+    lines = UNIT.read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("# --- Hardening"))
+    kept_off = [
+        i
+        for i, ln in enumerate(lines[start:], start)
+        if (ln.startswith("#") and ln[1:2].isupper() and "=" in ln and " " not in ln)
+        or ln.endswith("=no")
+    ]
+    assert kept_off, "the hardening section lists no option kept off"
+    for i in kept_off:
+        j = i - 1
+        while lines[j].startswith("#") and not lines[j].startswith("# Not set"):
+            j -= 1
+        assert lines[j].startswith("# Not set"), f"{lines[i]}: no '# Not set: why' above it"
+
+
+def test_install_refuses_an_unknown_deps_source() -> None:
+    env = {**os.environ, "DEPS": "wheels", "DESTDIR": "/nonexistent-staging"}
+    proc = subprocess.run(
+        ["bash", str(INSTALL)], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert proc.returncode == 1
+    (line,) = proc.stderr.splitlines()
+    assert "DEPS=wheels" in line and "DEPS=system" in line
