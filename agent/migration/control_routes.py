@@ -191,8 +191,11 @@ def add_migration_routes(
                 await resp.write_eof()
         return resp
 
-    async def on_cleanup(app: web.Application) -> None:
-        # A migration keeps running only as long as the agent does.
+    async def on_shutdown(app: web.Application) -> None:
+        # A migration keeps running only as long as the agent does. On shutdown,
+        # not cleanup: aiohttp waits for in-flight handlers (up to its shutdown
+        # timeout, twice) between the two, and a migrate handler only returns when
+        # its migration does, so a stop mid-migration outlasted TimeoutStopSec.
         running: set[asyncio.Task[Any]] = app[_TASKS_KEY]
         pending = list(running)
         for t in pending:
@@ -243,4 +246,4 @@ def add_migration_routes(
         app.router.add_post(CHECK_PATH, check_route)
     app.router.add_post(MIGRATE_PATH, migrate)
     app.router.add_post(RESOLVE_PATH, resolve)
-    app.on_cleanup.append(on_cleanup)
+    app.on_shutdown.append(on_shutdown)

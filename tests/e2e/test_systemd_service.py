@@ -162,7 +162,8 @@ def systemd_messages(host: Host, cursor: str, unit: str) -> list[tuple[float, st
     for line in out.splitlines():
         entry = json.loads(line)
         if entry.get("UNIT") == unit:
-            found.append((int(entry["__REALTIME_TIMESTAMP"]) / 1e6, entry["MESSAGE"]))
+            message = entry["MESSAGE"].removeprefix(f"{unit}: ")
+            found.append((int(entry["__REALTIME_TIMESTAMP"]) / 1e6, message))
     return found
 
 

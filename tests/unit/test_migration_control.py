@@ -231,3 +231,45 @@ def test_check_cli_prints_every_reason_and_exits_by_the_convention(
     assert run(main, ["check", "web", "--config", str(config)]).exit_code == 3
     dry = run(main, ["migrate", "web", "--dry-run", "--config", str(config)])
     assert dry.exit_code == 0 and "web can move to b" in dry.output
+
+
+class StuckService:
+    """A migration that only ends when cancelled (a peer that never answers)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = False
+
+    async def migrate(self, container: str, target: str, progress: Any = None) -> Any:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+def test_stopping_the_server_cancels_a_migration_in_flight_at_once(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    service = StuckService()
+
+    async def scenario() -> tuple[float, list[dict[str, Any]], Any]:
+        app = web.Application()
+        add_migration_routes(app, service)
+        runner = web.AppRunner(app)  # the default shutdown timeout: 60 s
+        await runner.setup()
+        await web.UnixSite(runner, str(sock)).start()
+        lines: list[dict[str, Any]] = []
+        ask = asyncio.ensure_future(migrate_cmds.stream_migration(sock, "web", "b", lines.append))
+        await asyncio.wait_for(service.started.wait(), 10)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await runner.cleanup()
+        took = loop.time() - began
+        result = await asyncio.wait_for(ask, 10)
+        return took, lines, result
+
+    took, _, result = run_async(scenario())
+    assert service.cancelled
+    assert took < 5, f"shutdown waited {took:.1f}s for a migration it should have cancelled"
+    assert result["ok"] is False and "agent stopping" in result["reason"]
