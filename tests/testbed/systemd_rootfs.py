@@ -42,6 +42,9 @@ PYTHON_PACKAGES = [
     "python3-prometheus-client",
     "python3-zstandard",
 ]
+# Newer than trixie has, from the suite the plain rootfs already takes CRIU from
+# (pinned low there, so only these come from it): etcd3gw >= 2.7 (trixie: 2.4).
+NEWER_PACKAGES = ["python3-etcd3gw"]
 # Units that cannot work in a namespaced host: this kernel has no modules (kmod
 # fails and marks the system degraded), and udev must stay off the machine's
 # devices. Gettys and first-boot prompts would wait on a console nobody reads.
@@ -128,6 +131,7 @@ def _build(base: Path, final: Path) -> None:
                 plain.SUITE,
                 *SYSTEMD_PACKAGES,
                 *PYTHON_PACKAGES,
+                *(f"{p}/{plain.CRIU_SUITE}" for p in NEWER_PACKAGES),
             ],
             log,
             env,
