@@ -3,7 +3,8 @@
 #   - a virtualenv in /opt/ferry with ferry and its dependencies,
 #   - /usr/local/bin/ferry -> /opt/ferry/bin/ferry,
 #   - the systemd unit in /etc/systemd/system/ferry.service,
-#   - /etc/ferry/config.yaml from config.example.yaml and the maintenance policy,
+#   - /etc/ferry/config.yaml from config.example.yaml (runc and CRIU run through
+#     systemd-run, outside the unit's sandbox) and the maintenance policy,
 #     only when absent (an existing configuration is never overwritten),
 # then `systemctl daemon-reload`. It does not enable or start the service:
 # certificates have to be in place first (see the message at the end).
@@ -33,7 +34,8 @@ CONFDIR=${CONFDIR:-/etc/ferry}
 DEPS=${DEPS:-index}
 SYSTEM_DEPS_HINT="apt-get install python3-venv python3-setuptools python3-docker \
 python3-watchdog python3-pydantic python3-structlog python3-yaml python3-click python3-rich \
-python3-aiohttp python3-cryptography python3-prometheus-client python3-zstandard"
+python3-aiohttp python3-cryptography python3-prometheus-client python3-zstandard \
+python3-etcd3gw (>= 2.7: from forky on trixie)"
 
 case "$DEPS" in
     index | system) ;;
@@ -72,8 +74,20 @@ install -d -m 0755 "${DESTDIR}${UNITDIR}"
 install -m 0644 "$SRC/systemd/ferry.service" "${DESTDIR}${UNITDIR}/ferry.service"
 
 install -d -m 0755 "${DESTDIR}${CONFDIR}" "${DESTDIR}${CONFDIR}/policies"
+# Under the unit's sandbox the agent cannot dump a container itself (CRIU needs
+# ptrace, every namespace and most capabilities), so runc and CRIU's lazy-pages
+# daemon run through systemd-run: a transient service of systemd's, unsandboxed,
+# in dockerd's namespaces. RuntimeMaxSec bounds one that outlives its caller.
+RUN_OUTSIDE="systemd-run, --quiet, --wait, --pipe, --collect, --service-type=exec, --property=RuntimeMaxSec=10min"
 if [ ! -e "${DESTDIR}${CONFDIR}/config.yaml" ]; then
-    install -m 0644 "$SRC/config.example.yaml" "${DESTDIR}${CONFDIR}/config.yaml"
+    sed -e "s|^  runc_command: \[runc,|  runc_command: [${RUN_OUTSIDE}, runc,|" \
+        -e "s|^  criu_command: \[criu\]|  criu_command: [${RUN_OUTSIDE}, criu]|" \
+        "$SRC/config.example.yaml" >"${DESTDIR}${CONFDIR}/config.yaml"
+    chmod 0644 "${DESTDIR}${CONFDIR}/config.yaml"
+    if ! grep -q "runc_command: \[systemd-run" "${DESTDIR}${CONFDIR}/config.yaml"; then
+        echo "install.sh: could not set docker.runc_command in ${CONFDIR}/config.yaml; set it to [${RUN_OUTSIDE}, runc, --root, /run/docker/runtime-runc/moby]" >&2
+        exit 1
+    fi
     echo "ferry: wrote ${CONFDIR}/config.yaml from config.example.yaml; edit name and peers"
 else
     echo "ferry: kept existing ${CONFDIR}/config.yaml"

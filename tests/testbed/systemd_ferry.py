@@ -76,17 +76,22 @@ def issue_certs(hosts: list[Host]) -> None:
 
 
 def write_config(host: Host, hosts: list[Host], **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "name": host.name,
-        "listen": f"{host.ip}:{AGENT_PORT}",
-        "peers": [
-            {"name": p.name, "address": f"{p.ip}:{AGENT_PORT}"} for p in hosts if p is not host
-        ],
-        "limits": {"max_concurrent_migrations": 2},
-        "signals": {"poll_interval": "1s"},
-        **overrides,
-    }
-    root_path(host, CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    """Edit the installed config as the operator does: name, listen address, peers."""
+    path = root_path(host, CONFIG)
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
+    config.update(
+        {
+            "name": host.name,
+            "listen": f"{host.ip}:{AGENT_PORT}",
+            "peers": [
+                {"name": p.name, "address": f"{p.ip}:{AGENT_PORT}"} for p in hosts if p is not host
+            ],
+            "limits": {**config.get("limits", {}), "max_concurrent_migrations": 2},
+            "signals": {**config.get("signals", {}), "poll_interval": "1s"},
+            **overrides,
+        }
+    )
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     run_in(host, ["ferry", "check-config", CONFIG], check=True)
     return config
 
