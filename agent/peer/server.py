@@ -348,9 +348,16 @@ class PeerServer:
 
     async def close(self) -> None:
         if self.listener is not None:
-            self.listener.close()
-            await self.listener.wait_closed()
+            self.listener.close()  # no new connections
+        # Shut the open connections down before waiting for them: from Python 3.12
+        # wait_closed() waits for every connection, and peers keep theirs alive
+        # with health polls, so waiting first hung `systemctl stop` until SIGKILL.
         await self.runner.cleanup()
+        if self.listener is not None:
+            close_clients = getattr(self.listener, "close_clients", None)  # Python >= 3.13
+            if close_clients is not None:
+                close_clients()  # any the runner did not own (refused by the gate)
+            await self.listener.wait_closed()
 
 
 async def start_peer_server(

@@ -331,6 +331,8 @@ def test_docker_restart_restarts_ferry_in_unit_order_and_it_keeps_working(
 
     assert first(ferry_lines, "Stopped") <= first(docker_lines, "Stopping")
     assert first(docker_lines, "Started") <= first(ferry_lines, "Starting")
+    # The agent exited by itself on SIGTERM, not killed at TimeoutStopSec.
+    assert not [m for _, m in ferry_lines if "timed out" in m or "SIGKILL" in m], ferry_lines
 
     # And it keeps working: a migration from the restarted host.
     run_counter(clients[h1.name], "sd-after-docker", 18083)
