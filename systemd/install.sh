@@ -35,7 +35,7 @@ DEPS=${DEPS:-index}
 SYSTEM_DEPS_HINT="apt-get install python3-venv python3-setuptools python3-docker \
 python3-watchdog python3-pydantic python3-structlog python3-yaml python3-click python3-rich \
 python3-aiohttp python3-cryptography python3-prometheus-client python3-zstandard \
-python3-etcd3gw (>= 2.7: from forky on trixie)"
+python3-etcd3gw python3-blake3 (Debian forky has them all; on trixie, -t forky)"
 
 case "$DEPS" in
     index | system) ;;
@@ -77,14 +77,17 @@ install -d -m 0755 "${DESTDIR}${CONFDIR}" "${DESTDIR}${CONFDIR}/policies"
 # Under the unit's sandbox the agent cannot dump a container itself (CRIU needs
 # ptrace, every namespace and most capabilities), so runc and CRIU's lazy-pages
 # daemon run through systemd-run: a transient service of systemd's, unsandboxed,
-# in dockerd's namespaces. RuntimeMaxSec bounds one that outlives its caller.
+# in dockerd's namespaces (so the agent must not nsenter there itself: it could
+# not). RuntimeMaxSec bounds one that outlives its caller.
 RUN_OUTSIDE="systemd-run, --quiet, --wait, --pipe, --collect, --service-type=exec, --property=RuntimeMaxSec=10min"
 if [ ! -e "${DESTDIR}${CONFDIR}/config.yaml" ]; then
     sed -e "s|^  runc_command: \[runc,|  runc_command: [${RUN_OUTSIDE}, runc,|" \
         -e "s|^  criu_command: \[criu\]|  criu_command: [${RUN_OUTSIDE}, criu]|" \
+        -e "s|^  runc_in_daemon_namespaces: true|  runc_in_daemon_namespaces: false|" \
         "$SRC/config.example.yaml" >"${DESTDIR}${CONFDIR}/config.yaml"
     chmod 0644 "${DESTDIR}${CONFDIR}/config.yaml"
-    if ! grep -q "runc_command: \[systemd-run" "${DESTDIR}${CONFDIR}/config.yaml"; then
+    if ! grep -q "runc_command: \[systemd-run" "${DESTDIR}${CONFDIR}/config.yaml" ||
+        ! grep -q "runc_in_daemon_namespaces: false" "${DESTDIR}${CONFDIR}/config.yaml"; then
         echo "install.sh: could not set docker.runc_command in ${CONFDIR}/config.yaml; set it to [${RUN_OUTSIDE}, runc, --root, /run/docker/runtime-runc/moby]" >&2
         exit 1
     fi

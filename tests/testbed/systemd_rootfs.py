@@ -2,9 +2,11 @@
 
 It is the plain testbed rootfs (docker.io, CRIU 4.2) plus systemd, the Docker
 client, and what `systemd/install.sh` needs to install Ferry without a package
-index: python3 with venv, the Debian packages of Ferry's dependencies (the
-host's Python is 3.13, so the dev venv's 3.11 binary wheels cannot serve), and
-make. The cache key hashes this recipe together with the plain rootfs's, so
+index: python3 with venv, the Debian packages of Ferry's dependencies, and make.
+The Python stack comes from forky, like CRIU: trixie has no blake3 and an
+etcd3gw older than 2.7, and forky's blake3 is built for its Python 3.14. (The
+dev venv's binary wheels are for the machine's Python 3.11 and cannot serve.)
+The cache key hashes this recipe together with the plain rootfs's, so
 editing either rebuilds it and nothing else does.
 """
 
@@ -26,6 +28,7 @@ from tests.testbed.progress import step
 SYSTEMD_PACKAGES = ["systemd", "systemd-sysv", "dbus", "libpam-systemd", "docker-cli", "make"]
 # Ferry's runtime dependencies as Debian packages (pyproject.toml's
 # [project.dependencies]); install.sh with DEPS=system builds its venv on them.
+# Installed from forky (see the module doc).
 PYTHON_PACKAGES = [
     "python3",
     "python3-venv",
@@ -41,10 +44,9 @@ PYTHON_PACKAGES = [
     "python3-cryptography",
     "python3-prometheus-client",
     "python3-zstandard",
+    "python3-etcd3gw",
+    "python3-blake3",
 ]
-# Newer than trixie has, from the suite the plain rootfs already takes CRIU from
-# (pinned low there, so only these come from it): etcd3gw >= 2.7 (trixie: 2.4).
-NEWER_PACKAGES = ["python3-etcd3gw"]
 # Units that cannot work in a namespaced host: this kernel has no modules (kmod
 # fails and marks the system degraded), and udev must stay off the machine's
 # devices. Gettys and first-boot prompts would wait on a console nobody reads.
@@ -130,12 +132,18 @@ def _build(base: Path, final: Path) -> None:
                 "-t",
                 plain.SUITE,
                 *SYSTEMD_PACKAGES,
-                *PYTHON_PACKAGES,
-                *(f"{p}/{plain.CRIU_SUITE}" for p in NEWER_PACKAGES),
             ],
             log,
             env,
         )
+        # -t makes forky the preferred suite for this transaction only: the
+        # Python packages and what they need (a newer libc6) come from it.
+        plain._run(
+            [*apt, "install", "-y", "--no-install-recommends", "-t", plain.CRIU_SUITE,
+             *PYTHON_PACKAGES],
+            log,
+            env,
+        )  # fmt: skip
         plain._run([*apt, "clean"], log, env)
     finally:
         subprocess.run(["umount", "-l", str(building / "proc")], check=False)
