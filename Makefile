@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help deps venv test test-chaos unit lint demo bench testbed-up testbed-down testbed-status install clean
+.PHONY: help deps venv test test-chaos unit lint demo bench bench-fleet testbed-up testbed-down testbed-status install clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ demo: deps venv  ## two hosts, two agents: drain host 1 and watch a counter move
 
 bench: deps venv  ## side-by-side benchmarks on the testbed (ratios, idle cost)
 	$(BIN)/python -m tests.bench
+
+bench-fleet: venv  ## 200 simulated agents against a local etcd: requests/s, reservation latency, CPU
+	$(BIN)/python -m tests.bench_fleet
 
 install:  ## install ferry system-wide with its systemd unit (root; DEPS=system: offline, from distribution packages)
 	DEPS=$(or $(DEPS),index) bash systemd/install.sh
