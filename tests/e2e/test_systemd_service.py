@@ -7,6 +7,12 @@ down at the end; `down` fails the run if anything is left behind.
 
 This machine lacks CAP_SYS_RESOURCE, so the unit's LimitNOFILE and
 OOMScoreAdjust cannot take effect here: nothing below asserts them.
+
+One drop-in, the way an operator tunes the unit (`systemctl edit ferry`),
+shortens WatchdogSec and RestartSec so the two watchdog tests take seconds
+rather than half a minute each; the tests read the values back from systemd
+and hold the unit to them. tests/unit/test_systemd_unit.py checks the shipped
+values.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ pytestmark = [pytest.mark.testbed, pytest.mark.e2e, pytest.mark.systemd]
 SYSTEMD_INSTANCE = str(100 + int(INSTANCE or 0))
 ENV = {**os.environ, "FERRY_TESTBED_ID": SYSTEMD_INSTANCE}
 MAX_EXPOSURE = 5.0
+SPEED_UP = "[Service]\nWatchdogSec=10s\nRestartSec=1s\n"
 
 
 def _testbed(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -76,6 +83,11 @@ def sd_hosts() -> Iterator[list[Host]]:
         hosts = [Host(**h) for h in state["hosts"]]
         assert all(h.systemd for h in hosts)
         install_all(hosts)
+        for h in hosts:
+            dropin = root_path(h, "/etc/systemd/system/ferry.service.d")
+            dropin.mkdir(parents=True, exist_ok=True)
+            (dropin / "testbed-speed.conf").write_text(SPEED_UP)
+            assert systemctl(h, "daemon-reload").returncode == 0
         yield hosts
     finally:
         down = _testbed("down", timeout=120)
