@@ -108,9 +108,6 @@ class MeteredMigrator:
             self._metrics.migrations_state_lost.inc()
         return report
 
-    async def check(self, container: str, target: str | None = None) -> Any:
-        return await self._inner.check(container, target)
-
     async def resolve(self, migration_id: str, keep: str) -> str:
         result: str = await self._inner.resolve(migration_id, keep)
         return result
