@@ -214,17 +214,15 @@ class Fleet:
         if not self.lease:
             raise FleetUnavailable(self.stale_reason())
         k = self.keys
+        reads = [
+            op_range(k.member(target)),
+            op_range(k.drain(target)),
+            op_range_prefix(k.resv_prefix(target)),
+            op_range(k.seq(target)),
+        ]
+        _, state, _ = await self.etcd.txn([], reads)
         for attempt in range(attempts):
-            _, ranges, _ = await self.etcd.txn(
-                [],
-                [
-                    op_range(k.member(target)),
-                    op_range(k.drain(target)),
-                    op_range_prefix(k.resv_prefix(target)),
-                    op_range(k.seq(target)),
-                ],
-            )
-            members, drains, held, seq = ranges
+            members, drains, held, seq = state
             if not members:
                 raise ReservationRefused(f"{target} is not in the fleet (no live lease)")
             if drains:
@@ -242,7 +240,9 @@ class Fleet:
                 "spread": spread,
                 "at": self._clock.time(),
             }
-            ok, _, _ = await self.etcd.txn(
+            # On a lost race the failure branch reads the target's state again, in the
+            # same round trip and at the revision the comparison saw.
+            ok, state, _ = await self.etcd.txn(
                 [
                     cmp_mod(k.seq(target), "EQUAL", seq_rev),
                     cmp_create(k.member(target), "GREATER", 0),
@@ -252,13 +252,13 @@ class Fleet:
                     op_put(k.resv(target, mid), json.dumps(body).encode(), self.lease),
                     op_put(k.seq(target), b""),
                 ],
+                reads,
             )
             if ok:
                 self.reservations_made += 1
                 return
             self.reservation_conflicts += 1
-            # Someone else reserved on (or queued) this target meanwhile: read again.
-            await asyncio.sleep(random.uniform(0, 0.02 * (attempt + 1)))
+            await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))
         raise ReservationRefused(f"{target} is contended ({attempts} tries lost); try again")
 
     def _check_room(
