@@ -50,17 +50,12 @@ METRICS_PORT = 9464
 
 
 def chaos_config() -> dict[str, Any]:
-    from agent.config import MigrationConfig
-
-    migration = {
-        "stall_timeout": f"{STALL_TIMEOUT_S:g}s",
-        "commit_timeout": f"{COMMIT_TIMEOUT_S:g}s",
-        "restore_timeout": "30s",
-    }
-    # Until the commit protocol lands on main, its keys are unknown (and refused).
-    migration = {k: v for k, v in migration.items() if k in MigrationConfig.model_fields}
     return {
-        "migration": migration,
+        "migration": {
+            "stall_timeout": f"{STALL_TIMEOUT_S:g}s",
+            "commit_timeout": f"{COMMIT_TIMEOUT_S:g}s",
+            "restore_timeout": "30s",
+        },
         # On the host's own loopback: tests read ferry_migrations_in_doubt there.
         "metrics": {"listen": f"127.0.0.1:{METRICS_PORT}"},
     }
@@ -284,3 +279,39 @@ def log_excerpt(host: Host, mid: str, lines: int = 40) -> str:
     """The agent log lines about one migration (for failure messages)."""
     text = Path(host.agent_log).read_text(errors="replace").splitlines()
     return "\n".join([x for x in text if mid in x][-lines:])
+
+
+def assert_reported_in_doubt(host: Host, mid: str) -> None:
+    """An in-doubt migration is loud: status (exit 1) and the metric show it."""
+    proc = ferry_cli(host, "status", "--json")
+    assert proc.returncode == 1, f"status should exit 1 while in doubt: {proc.stderr}"
+    assert mid in [m["id"] for m in json.loads(proc.stdout)["in_doubt"]], proc.stdout[-2000:]
+    assert (metric(host, "ferry_migrations_in_doubt") or 0) >= 1
+
+
+def assert_outcome(
+    src: Host,
+    mid: str,
+    rc: int,
+    result: dict[str, Any] | None,
+    err: str,
+    committed: bool,
+    peer_away: bool = False,
+) -> None:
+    """What `ferry migrate` reported, against what the protocol allows at that point.
+
+    Before the source journalled "commit" the only safe end is a rollback; after
+    it, the migration succeeded or is in doubt, never rolled back. With the peer
+    still away (`peer_away`) an in-doubt migration cannot have resolved yet, so
+    status and the metric must show it too.
+    """
+    assert result is not None, f"no result line (exit {rc}): {err[-2000:]}"
+    if not committed:
+        assert rc == 1 and result["kind"] == "failed" and result["rolled_back"], (result, err)
+    elif rc == 0:
+        assert result["ok"], result
+    else:
+        assert rc == 1 and result.get("in_doubt"), (result, err)
+        assert "IN DOUBT" in err and f"ferry resolve {mid}" in err, err
+        if peer_away:
+            assert_reported_in_doubt(src, mid)
