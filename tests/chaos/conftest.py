@@ -27,5 +27,5 @@ def memhog(cluster: Cluster) -> Iterator[Workload]:
     try:
         yield workload
     finally:
-        heal(cluster)
+        heal(cluster, workload)
         remove_workload(cluster, workload)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import sqlite3
 from collections.abc import Iterable
@@ -53,6 +54,7 @@ class Workload:
     case: str  # value of CASE_LABEL; unique per test
     checksum: str  # memhog's checksum for its size (constant while its memory is intact)
     last_iter: int  # highest iteration seen so far, on whichever copy ran
+    origin: str  # id of the container it was started in (the only one that may print 0)
     since: float  # wall-clock start of the test: journal rows older than this are not its own
 
 
@@ -134,6 +136,24 @@ def process_states(host: Host, container_id: str) -> list[str]:
     return states
 
 
+def lazy_daemons(hosts: list[Host], mids: Iterable[str]) -> list[tuple[int, str | None]]:
+    """(pid, migration id or None) of every `criu lazy-pages` process of these hosts."""
+    nets = {os.stat(h.netns_path).st_ino for h in hosts if os.path.exists(h.netns_path)}
+    found: list[tuple[int, str | None]] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"lazy-pages" not in argv or os.stat(proc / "ns" / "net").st_ino not in nets:
+                continue
+        except OSError:
+            continue
+        text = b" ".join(argv).decode(errors="replace")
+        found.append((int(proc.name), next((m for m in mids if m in text), None)))
+    return found
+
+
 def copies(
     hosts: list[Host], clients: dict[str, docker.DockerClient], workload: Workload
 ) -> list[Copy]:
@@ -167,6 +187,8 @@ def _state_problems(copy: Copy, client: docker.DockerClient, workload: Workload)
     if bad:
         return [f"{copy.host}/{copy.name}: checksum {bad[0]} != {workload.checksum}: memory lost"]
     iters = [i for i, _ in series]
+    if copy.id != workload.origin and iters[0] == 0:
+        return [f"{copy.host}/{copy.name}: a copy that started from scratch (iteration 0)"]
     for a, b in itertools.pairwise(iters):
         if b <= a:
             return [f"{copy.host}/{copy.name}: iterations went back {a} -> {b}: it restarted"]
@@ -201,6 +223,11 @@ def leftover_problems(
     def counts(mid: str | None) -> bool:
         return mid is None or mid not in known or (mid in mine and mid not in keep)
 
+    problems += [
+        f"a criu lazy-pages daemon of {mid} still runs (pid {pid})"
+        for pid, mid in lazy_daemons(hosts, known)
+        if counts(mid)
+    ]
     for r in rows:
         if r.id in mine and r.outcome is None and r.id not in keep:
             problems.append(f"{r.host}: journal row {r.id} ({r.role}, {r.phase}) is unfinished")
@@ -213,15 +240,11 @@ def leftover_problems(
                 problems.append(f"{h.name}: checkpoint dir left: {ckpt}")
         # Staging dirs sit beside their destination: overlay2/<layer>/, volumes/<name>/.
         problems += [f"{h.name}: staging dir left: {p}" for p in root.glob("*/*/.ferry-stage-*")]
-        for conf in root.glob("ferry/criu/*.conf"):
-            mids = [m for m in known if m in conf.name]
-            owner = next(
-                (r.id for r in rows if r.target_container and r.target_container in conf.name),
-                None,
-            )
-            mid = mids[0] if mids else owner
-            if counts(mid):
-                problems.append(f"{h.name}: CRIU config left: {conf}")
+        # Per-migration CRIU config, restore log, and the lazy restore's images and work dir.
+        for item in root.glob("ferry/criu/*"):
+            mids = [m for m in known if item.name.startswith(m)]
+            if counts(mids[0] if mids else None):
+                problems.append(f"{h.name}: CRIU file left: {item}")
         problems += [f"{h.name}: CRIU work dir left: {p}" for p in root.glob("tmp/ferry-criu-*")]
         # Containers Ferry made on a target that neither run nor wait on a decision.
         made = {
