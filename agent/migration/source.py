@@ -52,7 +52,7 @@ from agent.migration.spec import (
     source_problems,
     spec_from_inspect,
 )
-from agent.migration.target import TargetHandlers
+from agent.migration.target import RESERVATION_TTL, TargetHandlers
 from agent.model import Clock, SystemClock, group_of_labels
 from agent.peer.api import MIGRATIONS_PATH, migration_path
 from agent.peer.client import PeerError, PeerRefused, PeerUnavailable
@@ -1117,9 +1117,27 @@ class MigrationService:
                 return True
             log.warning("migration.abort_refused", migration=mid, error=str(exc))
         except PeerError as exc:
-            # The target also cleans up half-made containers when it restarts.
+            # Until the target hears it, it holds a half-made copy (and one of its
+            # incoming slots) for its reservation's lifetime: keep telling it.
             log.warning("migration.abort_unanswered", migration=mid, error=str(exc))
+            self._spawn(self._abort_until_heard(peer, mid, reason))
         return False
+
+    async def _abort_until_heard(self, peer: PeerLike, mid: str, reason: str) -> None:
+        delay = 1.0
+        deadline = self.clock.monotonic() + ABORT_RETRY_FOR
+        while self.clock.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15.0)
+            try:
+                await peer.post_json(migration_path(mid, "abort"), {"reason": reason})
+            except PeerUnavailable:
+                continue
+            except PeerError as exc:
+                log.warning("migration.abort_refused", migration=mid, error=str(exc))
+                return
+            log.info("migration.abort_delivered", migration=mid)
+            return
 
     async def _end(self, run: _Run, outcome: str, reason: str | None) -> None:
         run.report.outcome = outcome
@@ -1225,3 +1243,5 @@ class MigrationService:
 
 
 _IN_DOUBT = object()  # _send_commit: the target stayed silent
+# An unheard abort is retried this long: after it the target drops the migration itself.
+ABORT_RETRY_FOR = RESERVATION_TTL

@@ -486,6 +486,39 @@ def test_broken_transfer_rolls_back(hosts: tuple[Host, Host]) -> None:
     assert b.docker.find_container("web") is None
 
 
+class CutPeer(DirectPeer):
+    """The link goes down during the upload and stays down until the test brings it back."""
+
+    async def upload_state(self, mid: str, chunks: Any, digest: str | None = None) -> Any:
+        self.down = True
+        async for _ in chunks:
+            raise PeerUnavailable(self.name, "connection reset during upload")
+
+
+def test_an_unheard_abort_is_retried_until_the_target_drops_its_copy(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    peer = a.peers["b"] = CutPeer("b", b.service.handlers, "a")
+    a.docker.add_running("web")
+
+    async def scenario() -> str:
+        with pytest.raises(MigrationFailed) as err:
+            await a.service.migrate("web", "b")
+        assert err.value.rolled_back
+        assert b.docker.find_container("web") is not None, "the abort could not get through"
+        peer.down = False  # the link is back: the source's retry must reach the target
+        for _ in range(200):
+            if b.docker.find_container("web") is None and all(t.done() for t in a.service._tasks):
+                break
+            await asyncio.sleep(0.05)
+        assert b.docker.find_container("web") is None, "half-made target copy kept"
+        return err.value.report.migration_id
+
+    mid = run_async(scenario())
+    assert b.journal.get(mid).outcome == "aborted"
+
+
 def test_image_is_shipped_when_the_target_lacks_it(tmp_path: Path) -> None:
     a = Host(tmp_path, "a", "b", (IMAGE_ID,))
     b = Host(tmp_path, "b", "a", ())
