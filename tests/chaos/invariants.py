@@ -161,12 +161,17 @@ def copies(
     found: dict[str, Copy] = {}
     for h in hosts:
         client = clients[h.name]
+        # sparse: the listing itself, no inspect per container (which races with removals).
         listed = client.containers.list(
-            all=True, filters={"label": f"{CASE_LABEL}={workload.case}"}
+            all=True, sparse=True, filters={"label": f"{CASE_LABEL}={workload.case}"}
         )
-        listed += client.containers.list(all=True, filters={"name": f"^{workload.name}$"})
+        listed += client.containers.list(
+            all=True, sparse=True, filters={"name": f"^{workload.name}$"}
+        )
         for c in listed:
-            found[c.id] = Copy(h.name, c.id, c.name, c.status, process_states(h, c.id))
+            name = str((c.attrs.get("Names") or ["?"])[0]).lstrip("/")
+            state = str(c.attrs.get("State") or "")
+            found[c.id] = Copy(h.name, c.id, name, state, process_states(h, c.id))
     return list(found.values())
 
 
