@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import re
 import shutil
 import time
@@ -682,6 +683,16 @@ class TargetHandlers:
             raise _refuse(str(exc), "unsafe_archive", 422) from exc
         except ArchiveError as exc:
             raise _refuse(str(exc), "bad_archive", 422) from exc
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # Something else took the room reserved at prepare: say so, not "internal error".
+            raise _refuse(
+                f"{self.config.name}: no space left on its Docker data root while the state "
+                "was unpacked",
+                "no_space",
+                507,
+            ) from exc
         self._staged[migration_id] = staged
         inc.staging_dirs = staged.staging_dirs
         inc.archive_digest = result.digest
