@@ -219,6 +219,15 @@ class MigrationConfig(_Model):
     # (it keeps retrying in the background after that).
     commit_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 30.0
     accept: AcceptConfig = AcceptConfig()
+    # Post-copy: the target runs at once and pulls memory pages from the paused source.
+    # off: never; opt_in: for containers labelled ferry.postcopy=true and
+    # `ferry migrate --postcopy`; always: every migration this host starts.
+    postcopy: Annotated[Literal["off", "opt_in", "always"], BeforeValidator(_lower)] = "opt_in"
+    # No page moved for this long, on either side: the target copy is killed and the
+    # source resumes.
+    postcopy_stall_timeout: Annotated[Duration, duration_in(0, HOUR, lo_open=True)] = 30.0
+    # First TCP port tried for the source's page server (the next 15 are tried too).
+    postcopy_port: int = Field(default=7444, ge=1024, le=65000)
 
 
 class LoggingConfig(_Model):

@@ -50,12 +50,15 @@ async def stream_migration(
     container: str,
     target: str | None,
     on_line: Callable[[dict[str, Any]], None],
+    postcopy: bool = False,
 ) -> dict[str, Any]:
     """POST /v1/migrate on the control socket; feed progress lines; return the result line."""
     # No total timeout: a big container takes minutes. The agent reports as it goes.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
     result: dict[str, Any] | None = None
-    body = {"container": container} | ({"target": target} if target else {})
+    body: dict[str, Any] = {"container": container} | ({"target": target} if target else {})
+    if postcopy:
+        body["postcopy"] = True
     async with ControlClient(socket_path).open("POST", MIGRATE_ROUTE, body, timeout) as resp:
         if resp.status == 404:
             raise Unreachable("the agent has no migration engine (no /v1/migrate route)")
@@ -138,8 +141,18 @@ def render_report(report: dict[str, Any], console: Console) -> None:
 @click.option(
     "--dry-run", is_flag=True, help="Only check (as `ferry check`): move and freeze nothing."
 )
+@click.option(
+    "--postcopy",
+    is_flag=True,
+    help="Post-copy: run on the target at once and pull memory behind it (see README).",
+)
 def migrate_cmd(
-    container: str, target: str | None, config_path: Path, as_json: bool, dry_run: bool
+    container: str,
+    target: str | None,
+    config_path: Path,
+    as_json: bool,
+    dry_run: bool,
+    postcopy: bool,
 ) -> None:
     """Live-migrate CONTAINER to peer --to (or the peer placement picks) through the local agent.
 
@@ -185,7 +198,9 @@ def migrate_cmd(
 
     try:
         with progress:
-            result = asyncio.run(stream_migration(cfg.control_socket, container, target, on_line))
+            result = asyncio.run(
+                stream_migration(cfg.control_socket, container, target, on_line, postcopy)
+            )
     except Unreachable as exc:
         click.echo(f"ferry: {exc}", err=True)
         sys.exit(EXIT_UNAVAILABLE)

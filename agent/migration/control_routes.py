@@ -47,7 +47,9 @@ _TASKS_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("ferry_migrate_tasks
 
 
 class Migrates(Protocol):
-    async def migrate(self, container: str, target: str, progress: Any = None) -> Any: ...
+    async def migrate(
+        self, container: str, target: str, progress: Any = None, postcopy: bool = False
+    ) -> Any: ...
 
     async def resolve(self, migration_id: str, keep: str) -> str: ...
 
@@ -143,6 +145,10 @@ def add_migration_routes(
                 return web.json_response({"error": refused.reason}, status=status)
         if not isinstance(target, str) or not target:
             return web.json_response({"error": "target must be a non-empty string"}, status=400)
+        body = await request.json()  # aiohttp keeps the body: already read and checked above
+        postcopy = body.get("postcopy", False)
+        if not isinstance(postcopy, bool):
+            return web.json_response({"error": "postcopy must be true or false"}, status=400)
 
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -151,7 +157,7 @@ def add_migration_routes(
 
         log.info("migration.requested", container=container, target=target, via="control")
         task = asyncio.get_running_loop().create_task(
-            service.migrate(container, target, progress=progress)
+            service.migrate(container, target, progress=progress, postcopy=postcopy)
         )
         tasks: set[asyncio.Task[Any]] = request.app[_TASKS_KEY]
         tasks.add(task)

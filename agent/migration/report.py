@@ -20,15 +20,17 @@ PRESTAGE = "prestage"
 FREEZE = "freeze"
 TRANSFER = "transfer"
 RESTORE = "restore"
+POSTCOPY = "postcopy"  # post-copy: running on the target, pages still coming
 COMMIT = "commit"
 FINISH = "finish"
 ROLLBACK = "rollback"
 SOURCE_PHASES = (PREPARE, PRESTAGE, FREEZE, TRANSFER, RESTORE, COMMIT, FINISH)
-FROZEN_PHASES = frozenset({FREEZE, TRANSFER, RESTORE, COMMIT, FINISH, ROLLBACK})
+FROZEN_PHASES = frozenset({FREEZE, TRANSFER, RESTORE, POSTCOPY, COMMIT, FINISH, ROLLBACK})
 
 # The source's decision, journalled before it acts on it or tells the target.
 DECISION_COMMIT = "commit"
 DECISION_ROLLBACK = "rollback"
+DECISION_POSTCOPY = "postcopy"  # the target runs provisionally; the paused source decides
 IN_DOUBT = "in_doubt"  # journal outcome: committed, but the target's copy is unconfirmed
 
 

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import secrets
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,9 +31,9 @@ from agent.bridges import aiter_blocking, to_thread_to_the_end
 from agent.config import FerryConfig
 from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
 from agent.journal import Journal, JournalError, MigrationRecord
-from agent.migration import held, hooks, networks
+from agent.migration import held, hooks, networks, postcopy
 from agent.migration import report as rp
-from agent.migration.checkpointers import Checkpointer, make_checkpointer
+from agent.migration.checkpointers import Checkpointer, in_daemon_namespaces, make_checkpointer
 from agent.migration.disk_space import shortfall, source_need
 from agent.migration.eligibility import Eligibility, EligibilityChecker, admission_body, refusal
 from agent.migration.errors import MigrationError, MigrationFailed, MigrationRefused
@@ -69,7 +70,7 @@ class PeerLike(Protocol):
         self, path: str, body: dict[str, Any], *, timeout: float | None = None
     ) -> dict[str, Any]: ...
 
-    async def get_json(self, path: str) -> dict[str, Any]: ...
+    async def get_json(self, path: str, *, timeout: float | None = None) -> dict[str, Any]: ...
 
     async def upload_state(
         self, migration_id: str, chunks: Any, digest: str | None = None
@@ -117,6 +118,8 @@ class _Run:
         self.frozen_ok = False  # the checkpointer returned: the images are whole
         self.group_id: str | None = None  # the lead member's migration id
         self.decision: str | None = None
+        self.postcopy = False
+        self.pagedump: postcopy.PageServerDump | None = None
 
 
 class MigrationService:
@@ -247,16 +250,43 @@ class MigrationService:
             return 0
 
     async def migrate(
-        self, container: str, target: str, progress: ProgressFn | None = None
+        self,
+        container: str,
+        target: str,
+        progress: ProgressFn | None = None,
+        postcopy: bool = False,
     ) -> MigrationReport:
-        """Move `container` to peer `target`. Raises MigrationRefused / MigrationFailed."""
+        """Move `container` to peer `target`. Raises MigrationRefused / MigrationFailed.
+
+        `postcopy`: an operator asks for post-copy; refused with the reason when
+        this host cannot do it (stop-and-copy stays available).
+        """
         if self._slots.locked() and progress is not None:
             progress(ProgressEvent("", rp.PREPARE, "waiting for a free migration slot"))
         async with self._slots:
-            return await self._migrate(container, target, progress)
+            return await self._migrate(container, target, progress, postcopy)
+
+    def _wants_postcopy(self, inspect: dict[str, Any], asked: bool) -> bool:
+        mode = self.config.migration.postcopy
+        labelled = ((inspect.get("Config") or {}).get("Labels") or {}).get("ferry.postcopy")
+        wanted = asked or mode == "always" or (mode == "opt_in" and labelled == "true")
+        if not wanted:
+            return False
+        if mode == "off":
+            raise MigrationRefused(
+                "post-copy is off on this host (migration.postcopy: off)", bad_input=asked
+            )
+        why = postcopy.preflight()
+        if why is None:
+            return True
+        if asked:
+            raise MigrationRefused(why)
+        # Asked for by a label or `always`: move it the safe way, and say why.
+        log.warning("migration.postcopy_unavailable", reason=why)
+        return False
 
     async def _migrate(
-        self, container: str, target: str, progress: ProgressFn | None
+        self, container: str, target: str, progress: ProgressFn | None, asked_postcopy: bool
     ) -> MigrationReport:
         peer = self.peers.get(target)
         if peer is None:
@@ -271,7 +301,9 @@ class MigrationService:
         if not verdict.movable:
             raise refusal(verdict)
         spec = self._check_source(inspect)
+        wants_postcopy = self._wants_postcopy(inspect, asked_postcopy)
         run = self._start_run(spec, peer)
+        run.postcopy = wants_postcopy
         emit = self._emitter(run, progress)
         try:
             return await self._run(run, inspect, emit)
@@ -660,6 +692,9 @@ class MigrationService:
     # ------------------------------------------------------------ freeze and move
 
     async def _freeze_and_move(self, run: _Run, emit: Callable[..., None]) -> None:
+        if run.postcopy:
+            await self._postcopy(run, emit)
+            return
         await self._freeze(run, emit)
         await self._transfer(run, emit)
         await self._restore_held(run, emit)
@@ -762,7 +797,8 @@ class MigrationService:
             )
             await self._mark_in_doubt(run, why)
             raise MigrationFailed(why, in_doubt=True)
-        run.report.downtime_s = round(self.clock.monotonic() - run.frozen_at, 4)
+        if run.report.downtime_s is None:
+            run.report.downtime_s = round(self.clock.monotonic() - run.frozen_at, 4)
         if committed.get("state_lost"):
             # It runs there, but Docker restarted it from scratch after the restore.
             run.report.state_lost = state_lost_sentence(
@@ -787,6 +823,177 @@ class MigrationService:
             bytes=run.report.bytes_moved,
         )
         emit("done", "succeeded")
+
+    # ------------------------------------------------------------ post-copy
+
+    async def _postcopy(self, run: _Run, emit: Callable[..., None]) -> None:
+        """Freeze all but memory, restore at once on the target, serve pages behind it.
+
+        The source stays paused (not killed) until the target has every page and
+        the commit is journalled: until then it is the only complete copy, and a
+        failure kills the target copy and lets this one run on.
+        """
+        spec, peer, mig = run.spec, run.peer, self.config.migration
+        await self._phase(run, rp.FREEZE, emit, "dumping all but memory")
+        run.frozen_at = self.clock.monotonic()
+        with run.timer.phase(rp.FREEZE):
+            if (spec.restart_policy.get("Name") or "no") != "no":
+                await asyncio.to_thread(self.adapter.update_restart_policy, spec.id, {"Name": "no"})
+            root = await asyncio.to_thread(self.data_root.get)
+            tls = postcopy.TlsFiles(root)
+            t = self.config.tls
+            assert t.ca and t.cert and t.key
+            await asyncio.to_thread(tls.install, t.ca, t.cert, t.key)
+            port = await asyncio.to_thread(postcopy.free_port, "0.0.0.0", mig.postcopy_port)
+            # Paused first: CRIU gives a frozen cgroup back frozen, so the source
+            # survives whatever happens to the page stream (--leave-running).
+            await asyncio.to_thread(self.adapter.pause, spec.id)
+            dump = postcopy.PageServerDump(
+                root,
+                await self._runc_prefix(),
+                spec.id,
+                run.checkpoint,
+                run.mid,
+                port,
+                tls,
+            )
+            run.pagedump = dump
+            run.report.details["postcopy_port"] = port
+            await self._save(run)
+            try:
+                await asyncio.to_thread(dump.start, float(mig.checkpoint_timeout))
+            except postcopy.PostcopyError as exc:
+                raise MigrationFailed(f"post-copy dump failed: {exc}") from exc
+            run.frozen_ok = True
+        await hooks.gate(
+            Path(self.config.state_dir), hooks.AFTER_FREEZE, self.clock, {"migration": run.mid}
+        )
+        await self._transfer(run, emit)
+        run.restore_sent = True
+        await self._phase(run, rp.RESTORE, emit, f"restoring on {peer.name}, pages to follow")
+        with run.timer.phase(rp.RESTORE):
+            try:
+                answer = await peer.post_json(
+                    migration_path(run.mid, "restore"),
+                    {
+                        "digest": run.report.details["digest"],
+                        "checkpoint": run.checkpoint,
+                        "postcopy": {"port": port},
+                    },
+                    timeout=mig.restore_timeout + 15,
+                )
+            except PeerRefused as exc:
+                raise MigrationFailed(f"{peer.name} could not restore: {exc.reason}") from exc
+            except PeerUnavailable as exc:
+                raise MigrationFailed(f"the restore call to {peer.name} broke: {exc}") from exc
+            if not answer.get("postcopy"):
+                raise MigrationFailed(f"{peer.name} did not start a post-copy restore")
+        run.report.downtime_s = round(self.clock.monotonic() - run.frozen_at, 4)
+        run.report.details["target_timings"] = answer.get("timings", {})
+        run.decision = rp.DECISION_POSTCOPY
+        await self._phase(run, rp.POSTCOPY, emit, f"running on {peer.name}; pulling pages")
+        with run.timer.phase(rp.POSTCOPY):
+            await self._await_pages(run, dump, emit)
+        run.report.details["all_pages_in_s"] = round(self.clock.monotonic() - run.frozen_at, 4)
+        run.decision = rp.DECISION_COMMIT
+        await to_thread_to_the_end(
+            self.journal.decide, {run.mid: self._journal_data(run)}, rp.COMMIT
+        )
+        await self._commit(run, emit)
+        dump.cleanup()
+        await self._finish(run, emit)
+
+    async def _await_pages(
+        self, run: _Run, dump: postcopy.PageServerDump, emit: Callable[..., None]
+    ) -> None:
+        """Until the target has every page: any failure raises (and so rolls back)."""
+        stall = float(self.config.migration.postcopy_stall_timeout)
+        served, last_progress, asked_at = -1, self.clock.monotonic(), 0.0
+        exited_at: float | None = None
+        while True:
+            now = self.clock.monotonic()
+            rc = dump.poll()
+            if rc is not None and rc != 0:
+                raise MigrationFailed(f"the source's page server failed: {dump.error_words()}")
+            if rc == 0 and exited_at is None:
+                exited_at = now
+            if now - asked_at >= 0.5:
+                asked_at = now
+                try:
+                    st: dict[str, Any] | None = await run.peer.get_json(
+                        migration_path(run.mid), timeout=2.0
+                    )
+                except PeerError:
+                    st = None
+                pc = (st or {}).get("postcopy") or {}
+                # CRIU sends pages with splice (no write counters): the target counts them.
+                pulled = int(pc.get("bytes_pulled") or 0)
+                if pulled != served:
+                    served, last_progress = pulled, self.clock.monotonic()
+                    emit(rp.POSTCOPY, "pulling pages", served, run.report.bytes_state_raw or None)
+                if pc.get("failed") or (st or {}).get("outcome") == "aborted":
+                    raise MigrationFailed(
+                        f"{run.peer.name}: {pc.get('failed') or (st or {}).get('reason')}"
+                    )
+                if pc.get("pages_in"):
+                    run.report.details["pages_served_bytes"] = served
+                    return
+            if exited_at is not None and now - exited_at > stall:
+                # Every page went out, but the target never said it has them: nobody can
+                # tell which copy is whole. Stay paused, keep everything: in doubt.
+                why = (
+                    f"the page server finished but {run.peer.name} did not confirm every page "
+                    f"within {stall:.0f}s; the source stays paused with its state"
+                )
+                run.decision = rp.DECISION_COMMIT
+                await self._mark_in_doubt(run, why)
+                raise MigrationFailed(why, in_doubt=True)
+            if exited_at is None and now - last_progress > stall:
+                raise MigrationFailed(
+                    f"no page moved for {stall:.0f}s (migration.postcopy_stall_timeout)"
+                )
+            await asyncio.sleep(0.2)
+
+    async def _runc_prefix(self) -> list[str]:
+        """dockerd's runc, as the runc checkpointer runs it."""
+        command = list(self.config.docker.runc_command)
+        if not self.config.docker.runc_in_daemon_namespaces:
+            return command
+        pid = await asyncio.to_thread(self.adapter.daemon_pid)
+        if pid is None:
+            raise MigrationFailed("cannot tell dockerd's process to run runc in its namespaces")
+        return in_daemon_namespaces(pid, command)
+
+    async def _release_paused_source(self, container_id: str, port: int | None) -> str:
+        """Make CRIU give up a page stream (if one runs) and let the paused source run on."""
+        if port is not None and await asyncio.to_thread(self.procs.dump_in_progress, container_id):
+            deadline = self.clock.monotonic() + 30
+            while await asyncio.to_thread(self.procs.dump_in_progress, container_id):
+                await asyncio.to_thread(postcopy.end_page_stream, port)
+                if self.clock.monotonic() > deadline:
+                    raise MigrationFailed("the page server would not stop", rolled_back=False)
+                await asyncio.sleep(0.5)
+        info = await asyncio.to_thread(self.adapter.inspect_container, container_id)
+        state = info.get("State") or {}
+        if state.get("Paused"):
+            try:
+                await asyncio.to_thread(self.adapter.unpause, container_id)
+            except DockerError as exc:
+                if "not paused" not in exc.message:
+                    raise
+                # CRIU thawed it behind Docker's back (Docker still says paused): freeze it
+                # through runc so both agree, then let Docker thaw it.
+                await asyncio.to_thread(
+                    subprocess.run,
+                    [*await self._runc_prefix(), "pause", container_id],
+                    capture_output=True,
+                    timeout=30,
+                    check=False,
+                )
+                await asyncio.to_thread(self.adapter.unpause, container_id)
+        if not state.get("Running"):
+            raise StateNotRestored("rollback", "the paused source is gone; its state is lost")
+        return "resumed: the paused source runs on"
 
     async def _upload_guarded(self, run: _Run, chunks: Any) -> None:
         """Send the state; give up when nothing moves for migration.stall_timeout.
@@ -917,6 +1124,9 @@ class MigrationService:
         if info is not None:
             with contextlib.suppress(DockerNotFound):
                 await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
+        if (data.get("details") or {}).get("postcopy_port") is not None:
+            with contextlib.suppress(DockerError, OSError):
+                postcopy.cleanup_source(self.data_root.get(), rec.id)
         await to_thread_to_the_end(
             self.journal.finish,
             rec.id,
@@ -937,6 +1147,22 @@ class MigrationService:
                 self.journal.finish, rec.id, "failed", reason="container gone from the source"
             )
             return "container missing"
+        port = (data.get("details") or {}).get("postcopy_port")
+        if port is not None:
+            # Post-copy keeps no images here: the paused container is the state.
+            with contextlib.suppress(DockerError, OSError):
+                postcopy.cleanup_source(self.data_root.get(), rec.id)
+            try:
+                how = await self._release_paused_source(rec.container_id, int(port))
+                if (policy.get("Name") or "no") != "no":
+                    await asyncio.to_thread(
+                        self.adapter.update_restart_policy, rec.container_id, policy
+                    )
+            except StateNotRestored as exc:
+                self.journal.finish(rec.id, "failed", reason=f"state lost: {exc.message}")
+                return f"failed: {exc.message}"
+            self.journal.finish(rec.id, "rolled_back", reason=f"{why}{how}", report=data)
+            return f"rolled back: {how}"
         root = await asyncio.to_thread(self.data_root.get)
         settled = await asyncio.to_thread(
             wait_checkpoint_settled,
@@ -1028,7 +1254,12 @@ class MigrationService:
         with contextlib.suppress(JournalError):
             await self._phase(run, rp.ROLLBACK, emit, reason)
         with run.timer.phase(rp.ROLLBACK):
-            if await self._abort_target(run, reason):
+            if run.postcopy and run.restore_sent:
+                # A post-copy target runs: it must be dead before the source runs on.
+                if not await self._confirmed_abort(run.peer, run.mid, reason):
+                    # Its own watch kills it once no page came for the stall timeout.
+                    await asyncio.sleep(float(self.config.migration.postcopy_stall_timeout) + 2)
+            elif await self._abort_target(run, reason):
                 log.warning("migration.target_has_it", migration=run.mid)
                 run.report.details["source_copy"] = await self._dispose_source(run)
                 run.timer.finish()
@@ -1039,6 +1270,16 @@ class MigrationService:
             try:
                 if run.frozen_at is None:
                     how = "never frozen: it kept running"
+                elif run.postcopy:
+                    how = await self._release_paused_source(
+                        run.spec.id, run.report.details.get("postcopy_port")
+                    )
+                    if run.pagedump is not None:
+                        run.pagedump.cleanup()
+                    if (run.spec.restart_policy.get("Name") or "no") != "no":
+                        await asyncio.to_thread(
+                            self.adapter.update_restart_policy, run.spec.id, run.spec.restart_policy
+                        )
                 else:
                     how = await self._restore_here(run)
                 fresh = None
@@ -1107,6 +1348,18 @@ class MigrationService:
             return False
         return await self._send_abort(run.peer, run.mid, reason)
 
+    async def _confirmed_abort(self, peer: PeerLike | None, mid: str, reason: str) -> bool:
+        """Abort, and say whether the target confirmed its copy is gone."""
+        if peer is None:
+            return False
+        try:
+            await peer.post_json(migration_path(mid, "abort"), {"reason": reason})
+            return True
+        except PeerRefused as exc:
+            return exc.error in ("unknown_migration",)
+        except PeerError:
+            return False
+
     async def _send_abort(self, peer: PeerLike | None, mid: str, reason: str) -> bool:
         if peer is None:
             return False
@@ -1140,6 +1393,9 @@ class MigrationService:
             return
 
     async def _end(self, run: _Run, outcome: str, reason: str | None) -> None:
+        if run.postcopy:
+            with contextlib.suppress(DockerError, OSError):
+                postcopy.cleanup_source(self.data_root.get(), run.mid)
         run.report.outcome = outcome
         run.report.reason = reason
         if not run.report.total_s:
@@ -1162,6 +1418,19 @@ class MigrationService:
         data = dict(rec.report or {})
         peer = self.peers.get(rec.target)
         decision = data.get("decision")
+        port = (data.get("details") or {}).get("postcopy_port")
+        if port is not None and decision == rp.DECISION_POSTCOPY and rec.outcome is None:
+            st = None
+            if peer is not None:
+                with contextlib.suppress(PeerError):
+                    st = await peer.get_json(migration_path(rec.id))
+            pc = (st or {}).get("postcopy") or {}
+            if pc.get("pages_in"):
+                data["decision"] = rp.DECISION_COMMIT
+                self.journal.decide({rec.id: data}, rp.COMMIT)
+                decision = rp.DECISION_COMMIT
+            elif st is not None and st.get("outcome") is None and not pc.get("failed"):
+                raise MigrationFailed(f"{rec.target} is still pulling pages", rolled_back=False)
         if rec.outcome == rp.IN_DOUBT or decision == rp.DECISION_COMMIT:
             outcome = await self._settle_commit(rec, patience=0)
             if outcome is None:
@@ -1185,6 +1454,12 @@ class MigrationService:
         # No commit was journalled: roll back, and say so first.
         data["decision"] = rp.DECISION_ROLLBACK
         await to_thread_to_the_end(self.journal.update_report, rec.id, data)
+        if port is not None:
+            if not await self._confirmed_abort(peer, rec.id, "source rolled back at reconcile"):
+                await asyncio.sleep(float(self.config.migration.postcopy_stall_timeout) + 2)
+            return await self._restore_record(
+                dataclasses.replace(rec, report=data), f"agent restarted during {rec.phase}; "
+            )
         if await self._send_abort(peer, rec.id, "source rolled back at reconcile"):
             log.error("migration.target_ran_uncommitted", migration=rec.id, target=rec.target)
             raise MigrationFailed(

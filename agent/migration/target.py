@@ -45,7 +45,16 @@ from agent.docker_adapter import (
     DockerUnavailable,
 )
 from agent.journal import Journal, JournalError
-from agent.migration import admission, criu_config, criu_log, fresh_start, held, hooks, networks
+from agent.migration import (
+    admission,
+    criu_config,
+    criu_log,
+    fresh_start,
+    held,
+    hooks,
+    networks,
+    postcopy,
+)
 from agent.migration.accept import DaemonFacts, SpecShapeError, check_spec, parse_spec
 from agent.migration.checkpointers import restore_options_for
 from agent.migration.ctrd import CtrdSweeper
@@ -70,6 +79,7 @@ T_STAGED = "staged"
 T_RECEIVED = "received"
 T_RESTORE = "restore"
 T_RESTORED = "restored"  # restored and held stopped, waiting for the source's decision
+T_POSTCOPY = "postcopy"  # running, pulling its pages from the paused source
 DECISION_POLL_MAX = 30.0
 
 
@@ -90,6 +100,9 @@ class Incoming:
     network_specs: list[dict[str, Any]] = field(default_factory=list)  # from prepare
     created_networks: list[str] = field(default_factory=list)
     group_id: str | None = None  # members of one group migration share it
+    postcopy_port: int | None = None  # the source's page server, for a post-copy restore
+    pages_in: bool = False  # post-copy: every page arrived (the daemon exited 0)
+    page_failure: str | None = None
     staging_dirs: list[str] = field(default_factory=list)  # state unpacked, not yet in place
     archive_digest: str | None = None
     archive_bytes: int = 0
@@ -148,6 +161,8 @@ class TargetHandlers:
         self._staged: dict[str, StagedUnpack] = {}
         # Held copies waiting for the source's word: who asks when it does not come.
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        # Post-copy restores: the daemon pulling each one's pages.
+        self._page_clients: dict[str, postcopy.PageClient] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -367,6 +382,19 @@ class TargetHandlers:
             "decision": rec.report.get("decision") if rec.role == "source" else None,
             "held": rec.role == "target" and rec.outcome is None and rec.phase == T_RESTORED,
         }
+        if rec.role == "target" and rec.phase == T_POSTCOPY:
+            target = (rec.report or {}).get("target") or {}
+            inc_now = self.incoming.get(rec.id)
+            client = self._page_clients.get(rec.id)
+            pulled = 0
+            if client is not None and client.proc is not None:
+                pulled = postcopy.tree_rchar(client.proc.pid)
+            out["postcopy"] = {
+                "bytes_pulled": pulled,
+                "pages_in": bool(inc_now.pages_in if inc_now else target.get("pages_in")),
+                "failed": (inc_now.page_failure if inc_now else None)
+                or (rec.reason if rec.outcome not in (None, "succeeded") else None),
+            }
         cid = (rec.report.get("target") or {}).get("container_id") if rec.role == "target" else None
         if cid:
             out["container_id"] = cid
@@ -729,7 +757,12 @@ class TargetHandlers:
                 if inc.aborted:
                     raise _refuse("the source aborted this migration", "aborted")
                 t1 = self.clock.monotonic()
-                await asyncio.to_thread(self._start_held, inc)
+                wanted = body.get("postcopy")
+                if isinstance(wanted, dict) and isinstance(wanted.get("port"), int):
+                    inc.postcopy_port = int(wanted["port"])
+                    await asyncio.to_thread(self._start_postcopy, inc)
+                else:
+                    await asyncio.to_thread(self._start_held, inc)
                 timings["start_s"] = round(self.clock.monotonic() - t1, 4)
                 timings.update(inc.timings)  # how many pages the lazy path left to its daemon
             except HandlerError as exc:
@@ -740,8 +773,13 @@ class TargetHandlers:
                 await self._discard(inc, reason)
                 code = "unsafe_archive" if isinstance(exc, UnsafeArchive) else "restore_failed"
                 raise _refuse(reason, code, 422 if code == "unsafe_archive" else 500) from exc
-            await self._phase(inc, T_RESTORED, {"timings": timings})
             inc.timings = timings
+            if inc.postcopy_port is not None:
+                await self._phase(inc, T_POSTCOPY, {"timings": timings})
+                self._watch_pages(inc)
+                log.info("migration.target.postcopy_running", migration=migration_id)
+                return {"postcopy": True, "running": True, "timings": timings}
+            await self._phase(inc, T_RESTORED, {"timings": timings})
             self._watch_decision(inc)
             log.info("migration.target.held", migration=migration_id, container_id=inc.container_id)
             return {
@@ -771,10 +809,24 @@ class TargetHandlers:
         async with self._lock(migration_id):
             return await self._commit(inc, rec.id)
 
+    async def _finish_postcopy(self, inc: Incoming, rec: Any) -> dict[str, Any]:
+        self.journal.finish(rec.id, "succeeded", report=inc.journal_report())
+        self._forget(rec.id)
+        self._page_clients.pop(rec.id, None)
+        await asyncio.to_thread(self._after_commit, inc)
+        log.info("migration.target.running", migration=rec.id, container_id=inc.container_id)
+        return {"running": True, "container_id": inc.container_id}
+
     async def _commit(self, inc: Incoming, migration_id: str) -> dict[str, Any]:
         rec = self.journal.get(migration_id)
         if rec.outcome == "succeeded":
             return {"running": True, "container_id": inc.container_id, "already": True}
+        if rec.outcome is None and rec.phase == T_POSTCOPY and inc.container_id:
+            if not inc.pages_in:
+                raise _refuse(
+                    f"migration {migration_id}: not every page is in yet", "pages_missing"
+                )
+            return await self._finish_postcopy(inc, rec)
         if rec.outcome is not None or rec.phase != T_RESTORED or not inc.container_id:
             raise _refuse(
                 f"migration {migration_id} holds no restored copy here "
@@ -885,6 +937,95 @@ class TargetHandlers:
                 if attempt == 2:
                     raise DockerError("restore", f"lazy restore failed twice: {exc}") from exc
                 lazy.start_daemon()
+
+    def _source_host(self, peer: str) -> str:
+        for p in self.config.peers:
+            if p.name == peer:
+                host = str(p.address).removeprefix("https://").rpartition(":")[0]
+                return host.strip("[]")
+        raise DockerError("restore", f"no address for peer {peer} in this host's config")
+
+    def _start_postcopy(self, inc: Incoming) -> None:
+        """Restore running at once; a lazy-pages daemon pulls every page from the source."""
+        assert inc.container_id and inc.postcopy_port is not None
+        root = self.data_root.get()
+        tls = postcopy.TlsFiles(root)
+        t = self.config.tls
+        assert t.ca and t.cert and t.key
+        tls.install(t.ca, t.cert, t.key)
+        client = postcopy.PageClient(
+            root,
+            self.config.docker.criu_command,
+            inc.migration_id,
+            root.daemon_checkpoint_dir(inc.container_id, inc.checkpoint),
+            self._source_host(inc.peer),
+            inc.postcopy_port,
+            tls,
+        )
+        conf = criu_config.for_migration(root, inc.migration_id)
+        conf.write(
+            criu_config.restore_options(
+                conf.daemon_log, leave_stopped=False, extra=client.criu_options()
+            )
+        )
+        try:
+            client.start()
+        except postcopy.PostcopyError as exc:
+            raise DockerError("restore", str(exc)) from exc
+        self._page_clients[inc.migration_id] = client
+        try:
+            with self.ctrd.restoring():
+                self.adapter.start(inc.container_id, checkpoint=inc.checkpoint)
+            self.adapter.wait_running(
+                inc.container_id, timeout=self.config.migration.restore_timeout
+            )
+        except DockerError:
+            client.kill()
+            raise
+
+    def _watch_pages(self, inc: Incoming) -> None:
+        """The copy runs only while its pages keep coming: any failure kills it at once."""
+        client = self._page_clients.get(inc.migration_id)
+        assert client is not None and client.proc is not None
+        stall = float(self.config.migration.postcopy_stall_timeout)
+
+        def wait() -> tuple[int, str]:
+            proc = client.proc
+            assert proc is not None
+            last, moved = time.monotonic(), -1
+            while True:
+                rc = proc.poll()
+                if rc is not None:
+                    return rc, client.error_words()
+                now_read = postcopy.tree_rchar(proc.pid)
+                if now_read != moved:
+                    last, moved = time.monotonic(), now_read
+                elif time.monotonic() - last > stall:
+                    client.kill()
+                    return -1, f"no page arrived for {stall:.0f}s"
+                time.sleep(0.25)
+
+        async def watch() -> None:
+            rc, words = await asyncio.to_thread(wait)
+            if rc == 0:
+                inc.pages_in = True
+                with contextlib.suppress(JournalError):
+                    self.journal.update_report(inc.migration_id, inc.journal_report())
+                log.info("migration.target.pages_in", migration=inc.migration_id)
+                return
+            inc.page_failure = f"page daemon exited {rc}: {words}"
+            log.error(
+                "migration.target.pages_failed", migration=inc.migration_id, reason=inc.page_failure
+            )
+            # Running on missing pages is worse than not running: kill it now.
+            with contextlib.suppress(DockerError):
+                await asyncio.to_thread(self.adapter.kill, str(inc.container_id))
+            async with self._lock(inc.migration_id):
+                await self._discard(inc, inc.page_failure)
+
+        task = asyncio.get_running_loop().create_task(watch())
+        self._cleanup_tasks.add(task)
+        task.add_done_callback(self._cleanup_tasks.discard)
 
     def _gate_sync(self, name: str, mid: str) -> None:
         """hooks.gate for code running in a worker thread."""
@@ -1094,6 +1235,9 @@ class TargetHandlers:
         for vol in inc.created_volumes:
             with contextlib.suppress(DockerNotFound):
                 self.adapter.remove_volume(vol)
+        client = self._page_clients.pop(inc.migration_id, None)
+        if client is not None:
+            client.cleanup()
         with contextlib.suppress(DockerError, OSError):
             criu_config.for_migration(self.data_root.get(), inc.migration_id).remove()
             if inc.container_id:
@@ -1147,6 +1291,18 @@ class TargetHandlers:
         if inc.container_id:
             info = await asyncio.to_thread(self.adapter.find_container, inc.container_id)
         running = bool(info and (info.get("State") or {}).get("Running"))
+        if rec.phase == T_POSTCOPY:
+            verdict = await self.peer_status(rec.source, rec.id) if self.peer_status else None
+            if running and verdict is not None and verdict.get("decision") == "commit":
+                self.journal.finish(rec.id, "succeeded", reason="post-copy committed")
+                await asyncio.to_thread(self._after_commit, inc)
+                return "kept: the source committed"
+            # Whether every page arrived is unknown now: the paused source is the copy.
+            with contextlib.suppress(DockerError):
+                if inc.container_id:
+                    await asyncio.to_thread(self.adapter.kill, inc.container_id)
+            await self._discard(inc, "post-copy interrupted by an agent restart; source resumes")
+            return "removed: post-copy interrupted"
         if running and rec.phase in (T_RESTORE, T_RESTORED):
             procs = await asyncio.to_thread(self.procs.processes, str(inc.container_id))
             if procs and not any(p.state in ("T", "t") for p in procs):

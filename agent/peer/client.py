@@ -105,8 +105,8 @@ class PeerClient:
     async def health(self) -> dict[str, Any]:
         return await self.request_json("GET", HEALTH_PATH)
 
-    async def get_json(self, path: str) -> dict[str, Any]:
-        return await self.request_json("GET", path)
+    async def get_json(self, path: str, *, timeout: float | None = None) -> dict[str, Any]:
+        return await self.request_json("GET", path, timeout=timeout)
 
     async def post_json(
         self, path: str, body: dict[str, Any], *, timeout: float | None = None

@@ -141,6 +141,13 @@ class FerryMetrics:
             buckets=DOWNTIME_BUCKETS,
             registry=registry,
         )
+        self.all_pages_in = Histogram(
+            "ferry_migration_all_pages_in_seconds",
+            "Post-copy: freeze start until the target had every memory page "
+            "(downtime ends earlier, when it starts running)",
+            buckets=DOWNTIME_BUCKETS,
+            registry=registry,
+        )
         self.bytes_moved = Counter(
             "ferry_migration_bytes",
             "Bytes of checkpoint and filesystem data sent to peers",
@@ -167,10 +174,17 @@ class FerryMetrics:
     def migration_started(self) -> None:
         self.migrations_started.inc()
 
-    def migration_succeeded(self, downtime_s: float | None, bytes_moved: int | None) -> None:
+    def migration_succeeded(
+        self,
+        downtime_s: float | None,
+        bytes_moved: int | None,
+        all_pages_in_s: float | None = None,
+    ) -> None:
         self.migrations_succeeded.inc()
         if downtime_s is not None:
             self.downtime.observe(downtime_s)
+        if all_pages_in_s is not None:
+            self.all_pages_in.observe(all_pages_in_s)
         if bytes_moved:
             self.bytes_moved.inc(bytes_moved)
 

@@ -82,10 +82,17 @@ class MeteredMigrator:
         self._inner = inner
         self._metrics = metrics
 
-    async def migrate(self, container: str, target: str, progress: Any = None) -> Any:
+    async def migrate(
+        self, container: str, target: str, progress: Any = None, postcopy: bool = False
+    ) -> Any:
         self._metrics.migration_started()
         try:
-            report = await call_migrate(self._inner, container, target, progress)
+            if postcopy:
+                report = await self._inner.migrate(
+                    container, target, progress=progress, postcopy=True
+                )
+            else:
+                report = await call_migrate(self._inner, container, target, progress)
         except asyncio.CancelledError:
             self._metrics.migration_failed(rolled_back=False)
             raise
@@ -102,7 +109,12 @@ class MeteredMigrator:
             # A stand-in engine (tests, embedders) that reports nothing to measure.
             self._metrics.migration_succeeded(None, None)
             return report
-        self._metrics.migration_succeeded(report.downtime_s, report.bytes_moved)
+        pages_in = report.details.get("all_pages_in_s")
+        self._metrics.migration_succeeded(
+            report.downtime_s,
+            report.bytes_moved,
+            float(pages_in) if isinstance(pages_in, int | float) else None,
+        )
         if report.state_lost:
             # Moved, but Docker restarted it from scratch on the target.
             self._metrics.migrations_state_lost.inc()

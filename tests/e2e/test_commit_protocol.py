@@ -128,7 +128,11 @@ def test_lost_restore_answer_rolls_back_and_the_held_copy_never_runs(
     assert _held_stopped(docker_clients[h2.name]), "the target copy ran without a commit"
 
     restore_link(h2)  # the target asks the source, hears "rollback", removes its copy
-    wait_for(lambda: h2.name not in _copies(docker_clients), 90, what="the held copy to go")
+    wait_for(
+        lambda: h2.name not in _copies(docker_clients) and history(h2, mid)[0].outcome,
+        90,
+        what="the held copy to go",
+    )
     assert _copies(docker_clients) == {h1.name: "running"}
     assert history(h2, mid)[0].outcome == "aborted"
     assert not any(Path(h2.data_root, "ferry", "criu").glob(f"{mid}*"))

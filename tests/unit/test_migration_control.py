@@ -22,7 +22,9 @@ class FakeService:
         self.outcome = outcome
         self.calls: list[tuple[str, str]] = []
 
-    async def migrate(self, container: str, target: str, progress: Any = None) -> Any:
+    async def migrate(
+        self, container: str, target: str, progress: Any = None, postcopy: bool = False
+    ) -> Any:
         self.calls.append((container, target))
         progress(ProgressEvent("m1", "freeze", "checkpointing"))
         await asyncio.sleep(0)
@@ -104,7 +106,9 @@ def config(tmp_path: Path) -> Path:
 
 
 def _cli(monkeypatch: pytest.MonkeyPatch, config: Path, result: Any) -> Any:
-    async def fake(sock: Path, container: str, target: str, on_line: Any) -> Any:
+    async def fake(
+        sock: Path, container: str, target: str, on_line: Any, postcopy: bool = False
+    ) -> Any:
         on_line({"type": "progress", "phase": "freeze", "message": "x", "elapsed_s": 0.1})
         if isinstance(result, BaseException):
             raise result

@@ -358,7 +358,7 @@ class DirectPeer:
         method = getattr(self.handlers, parts[3])
         return await self._call(method(self.caller, parts[2], body))
 
-    async def get_json(self, path: str) -> dict[str, Any]:
+    async def get_json(self, path: str, *, timeout: float | None = None) -> dict[str, Any]:
         return await self._call(self.handlers.status(self.caller, path.strip("/").split("/")[2]))
 
     async def upload_state(self, mid: str, chunks: Any, digest: str | None = None) -> Any:
