@@ -157,7 +157,10 @@ def add_migration_routes(
 
         log.info("migration.requested", container=container, target=target, via="control")
         task = asyncio.get_running_loop().create_task(
-            service.migrate(container, target, progress=progress, postcopy=postcopy)
+            # Only when asked: an engine without post-copy keeps working.
+            service.migrate(
+                container, target, progress=progress, **({"postcopy": True} if postcopy else {})
+            )
         )
         tasks: set[asyncio.Task[Any]] = request.app[_TASKS_KEY]
         tasks.add(task)

@@ -244,7 +244,9 @@ class StuckService:
         self.started = asyncio.Event()
         self.cancelled = False
 
-    async def migrate(self, container: str, target: str, progress: Any = None) -> Any:
+    async def migrate(
+        self, container: str, target: str, progress: Any = None, postcopy: bool = False
+    ) -> Any:
         self.started.set()
         try:
             await asyncio.Event().wait()
