@@ -180,12 +180,9 @@ class PageServerDump:
     def start(self, timeout: float) -> None:
         """Blocking: dump all but memory; return once the page server listens."""
         self.work.mkdir(parents=True, exist_ok=True)
-        # runc takes no TLS flags; CRIU reads this file in swrk mode too.
         self.conf.write_text("".join(f"{line}\n" for line in self.tls.criu_options()))
         read_fd, write_fd = os.pipe()
         argv = [
-            "env",
-            f"CRIU_CONFIG_FILE={self.root.daemon_path(*self._path('dump.conf'))}",
             *self.runc_command,
             "checkpoint",
             "--lazy-pages",
@@ -201,8 +198,14 @@ class PageServerDump:
             self.container_id,
         ]
         try:
+            # runc takes no TLS flags, but CRIU reads this file in swrk mode too. It
+            # reaches CRIU through nsenter; a runc_command that goes through systemd-run
+            # must pass it on (`-E CRIU_CONFIG_FILE`).
+            env = dict(os.environ)
+            env["CRIU_CONFIG_FILE"] = self.root.daemon_path(*self._path("dump.conf"))
             self.proc = subprocess.Popen(
                 argv,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
