@@ -1514,6 +1514,10 @@ class MigrationService:
             dataclasses.replace(rec, report=data), "resolved by an operator: kept the source; "
         )
         log.warning("migration.resolved", migration=rec.id, keep="source", how=how)
+        lost = (self.journal.get(rec.id).report or {}).get("state_lost")
+        if lost:
+            # Not a resolution to report as one: `ferry resolve` exits 1 with this sentence.
+            raise MigrationFailed(str(lost), rolled_back=False, state_lost=str(lost))
         return how
 
 

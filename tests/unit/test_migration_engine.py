@@ -815,3 +815,30 @@ def test_a_group_member_that_cannot_move_stops_the_group_before_any_freeze(
     assert all(a.docker.containers[c]["State"]["Running"] for c in cids)
     assert not any(call[0] in ("checkpoint", "policy", "pause") for call in a.docker.calls)
     assert a.journal.history() == []
+
+
+def test_resolve_keep_source_without_images_says_state_lost_not_resolved(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, _ = hosts
+    cid = a.docker.add_running("web")
+    a.docker.containers[cid]["State"] = {"Status": "exited", "Running": False}
+    mid = "20261201T000000-abcdef"
+    a.journal.begin(
+        mid,
+        container_id=cid,
+        container_name="web",
+        source="a",
+        target="b",
+        role="source",
+        phase="commit",
+        report={"checkpoint": f"ferry-{mid}", "decision": "commit"},
+    )
+    a.journal.finish(mid, "in_doubt", reason="target silent")
+    with pytest.raises(MigrationFailed) as err:
+        run_async(a.service.resolve(mid, "source"), timeout=60)
+    assert err.value.state_lost and err.value.state_lost.startswith("STATE LOST: web")
+    assert not err.value.rolled_back
+    rec = a.journal.get(mid)
+    assert rec.outcome == "failed" and rec.report["state_lost"] == err.value.state_lost
+    assert not a.docker.containers[cid]["State"]["Running"], "never started fresh"
