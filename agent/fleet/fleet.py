@@ -82,6 +82,7 @@ class Fleet:
         self._seen: set[str] = set()  # members seen since start, so a lost one shows as down
         self.reservations_made = 0
         self.reservation_conflicts = 0
+        self.reservations_refused = 0
 
     # ------------------------------------------------------------------ freshness
 
@@ -213,6 +214,15 @@ class Fleet:
         """
         if not self.lease:
             raise FleetUnavailable(self.stale_reason())
+        try:
+            await self._reserve(target, mid, memory, disk, spread, attempts)
+        except ReservationRefused:
+            self.reservations_refused += 1
+            raise
+
+    async def _reserve(
+        self, target: str, mid: str, memory: int, disk: int, spread: str | None, attempts: int
+    ) -> None:
         k = self.keys
         reads = [
             op_range(k.member(target)),

@@ -112,7 +112,9 @@ def container(name: str, mem: int = 64 << 20, **labels: str) -> ContainerInfo:
 
 
 @contextlib.contextmanager
-def fleet_env(tmp_path: Path, etcd_cluster: EtcdCluster, prefix: str) -> Iterator[Fixture]:
+def fleet_env(
+    tmp_path: Path, etcd_cluster: EtcdCluster, prefix: str, budget: int = 1
+) -> Iterator[Fixture]:
     """One config per host in HOSTS, each with only a `fleet:` section (no static peers)."""
     certs = tmp_path / "certs"
     init_ca(certs)
@@ -147,7 +149,7 @@ def fleet_env(tmp_path: Path, etcd_cluster: EtcdCluster, prefix: str) -> Iterato
                     "prefix": prefix,
                     "lease_ttl": "3s",
                     "request_timeout": "1s",
-                    "max_draining_hosts": 1,
+                    "max_draining_hosts": budget,
                     "labels": {"rack": f"r{host[-1]}"},
                 },
             }
