@@ -1159,9 +1159,13 @@ class MigrationService:
                         self.adapter.update_restart_policy, rec.container_id, policy
                     )
             except StateNotRestored as exc:
-                self.journal.finish(rec.id, "failed", reason=f"state lost: {exc.message}")
+                await to_thread_to_the_end(
+                    self.journal.finish, rec.id, "failed", reason=f"state lost: {exc.message}"
+                )
                 return f"failed: {exc.message}"
-            self.journal.finish(rec.id, "rolled_back", reason=f"{why}{how}", report=data)
+            await to_thread_to_the_end(
+                self.journal.finish, rec.id, "rolled_back", reason=f"{why}{how}", report=data
+            )
             return f"rolled back: {how}"
         root = await asyncio.to_thread(self.data_root.get)
         settled = await asyncio.to_thread(
@@ -1427,7 +1431,7 @@ class MigrationService:
             pc = (st or {}).get("postcopy") or {}
             if pc.get("pages_in"):
                 data["decision"] = rp.DECISION_COMMIT
-                self.journal.decide({rec.id: data}, rp.COMMIT)
+                await to_thread_to_the_end(self.journal.decide, {rec.id: data}, rp.COMMIT)
                 decision = rp.DECISION_COMMIT
             elif st is not None and st.get("outcome") is None and not pc.get("failed"):
                 raise MigrationFailed(f"{rec.target} is still pulling pages", rolled_back=False)

@@ -810,7 +810,9 @@ class TargetHandlers:
             return await self._commit(inc, rec.id)
 
     async def _finish_postcopy(self, inc: Incoming, rec: Any) -> dict[str, Any]:
-        self.journal.finish(rec.id, "succeeded", report=inc.journal_report())
+        await to_thread_to_the_end(
+            self.journal.finish, rec.id, "succeeded", report=inc.journal_report()
+        )
         self._forget(rec.id)
         self._page_clients.pop(rec.id, None)
         await asyncio.to_thread(self._after_commit, inc)
@@ -1010,7 +1012,9 @@ class TargetHandlers:
             if rc == 0:
                 inc.pages_in = True
                 with contextlib.suppress(JournalError):
-                    self.journal.update_report(inc.migration_id, inc.journal_report())
+                    await to_thread_to_the_end(
+                        self.journal.update_report, inc.migration_id, inc.journal_report()
+                    )
                 log.info("migration.target.pages_in", migration=inc.migration_id)
                 return
             inc.page_failure = f"page daemon exited {rc}: {words}"
@@ -1294,7 +1298,9 @@ class TargetHandlers:
         if rec.phase == T_POSTCOPY:
             verdict = await self.peer_status(rec.source, rec.id) if self.peer_status else None
             if running and verdict is not None and verdict.get("decision") == "commit":
-                self.journal.finish(rec.id, "succeeded", reason="post-copy committed")
+                await to_thread_to_the_end(
+                    self.journal.finish, rec.id, "succeeded", reason="post-copy committed"
+                )
                 await asyncio.to_thread(self._after_commit, inc)
                 return "kept: the source committed"
             # Whether every page arrived is unknown now: the paused source is the copy.
