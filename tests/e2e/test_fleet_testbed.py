@@ -12,7 +12,9 @@ reboot`, then `ferry undrain`), with max_draining_hosts 1:
   lease expires and the queued host evacuates;
 - replicas sharing `ferry.spread=web` never land on one host: the last one has nowhere
   to go and `ferry drain --wait` names it (exit 1);
-- no container ever lands on a draining or queued host.
+- no container ever lands on a draining or queued host;
+- quorum lost: a new drain is refused with one line, nothing running moves, every
+  view says STALE; quorum back: the agents rejoin by themselves.
 """
 
 from __future__ import annotations
@@ -79,6 +81,12 @@ def clients4(four: list[Host]) -> Iterator[dict[str, docker.DockerClient]]:
             for ctr in c.containers.list(all=True):
                 ctr.remove(force=True)
             c.close()
+
+
+def status_of(host: Host) -> dict[str, Any]:
+    proc = ferry(host, "status", "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    return dict(json.loads(proc.stdout))
 
 
 def fleet_status(host: Host) -> dict[str, Any]:
@@ -172,6 +180,32 @@ def test_fleet_drains_take_turns_discover_spread_and_survive_faults(
         webs = [where_running(clients4, f"web-{i}") for i in range(3)]
         assert sorted(w[0] for w in webs) == sorted([h3.name, h4.name, second.name]), webs
         assert all(len(w) == 1 for w in [*webs, landed, landed2])
+
+        # Quorum lost (only the member on host2 left): nothing running moves or is lost,
+        # a new drain is refused with one line, every view says STALE.
+        running = {n: where_running(clients4, n) for n in (app_first, app_second, web_second)}
+        etcd.kill(etcd.members[0])
+        live = [h for h in four if h is not first]
+        wait_for(
+            lambda: all(not fleet_status(h)["fresh"] for h in live),
+            timeout=30,
+            what="every live agent to see its fleet view go stale",
+        )
+        refused = ferry(h3, "drain", "--reason", "no quorum")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "drain refused" in lines[0], lines
+        assert ferry(h3, "fleet", "status").returncode == 1
+        assert not status_of(h3)["draining"]
+        assert {n: where_running(clients4, n) for n in running} == running
+        # Quorum back: the agents rejoin by themselves.
+        etcd.restart(etcd.members[0])
+        etcd.restart(etcd.members[2])
+        wait_for(
+            lambda: all(fleet_status(h)["fresh"] for h in live),
+            timeout=60,
+            what="every live agent to rejoin the fleet",
+        )
         assert ferry(second, "undrain").returncode == 0
 
         # No reservation, on any host, ever named a host after it asked to drain.
