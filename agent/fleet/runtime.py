@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable, MutableMapping, MutableSet
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -28,6 +30,47 @@ from agent.service.drain import DrainMarker
 log = structlog.get_logger(__name__)
 
 REQUEST_FILE = "fleet-drain-request"
+# Hosts learnt from etcd, with their addresses, kept on local disk: after a restart,
+# reconcile must reach the target of an unfinished migration even while etcd is down.
+KNOWN_FILE = "fleet-peers.json"
+
+
+def load_known(state_dir: Path) -> dict[str, str]:
+    try:
+        data = json.loads((state_dir / KNOWN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): str(v) for k, v in data.items() if isinstance(v, str) and v}
+
+
+def save_known(state_dir: Path, known: dict[str, str]) -> None:
+    tmp = state_dir / f".{KNOWN_FILE}.tmp"
+    try:
+        tmp.write_text(json.dumps(known, sort_keys=True))
+        tmp.replace(state_dir / KNOWN_FILE)
+    except OSError as exc:
+        log.warning("fleet.known_peers_not_saved", error=str(exc))
+
+
+def restore_known(
+    state_dir: Path,
+    static_names: frozenset[str],
+    clients: dict[str, Any],
+    engine_peers: MutableMapping[str, Any] | None,
+    make_client: Callable[[str, str], Any] | None,
+) -> list[str]:
+    """Clients for the hosts learnt from etcd before this start, without asking etcd."""
+    if engine_peers is None or make_client is None:
+        return []
+    restored = []
+    for name, address in sorted(load_known(state_dir).items()):
+        if name in static_names or name in engine_peers:
+            continue
+        clients[name] = engine_peers[name] = make_client(name, address)
+        restored.append(name)
+    return restored
 
 
 @dataclass
@@ -37,6 +80,7 @@ class FleetParts:
     peers: FleetPeers
     static_names: frozenset[str]
     clients: dict[str, Any] = field(default_factory=dict)  # peer clients made for discovered hosts
+    state_dir: Path | None = None
     discovered: set[str] = field(default_factory=set)
     migrator: FleetMigrator | None = None
 
@@ -114,6 +158,7 @@ def build_fleet(
     local: Callable[[], dict[str, Any]],
     version: str,
     on_drain_change: Callable[[], None],
+    clients: dict[str, Any],
 ) -> FleetParts:
     fc = config.fleet
     assert fc is not None and fc.advertise is not None  # filled by FerryConfig
@@ -135,6 +180,8 @@ def build_fleet(
         drain=drain,
         peers=FleetPeers(static, fleet),
         static_names=frozenset(p.name for p in config.peers),
+        clients=clients,
+        state_dir=config.state_dir,
     )
 
 
@@ -163,6 +210,11 @@ async def sync_peers(
                     parts.clients[name] = client
                     engine_peers[name] = client
                     log.info("fleet.peer_discovered", peer=name, address=member.address)
+                    if parts.state_dir is not None:
+                        addresses = {
+                            n: str(getattr(c, "address", "")) for n, c in parts.clients.items()
+                        }
+                        await asyncio.to_thread(save_known, parts.state_dir, addresses)
             for name in parts.discovered - live:
                 parts.discovered.discard(name)
                 allowed.discard(name)

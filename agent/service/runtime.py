@@ -122,6 +122,7 @@ class Agent:
         self.fleet: FleetParts | None = None  # only with a `fleet:` config section
         # mTLS names the peer server accepts; the fleet adds hosts it discovers.
         self.allowed_peers: set[str] = {p.name for p in config.peers}
+        self._fleet_clients: dict[str, Any] = {}  # peer clients for hosts learnt from etcd
 
     # ------------------------------------------------------------------ drain state
 
@@ -199,6 +200,8 @@ class Agent:
             self.metrics.bind(in_doubt=lambda: len(journal.in_doubt()))
         if self.migration.close is not None:
             self._on_close("migration", self.migration.close)
+        if cfg.fleet is not None:
+            self._restore_fleet_peers()
         if self.migration.reconcile is not None:
             self.notifier.status("starting: reconciling unfinished migrations")
             await self.migration.reconcile()
@@ -411,14 +414,33 @@ class Agent:
             local_record(base, store.containers, self.draining, in_flight),
             __version__,
             on_drain_change,
+            self._fleet_clients,
         )
         self.fleet = parts
+        parts.discovered.update(self._fleet_clients)  # restored ones leave when etcd says so
         self.peers = parts.peers
         self._on_close("fleet", lambda: close_fleet(parts))
         self.metrics.registry.register(FleetCollector(parts.fleet))
         await first_beat(parts.fleet)
         parts.migrator = FleetMigrator(self.migrator, parts.fleet, store.containers)
         return parts.migrator
+
+    def _restore_fleet_peers(self) -> None:
+        """Before reconcile, and without etcd: clients for hosts learnt from the fleet
+        earlier, so an unfinished migration toward one of them can be settled."""
+        from agent.fleet.runtime import restore_known
+
+        engine_peers = getattr(self._migration().migrator, "peers", None)
+        restored = restore_known(
+            self.config.state_dir,
+            frozenset(p.name for p in self.config.peers),
+            self._fleet_clients,
+            engine_peers if isinstance(engine_peers, dict) else None,
+            self._peer_client_factory(),
+        )
+        self.allowed_peers.update(restored)
+        if restored:
+            log.info("fleet.known_peers_restored", peers=restored)
 
     def _spawn_fleet(self, parts: FleetParts) -> None:
         from agent.fleet.runtime import sync_peers

@@ -80,6 +80,7 @@ class FakeEngine:
     def __init__(self, world: World, host: str) -> None:
         self.world = world
         self.host = host
+        self.peers: dict[str, Any] = {}  # the engine's peer clients; the fleet adds to it
 
     async def migrate(self, container: str, target: str, progress: Any = None) -> MigrationReport:
         world = self.world

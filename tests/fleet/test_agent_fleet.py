@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli.ops_cmds import wait_until_drained
+from agent.fleet.runtime import load_known
 from agent.service.control import ControlClient
 from agent.service.runtime import serve
 from tests.etcd_cluster import EtcdCluster
@@ -55,6 +56,15 @@ def test_two_drains_at_once_take_turns_and_nothing_lands_on_a_draining_host(
             while not await knows_all():
                 assert loop.time() < deadline, "agents did not discover each other"
                 await asyncio.sleep(0.2)
+
+            # What etcd taught each agent is kept on its disk, for a restart without etcd.
+            for h in HOSTS:
+                state_dir = world.agents[h].config.state_dir
+                await until(
+                    lambda d=state_dir, h=h: set(load_known(d)) == set(HOSTS) - {h},
+                    10,
+                    f"{h} to save the peers it discovered",
+                )
 
             # Hold the first evacuation mid-flight, so both drains overlap for sure.
             world.gate = asyncio.Event()
