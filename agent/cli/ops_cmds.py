@@ -134,6 +134,11 @@ def drain_outcome(status: dict[str, Any]) -> tuple[str, str | None]:
         return "waiting", f"queued behind {behind}"
     if not progress.get("marker"):
         return "waiting", "waiting for the drain to start"
+    # A migration still finishing (commit, clean-up) is not done yet, even once the
+    # container runs elsewhere: a reboot now would leave it for reconcile to settle.
+    in_flight = [m for m in status.get("migrations") or [] if m.get("role", "source") == "source"]
+    if not remaining and in_flight:
+        return "waiting", f"{len(in_flight)} migration(s) finishing"
     if not remaining:
         return "done", None
     if moving:

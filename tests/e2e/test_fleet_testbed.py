@@ -208,6 +208,14 @@ def test_fleet_drains_take_turns_discover_spread_and_survive_faults(
         )
         assert ferry(second, "undrain").returncode == 0
 
+        # The "rebooted" host comes back: nothing of its drain is unsettled, it waits in
+        # the queue again (refusing containers) until the operator's undrain.
+        faults.start_agent(first)
+        back = status_of(first)
+        assert back["in_doubt"] == [] and back["migrations"] == [], back
+        assert back["draining"] is True
+        assert ferry(first, "undrain").returncode == 0
+
         # No reservation, on any host, ever named a host after it asked to drain.
         asked = {
             h.name: min(e["timestamp"] for e in log_events(h, "agent.fleet_drain_requested"))
