@@ -101,6 +101,8 @@ class FleetDrain:
                 await self.step()
             except FleetUnavailable as exc:
                 log.warning("fleet.drain_step_failed", error=str(exc))
+            except Exception:  # e.g. the marker's directory not writable: say so, go on
+                log.exception("fleet.drain_step_failed")
             self._wake.clear()
             # Queued hosts look often, so the next one starts soon after a slot frees.
             wait = min(1.0, self._fleet.interval) if self.requested() else self._fleet.interval

@@ -143,6 +143,9 @@ class Fleet:
                 if self.error != str(exc):
                     log.warning("fleet.unavailable", error=str(exc))
                 self.error = str(exc)
+            except Exception as exc:  # the fleet is advisory: it must never stop the agent
+                log.exception("fleet.beat_failed")
+                self.error = f"beat failed: {type(exc).__name__}: {exc}"
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)

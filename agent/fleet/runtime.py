@@ -193,33 +193,44 @@ async def sync_peers(
 ) -> None:
     """Give the migration engine a client, and the peer server a welcome, for every
     host with a live lease; hosts whose lease expired lose the welcome again."""
-    fleet = parts.fleet
     while True:
-        view = fleet.view
-        if view is not None and fleet.fresh():
-            live = {n for n in view.members if n != fleet.name}
-            for name in live - parts.static_names:
-                allowed.add(name)
-                parts.discovered.add(name)
-                member = view.members[name]
-                known = parts.clients.get(name)
-                if engine_peers is None or make_client is None or not member.address:
-                    continue
-                if known is None or getattr(known, "address", None) != member.address:
-                    client = make_client(name, member.address)
-                    parts.clients[name] = client
-                    engine_peers[name] = client
-                    log.info("fleet.peer_discovered", peer=name, address=member.address)
-                    if parts.state_dir is not None:
-                        addresses = {
-                            n: str(getattr(c, "address", "")) for n, c in parts.clients.items()
-                        }
-                        await asyncio.to_thread(save_known, parts.state_dir, addresses)
-            for name in parts.discovered - live:
-                parts.discovered.discard(name)
-                allowed.discard(name)
-                log.info("fleet.peer_left", peer=name)
-        await asyncio.sleep(fleet.interval)
+        try:
+            await _sync_once(parts, engine_peers, allowed, make_client)
+        except Exception:  # a bad record must not stop discovery, nor the agent
+            log.exception("fleet.peer_sync_failed")
+        await asyncio.sleep(parts.fleet.interval)
+
+
+async def _sync_once(
+    parts: FleetParts,
+    engine_peers: MutableMapping[str, Any] | None,
+    allowed: MutableSet[str],
+    make_client: Callable[[str, str], Any] | None,
+) -> None:
+    fleet = parts.fleet
+    view = fleet.view
+    if view is None or not fleet.fresh():
+        return
+    live = {n for n in view.members if n != fleet.name}
+    for name in live - parts.static_names:
+        allowed.add(name)
+        parts.discovered.add(name)
+        member = view.members[name]
+        known = parts.clients.get(name)
+        if engine_peers is None or make_client is None or not member.address:
+            continue
+        if known is None or getattr(known, "address", None) != member.address:
+            client = make_client(name, member.address)
+            parts.clients[name] = client
+            engine_peers[name] = client
+            log.info("fleet.peer_discovered", peer=name, address=member.address)
+            if parts.state_dir is not None:
+                addresses = {n: str(getattr(c, "address", "")) for n, c in parts.clients.items()}
+                await asyncio.to_thread(save_known, parts.state_dir, addresses)
+    for name in parts.discovered - live:
+        parts.discovered.discard(name)
+        allowed.discard(name)
+        log.info("fleet.peer_left", peer=name)
 
 
 async def first_beat(fleet: Fleet) -> None:
