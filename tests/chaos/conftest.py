@@ -1,4 +1,5 @@
-"""Fixtures of the chaos suite: one two-host cluster per module, a fresh memhog per test."""
+"""Fixtures of the chaos suite: one two-host cluster per module, one memhog carried
+from test to test while each leaves it well."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import docker
 import pytest
 
 from tests.chaos.invariants import Workload
-from tests.chaos.support import Cluster, chaos_cluster, heal, remove_workload, start_memhog
+from tests.chaos.support import Cluster, chaos_cluster, heal, remove_workload, take_over_memhog
 from tests.testbed.layout import Host
 
 
@@ -20,12 +21,26 @@ def cluster(
         yield c
 
 
+@pytest.fixture(scope="module")
+def carried(cluster: Cluster) -> Iterator[dict[str, Workload]]:
+    """The module's memhog between tests (removed when the module ends)."""
+    held: dict[str, Workload] = {}
+    yield held
+    if "hog" in held:
+        remove_workload(cluster, held["hog"])
+
+
 @pytest.fixture
-def memhog(cluster: Cluster) -> Iterator[Workload]:
-    """A memhog on the cluster's first host; whatever the test broke is healed after."""
-    workload = start_memhog(cluster, cluster.hosts[0])
+def memhog(cluster: Cluster, carried: dict[str, Workload]) -> Iterator[Workload]:
+    """A memhog on cluster.hosts[0]; whatever the test broke is healed after.
+
+    The previous test's memhog is carried on when it passes every invariant
+    (its host becomes hosts[0]): a fresh one costs a few seconds per test, and
+    its state then has to survive every fault of the module in turn. Otherwise
+    it is removed and a fresh one started.
+    """
+    workload = carried["hog"] = take_over_memhog(cluster, carried.get("hog"))
     try:
         yield workload
     finally:
         heal(cluster, workload)
-        remove_workload(cluster, workload)

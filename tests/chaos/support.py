@@ -24,7 +24,14 @@ from typing import Any
 import docker
 import docker.errors
 
-from tests.chaos.invariants import CASE_LABEL, Workload, copies, journal_rows, readings
+from tests.chaos.invariants import (
+    CASE_LABEL,
+    Workload,
+    assert_invariants,
+    copies,
+    journal_rows,
+    readings,
+)
 from tests.e2e.migration_support import (
     MEMHOG,
     Agents,
@@ -134,6 +141,27 @@ def start_memhog(cluster: Cluster, host: Host, name: str = HOG_NAME) -> Workload
         what=f"{name} to print its second reading",
     )
     return Workload(name, case, series[-1][1], series[-1][0], c.id, since)
+
+
+def take_over_memhog(cluster: Cluster, previous: Workload | None) -> Workload:
+    """Carry `previous` into a new test if it is sound; else start a fresh memhog.
+
+    Sound: the invariants hold right now (one running copy, state continuing,
+    nothing left over). Its host is then put first in `cluster.hosts`, so tests
+    move it from hosts[0] as with a fresh one.
+    """
+    if previous is not None:
+        previous.since = time.time()  # the new test's journal rows are its own
+        try:
+            here = assert_invariants(cluster.hosts, cluster.clients, previous, timeout=10)
+        except AssertionError:
+            here = None
+        if here is not None:
+            cluster.hosts.sort(key=lambda h: h.name != here.host)
+            return previous
+        remove_workload(cluster, previous)
+    cluster.hosts.sort(key=lambda h: h.name)
+    return start_memhog(cluster, cluster.hosts[0])
 
 
 def remove_workload(cluster: Cluster, workload: Workload) -> None:

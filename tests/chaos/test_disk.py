@@ -20,6 +20,9 @@ from tests.chaos.support import (
     Migration,
     assert_outcome,
     chaos_cluster,
+    heal,
+    remove_workload,
+    start_memhog,
 )
 from tests.e2e.migration_support import ferry_migrate, result_of
 from tests.testbed import faults
@@ -47,6 +50,17 @@ def cluster(
         for c in docker_clients[h2.name].containers.list(all=True):
             c.remove(force=True)
         faults.unmount_small_disk(h2)
+
+
+@pytest.fixture
+def memhog(cluster: Cluster) -> Iterator[Workload]:
+    """A fresh memhog on host1 for each test: host2 is the one with the small disk."""
+    workload = start_memhog(cluster, cluster.hosts[0])
+    try:
+        yield workload
+    finally:
+        heal(cluster, workload)
+        remove_workload(cluster, workload)
 
 
 def test_full_target_disk_refuses_before_the_freeze(cluster: Cluster, memhog: Workload) -> None:

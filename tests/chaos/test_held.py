@@ -51,25 +51,18 @@ def test_peer_down_refuses_with_one_line(cluster: Cluster, memhog: Workload) -> 
     check_all(cluster.hosts, cluster.clients, memhog)
 
 
-@pytest.mark.parametrize("fault", ["target-agent-killed", "link-cut"])
-def test_fault_mid_stream_on_a_throttled_link(
-    cluster: Cluster, memhog: Workload, fault: str
+def test_target_agent_killed_mid_stream_on_a_throttled_link(
+    cluster: Cluster, memhog: Workload
 ) -> None:
-    # No gate: the link is throttled so the fault lands while bytes are moving.
+    # No gate: the link is throttled so the kill lands while bytes are moving.
     h1, h2 = cluster.hosts
     faults.rate_limit(h2, 32)
     mig = Migration(h1, memhog.name, h2)
     mig.wait_progress("transfer", min_bytes=8 * MIB)
-    if fault == "target-agent-killed":
-        faults.kill_agent(h2)
-        never_two_running(cluster, memhog, QUICK_OUTAGE_S)
-        faults.start_agent(h2)
-    else:
-        faults.cut_link(h2)
-        never_two_running(cluster, memhog, 5.0)  # the five-second cut
-        faults.restore_link(h2)
+    faults.kill_agent(h2)
+    never_two_running(cluster, memhog, QUICK_OUTAGE_S)
+    faults.start_agent(h2)
     faults.clear_rate_limit(h2)
     rc, result, err = mig.finish()
-    assert rc in (0, 1), err  # moved, or rolled back: either way exactly one copy runs
-    assert result is not None and (result["ok"] or result.get("rolled_back")), result
+    assert rc == 1 and result is not None and result["rolled_back"], (result, err)
     check_all(cluster.hosts, cluster.clients, memhog)
