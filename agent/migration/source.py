@@ -1227,19 +1227,34 @@ class MigrationService:
                 kept = f"{spec.name}-ferry-{run.mid}"
                 await asyncio.to_thread(self.adapter.rename, spec.id, kept)
                 run.report.details["kept_until"] = self.clock.time() + keep
-                self._schedule_removal(spec.id, keep)
+                self._remove_until_gone(spec.id, delay=keep)
                 return f"kept as {kept} for {keep:.0f}s"
             await asyncio.to_thread(self.adapter.remove, spec.id, True)
         except DockerError as exc:
             log.warning("migration.source_cleanup_failed", migration=run.mid, error=str(exc))
-            return f"cleanup failed: {exc}"
+            self._remove_until_gone(spec.id)
+            return f"cleanup failed, retrying in the background: {exc}"
         return "removed"
 
-    def _schedule_removal(self, container_id: str, delay: float) -> None:
+    def _remove_until_gone(self, container_id: str, delay: float = 0.0) -> None:
+        """Remove the source's stopped copy (and its checkpoint with it), retrying while
+        its daemon is away: left alone it would hold a second copy of the state for good."""
+
         async def later() -> None:
             await asyncio.sleep(delay)
-            with contextlib.suppress(DockerError):
-                await asyncio.to_thread(self.adapter.remove, container_id, True)
+            wait = 1.0
+            while True:
+                try:
+                    await asyncio.to_thread(self.adapter.remove, container_id, True)
+                    return
+                except DockerNotFound:
+                    return
+                except DockerError as exc:
+                    log.warning(
+                        "migration.source_cleanup_retry", container=container_id, error=str(exc)
+                    )
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 30.0)
 
         self._spawn(later())
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from agent.config import FerryConfig
-from agent.docker_adapter import CheckpointError, DockerError, DockerNotFound
+from agent.docker_adapter import CheckpointError, DockerError, DockerNotFound, DockerUnavailable
 from agent.journal import Journal
 from agent.migration import MigrationFailed, MigrationRefused, MigrationService
 from agent.migration.held import ProcState
@@ -517,6 +517,33 @@ def test_an_unheard_abort_is_retried_until_the_target_drops_its_copy(
 
     mid = run_async(scenario())
     assert b.journal.get(mid).outcome == "aborted"
+
+
+def test_the_source_copy_is_removed_once_its_daemon_is_back(hosts: tuple[Host, Host]) -> None:
+    a, _ = hosts
+    cid = a.docker.add_running("web")
+    remove, away = a.docker.remove, [2]
+
+    def flaky_remove(ref: str, force: bool = False) -> None:
+        if away[0]:
+            away[0] -= 1
+            raise DockerUnavailable("remove", "daemon not answering")
+        remove(ref, force)
+
+    a.docker.remove = flaky_remove  # type: ignore[method-assign]
+
+    async def scenario() -> Any:
+        report = await a.service.migrate("web", "b")
+        for _ in range(200):
+            if cid not in a.docker.containers and all(t.done() for t in a.service._tasks):
+                break
+            await asyncio.sleep(0.05)
+        return report
+
+    report = run_async(scenario(), timeout=30)
+    assert report.outcome == "succeeded"
+    assert "retrying" in report.details["source_copy"]
+    assert cid not in a.docker.containers, "the source kept its stopped copy"
 
 
 def test_image_is_shipped_when_the_target_lacks_it(tmp_path: Path) -> None:
