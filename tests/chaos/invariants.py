@@ -250,7 +250,10 @@ def leftover_problems(
             mids = [m for m in known if item.name.startswith(m)]
             if counts(mids[0] if mids else None):
                 problems.append(f"{h.name}: CRIU file left: {item}")
-        problems += [f"{h.name}: CRIU work dir left: {p}" for p in root.glob("tmp/ferry-criu-*")]
+        # The runc checkpointer's work dir, tmp/ferry-criu-<checkpoint name>.
+        for work in root.glob("tmp/ferry-criu-*"):
+            if counts(_mid_of_checkpoint(work.name.removeprefix("ferry-criu-"))):
+                problems.append(f"{h.name}: CRIU work dir left: {work}")
         # Containers Ferry made on a target that neither run nor wait on a decision.
         made = {
             r.target_container: r.id
