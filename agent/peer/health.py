@@ -57,6 +57,11 @@ def health_from_answer(name: str, answer: Mapping[str, Any]) -> PeerHealth:
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ValueError("tags must be a list of strings")
         values["tags"] = tuple(tags)
+    if "spread" in answer:
+        spread = answer["spread"]
+        if not isinstance(spread, list) or not all(isinstance(t, str) for t in spread):
+            raise ValueError("spread must be a list of strings")
+        values["spread"] = tuple(spread)
     return PeerHealth(name=name, reachable=True, **values)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from agent.model import SignalView
+from agent.model import SPREAD_LABEL, SignalView
 
 
 class DrainAwareHandlers:
@@ -74,4 +74,12 @@ def local_health(name: str, store: SignalView, draining: bool, overloaded: bool)
         "mem_available_bytes": int(val("mem.available_bytes")),
         "disk_free_bytes": int(val("disk.docker.free_bytes")),
         "running_containers": int(val("containers.running")),
+        # Replicas here, so a peer never places a second one of the same service here.
+        "spread": sorted(
+            {
+                c.labels[SPREAD_LABEL]
+                for c in store.containers()
+                if c.state == "running" and c.labels.get(SPREAD_LABEL)
+            }
+        ),
     }

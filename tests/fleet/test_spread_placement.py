@@ -30,3 +30,21 @@ def test_other_keys_and_unlabelled_containers_are_not_constrained() -> None:
     plain = ContainerInfo(id="p", name="p", image="i", image_id="s", labels={}, state="running")
     result = place("spread", [replica("d1", "db"), plain], peers)
     assert [t for _, t in result.assigned] == ["a", "a"]
+
+
+def test_static_peers_report_their_replicas_in_health() -> None:
+    from agent.peer.health import health_from_answer
+    from agent.service.peer_endpoint import local_health
+    from agent.signals.store import SignalStore
+    from tests.helpers import FakeClock
+
+    store = SignalStore(FakeClock())
+    stopped = replica("w0", "cache")
+    stopped.state = "exited"
+    store.set_containers([replica("w1"), replica("d1", "db"), stopped])
+    doc = local_health("b", store, draining=False, overloaded=False)
+    assert doc["spread"] == ["db", "web"]
+    peer = health_from_answer("b", doc)
+    assert peer.spread == ("db", "web")
+    result = place("spread", [replica("w2")], [peer])
+    assert result.unplaced and "already has a replica" in result.why["w2"]
