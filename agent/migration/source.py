@@ -199,6 +199,8 @@ class MigrationService:
         Ones that cannot be resolved yet (a peer unreachable after a restore
         was requested) are retried in the background until they are.
         """
+        with contextlib.suppress(Exception):  # best effort; never blocks the start
+            await self._sweep_moved_sources()
         results: list[dict[str, Any]] = []
         pending: list[MigrationRecord] = []
         for rec in self.journal.unfinished() + self.journal.in_doubt():
@@ -1230,7 +1232,11 @@ class MigrationService:
                 self._remove_until_gone(spec.id, delay=keep)
                 return f"kept as {kept} for {keep:.0f}s"
             await asyncio.to_thread(self.adapter.remove, spec.id, True)
+        except DockerNotFound:
+            return "removed"
         except DockerError as exc:
+            # It runs on the target: this copy (stopped, policy "no") must still go, and
+            # will once dockerd answers again (or at the agent's next start).
             log.warning("migration.source_cleanup_failed", migration=run.mid, error=str(exc))
             self._remove_until_gone(spec.id)
             return f"cleanup failed, retrying in the background: {exc}"
@@ -1257,6 +1263,20 @@ class MigrationService:
                 wait = min(wait * 2, 30.0)
 
         self._spawn(later())
+
+    async def _sweep_moved_sources(self) -> None:
+        """Source copies of migrations that succeeded but could not be removed then."""
+        records = await asyncio.to_thread(self.journal.history, 200)
+        for rec in records:
+            if rec.role != "source" or rec.outcome != "succeeded":
+                continue
+            try:
+                info = await asyncio.to_thread(self.adapter.find_container, rec.container_id)
+                if info is not None and not (info.get("State") or {}).get("Running"):
+                    await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
+                    log.info("migration.source_cleanup_done", migration=rec.id)
+            except DockerError as exc:
+                log.warning("migration.source_cleanup_failed", migration=rec.id, error=str(exc))
 
     # ------------------------------------------------------------ rollback
 
