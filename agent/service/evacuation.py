@@ -182,8 +182,6 @@ class Evacuator:
         self._clock = clock or SystemClock()
         self._sem = asyncio.Semaphore(max(1, concurrency))
         self.concurrency = max(1, concurrency)
-        self._retry_base = retry_base
-        self._retry_max = retry_max
         self._retry = Backoff(retry_base, retry_max, jitter=retry_jitter)
         self._policy_targets = policy_targets
         self._inventory = inventory
