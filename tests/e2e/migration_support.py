@@ -68,6 +68,8 @@ def engine_agents(hosts: list[Host], **overrides: Any) -> Iterator[Agents]:
     _ensure_certs(hosts)
     for h in hosts:
         testbed_agents.stop_agent(h)  # one left by another module runs another config
+        # A clean slate, as agents_up gives: a drain another module left must not leak in.
+        (Path(h.state_dir) / "drain").unlink(missing_ok=True)
         write_config(h, hosts, policies={}, **overrides)
     agents = Agents(hosts)
     try:
