@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import secrets
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -33,7 +34,12 @@ from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
 from agent.journal import Journal, JournalError, MigrationRecord
 from agent.migration import held, hooks, networks, postcopy
 from agent.migration import report as rp
-from agent.migration.checkpointers import Checkpointer, in_daemon_namespaces, make_checkpointer
+from agent.migration.checkpointers import (
+    WORK_PREFIX,
+    Checkpointer,
+    in_daemon_namespaces,
+    make_checkpointer,
+)
 from agent.migration.disk_space import shortfall, source_need
 from agent.migration.eligibility import Eligibility, EligibilityChecker, admission_body, refusal
 from agent.migration.errors import MigrationError, MigrationFailed, MigrationRefused
@@ -1179,6 +1185,8 @@ class MigrationService:
             float(self.config.migration.checkpoint_timeout),
             in_progress=self.procs.dump_in_progress,
         )
+        # A dump the killed agent left running kept its work dir; the dump is over now.
+        shutil.rmtree(root.local_root / "tmp" / f"{WORK_PREFIX}{checkpoint}", ignore_errors=True)
         # Frozen in place by the runc checkpointer: restore_locally unpauses it.
         frozen = bool((info.get("State") or {}).get("Paused"))
         try:
