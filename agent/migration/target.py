@@ -807,7 +807,28 @@ class TargetHandlers:
             raise _refuse(f"migration {migration_id} belongs to another peer", "forbidden", 403)
         inc = self.incoming.get(migration_id) or _incoming_from_record(rec)
         async with self._lock(migration_id):
+            if rec.outcome is None:
+                await self._confirm_commit(rec)
             return await self._commit(inc, rec.id)
+
+    async def _confirm_commit(self, rec: Any) -> None:
+        """A commit can arrive late (held in a cut link's buffers) after an operator chose
+        the source's copy: run only on what the source's journal says now."""
+        if self.peer_status is None:
+            return
+        verdict = await self.peer_status(rec.source, rec.id)
+        decision = (verdict or {}).get("decision")
+        if decision == "commit":
+            return
+        if decision == "rollback":
+            inc = self.incoming.get(rec.id) or _incoming_from_record(rec)
+            await self._discard(inc, "a late commit; the source's journal says rollback")
+            raise _refuse(f"migration {rec.id}: the source's journal says rollback now", "not_held")
+        raise _refuse(
+            f"migration {rec.id}: cannot confirm the source's commit ({decision or 'no answer'})",
+            "commit_unconfirmed",
+            503,
+        )
 
     async def _finish_postcopy(self, inc: Incoming, rec: Any) -> dict[str, Any]:
         await to_thread_to_the_end(

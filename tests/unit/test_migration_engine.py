@@ -550,6 +550,7 @@ def test_image_is_shipped_when_the_target_lacks_it(tmp_path: Path) -> None:
     a = Host(tmp_path, "a", "b", (IMAGE_ID,))
     b = Host(tmp_path, "b", "a", ())
     a.peers["b"] = DirectPeer("b", b.service.handlers, "a")
+    b.peers["a"] = DirectPeer("a", a.service.handlers, "b")
     try:
         a.docker.add_running("web")
         report = run_async(a.service.migrate("web", "b"))
@@ -687,6 +688,7 @@ def test_source_copy_can_be_kept_renamed_for_a_while(tmp_path: Path) -> None:
     mig = a.config.migration.model_copy(update={"keep_source_copy_for": 3600.0})
     a.service.config = a.config.model_copy(update={"migration": mig})
     a.peers["b"] = DirectPeer("b", b.service.handlers, "a")
+    b.peers["a"] = DirectPeer("a", a.service.handlers, "b")
 
     async def scenario() -> Any:
         report = await a.service.migrate("web", "b")
@@ -869,3 +871,34 @@ def test_resolve_keep_source_without_images_says_state_lost_not_resolved(
     rec = a.journal.get(mid)
     assert rec.outcome == "failed" and rec.report["state_lost"] == err.value.state_lost
     assert not a.docker.containers[cid]["State"]["Running"], "never started fresh"
+
+
+def test_a_late_commit_is_checked_against_the_sources_journal(hosts: tuple[Host, Host]) -> None:
+    # A commit held in a cut link's buffers arrives after an operator kept the source.
+    a, b = hosts
+    a.docker.add_running("web")
+    hooks_dir = a.config.state_dir / "hooks"
+    hooks_dir.mkdir(parents=True)
+    (hooks_dir / "after-decision").write_text("test")
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(a.service.migrate("web", "b"))
+        reached = hooks_dir / "after-decision.reached"
+        for _ in range(2000):
+            if reached.exists():
+                break
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        mid = a.journal.unfinished()[0].id
+        rec = a.journal.get(mid)
+        a.journal.update_report(mid, rec.report | {"decision": "rollback"})
+        with pytest.raises(HandlerError) as err:
+            await b.service.handlers.commit("a", mid, {})
+        assert err.value.error == "not_held"
+        await b.service.handlers.close()
+
+    run_async(scenario())
+    (hooks_dir / "after-decision").unlink()
+    assert b.docker.find_container("web") is None, "the held copy must go, never run"
