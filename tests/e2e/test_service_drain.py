@@ -52,13 +52,13 @@ def test_drain_evacuates_opted_in_and_refuses_incoming(three, docker_clients, cl
 
         assert ferry(h1, "drain", "--reason", "e2e maintenance").returncode == 0
 
+        def moved() -> dict[str, list[str]] | None:
+            # One snapshot, judged as a whole (two looks could straddle a retry).
+            now = {n: where_running(docker_clients, n) for n in movers}
+            return now if all(w and w[0] != h1.name for w in now.values()) else None
+
         placed = wait_for(
-            lambda: (
-                all((w := where_running(docker_clients, n)) and w[0] != h1.name for n in movers)
-                and {n: where_running(docker_clients, n) for n in movers}
-            ),
-            timeout=240,
-            what="all three opted-in containers to run on other hosts",
+            moved, timeout=240, what="all three opted-in containers to run on other hosts"
         )
         # Each runs exactly once, on host2 or host3, and the work is spread.
         assert all(len(w) == 1 and w[0] in (h2.name, h3.name) for w in placed.values()), placed
