@@ -209,10 +209,16 @@ class MigrationConfig(_Model):
     restore_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 120.0
     health_timeout: Annotated[Duration, duration_in(0, DAY, lo_open=True)] = 60.0
     # "lazy": Docker gets the checkpoint without its memory pages and a local CRIU
-    # lazy-pages daemon fills them in from the full copy on this host before the copy
-    # may run (downtime no longer grows with containerd copying every page).
+    # lazy-pages daemon fills them in from the full copy on this host (downtime no
+    # longer grows with containerd copying every page).
     # "docker": plain `docker start --checkpoint` of the full images.
     restore_via: Annotated[Literal["lazy", "docker"], BeforeValidator(_lower)] = "lazy"
+    # Lazy restore only. false: the copy may run once committed while its pages are
+    # still filled in from local disk (the lower downtime). If the daemon then dies,
+    # the copy is killed and restored again from the checkpoint: its memory is right,
+    # but files it wrote since the commit stay as written. true: hold the copy stopped
+    # until every page is in, so a daemon failure never meets a running copy.
+    lazy_hold_until_pages_in: bool = False
     # A state upload with no progress for this long aborts, and the source rolls back.
     stall_timeout: Annotated[Duration, duration_in(0, HOUR, lo_open=True)] = 30.0
     # How long the source retries its commit before it reports the migration in doubt

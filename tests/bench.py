@@ -22,6 +22,7 @@ It also measures the agent's idle cost: CPU time used by an idle `ferry run`
 over a fixed window, as a share of one core.
 
     FERRY_BENCH_WORKLOADS=counter,memhog-1GiB make bench   # a subset
+    FERRY_BENCH_COLUMNS=manual,lazy FERRY_BENCH_LINK=0 make bench   # fewer columns, no link
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ ALL_WORKLOADS = [
 ]
 _chosen = os.environ.get("FERRY_BENCH_WORKLOADS")
 WORKLOADS = [w for w in ALL_WORKLOADS if not _chosen or w[0] in _chosen.split(",")]
+_columns = os.environ.get("FERRY_BENCH_COLUMNS")
+CHOSEN_COLUMNS = _columns.split(",") if _columns else COLUMNS
+MEASURE_LINK = os.environ.get("FERRY_BENCH_LINK", "1") != "0"
 
 
 @dataclass
@@ -146,7 +150,8 @@ def ferry_move(h1: Host, h2: Host, clients: dict, name: str, image: str, env: di
     transfer = float(phases.get("transfer", 0.0))
     print(
         f"bench: {name}: checkpoint via {via}, freeze {freeze:.2f}s, transfer {transfer:.2f}s, "
-        f"phases {json.dumps(phases)}",
+        f"phases {json.dumps(phases)}, "
+        f"target {json.dumps(report.get('details', {}).get('target_timings', {}))}",
         flush=True,
     )
     downtime = float(report["downtime_s"])
@@ -304,12 +309,16 @@ def main() -> int:
             agents_up(hosts)
         _clean(clients)
         idle = idle_cost(hosts)
-        for label, image, env, ports in WORKLOADS:
+        for label, image, env, ports in WORKLOADS if "manual" in CHOSEN_COLUMNS else []:
             rows[label]["manual"] = manual(
                 h1, h2, clients, f"bench-{label}-manual", image, env, ports
             )
             _clean(clients)
-        configs = [*CONFIGS, *([("postcopy", POSTCOPY)] if POSTCOPY else [])]
+        configs = [
+            (column, overrides)
+            for column, overrides in [*CONFIGS, *([("postcopy", POSTCOPY)] if POSTCOPY else [])]
+            if column in CHOSEN_COLUMNS
+        ]
         for column, overrides in configs:
             agents_down(hosts)
             agents_up(hosts, overrides={"migration": overrides})
@@ -321,7 +330,7 @@ def main() -> int:
                     _clean(clients)
         agents_down(hosts)
         # The link's ceilings and the channel, in the same run, with no agent or container busy.
-        link = bench_link.measure(h1, h2, 1024)
+        link = bench_link.measure(h1, h2, 1024) if MEASURE_LINK else None
         if not started_agents:
             agents_up(hosts)  # leave agents running, on the default config
     finally:

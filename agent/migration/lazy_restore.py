@@ -5,14 +5,16 @@ content store before CRIU runs: most of a large container's downtime. Here the
 full images stay in a directory of Ferry's own; Docker's checkpoint dir gets
 every image but the pages, a page map whose lazy entries are marked not
 present, and a pages file holding only the rest (a few pages). A local
-`criu lazy-pages` daemon serves the missing pages from the full copy while the
-restored process stays held stopped, and Ferry waits for it to report every
-page in before it calls the copy held. All pages are already on this host and
-the source has exited, so nothing depends on the network or the source.
+`criu lazy-pages` daemon serves the missing pages from the full copy. The copy
+is held stopped until the commit and may run before every page is in (that is
+the downtime saved): all pages are already on this host, so nothing depends on
+the network or the source.
 
-If the daemon fails, the copy it half-filled is killed and the restore is tried
-again from the same local images: on the testbed such a retry (same checkpoint
-name, same container) restored the right memory.
+Until the daemon exits 0 the copy runs only while it is healthy. If it fails,
+the copy it half-filled is killed and the restore is tried again from the same
+local images (on the testbed such a retry, same checkpoint name and container,
+restored the right memory). The full copy on disk is the durable mark of a fill
+not yet confirmed: it goes only once the daemon has reported every page in.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ log = structlog.get_logger(__name__)
 
 SOCKET = "lazy-pages.socket"
 LOG = "lazy-pages.log"
+PIDFILE = "daemon.pgid"  # the daemon's process group: a restarted agent kills an orphan by it
 
 
 class LazyRestoreError(Exception):
@@ -68,6 +71,11 @@ class LazyRestore:
     @property
     def docker_dir(self) -> Path:
         return self.root.checkpoint_dir(self.container_id, self.checkpoint)
+
+    @property
+    def pending(self) -> bool:
+        """A fill not confirmed done: the full images are still here."""
+        return self.full_dir.is_dir()
 
     def criu_options(self) -> list[str]:
         """Lines for the restore's CRIU config: lazy, with our work dir (and its socket)."""
@@ -110,6 +118,7 @@ class LazyRestore:
     def start_daemon(self, timeout: float = 10.0) -> None:
         """Run `criu lazy-pages` on the full copy; return once it listens."""
         self.stop_daemon()
+        self.kill_orphan()
         work = self.work_dir
         work.mkdir(parents=True, exist_ok=True)
         (work / SOCKET).unlink(missing_ok=True)
@@ -134,12 +143,12 @@ class LazyRestore:
             )
         except OSError as exc:
             raise LazyRestoreError(f"cannot run {argv[0]}: {exc}") from exc
+        (work / PIDFILE).write_text(str(self.proc.pid))
         deadline = time.monotonic() + timeout
         while not (work / SOCKET).exists():
             if self.proc.poll() is not None:
                 raise LazyRestoreError(
-                    f"criu lazy-pages exited {self.proc.returncode} before listening: "
-                    f"{self._tail()}"
+                    f"criu lazy-pages exited {self.proc.returncode} before listening: {self.tail()}"
                 )
             if time.monotonic() > deadline:
                 self.stop_daemon()
@@ -155,7 +164,24 @@ class LazyRestore:
             self.stop_daemon()
             raise LazyRestoreError(f"not every page was in after {timeout:.0f}s") from None
         if code != 0:
-            raise LazyRestoreError(f"criu lazy-pages exited {code}: {self._tail()}")
+            raise LazyRestoreError(f"criu lazy-pages exited {code}: {self.tail()}")
+
+    def poll(self) -> int | None:
+        """The daemon's exit code, None while it runs (or when none was started here)."""
+        return None if self.proc is None else self.proc.poll()
+
+    def kill_orphan(self) -> None:
+        """Kill a daemon a previous agent left running for this migration, if any."""
+        try:
+            pgid = int((self.work_dir / PIDFILE).read_text().strip())
+        except (OSError, ValueError):
+            return
+        if self.proc is not None and self.proc.pid == pgid:
+            return
+        if any(_is_lazy_daemon(pid, pgid) for pid in _pids()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        (self.work_dir / PIDFILE).unlink(missing_ok=True)
 
     def stop_daemon(self) -> None:
         proc, self.proc = self.proc, None
@@ -169,10 +195,11 @@ class LazyRestore:
     def cleanup(self) -> None:
         """Everything but Docker's own checkpoint dir (that goes with the container)."""
         self.stop_daemon()
+        self.kill_orphan()
         shutil.rmtree(self.full_dir, ignore_errors=True)
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
-    def _tail(self) -> str:
+    def tail(self) -> str:
         lines: list[str] = []
         with contextlib.suppress(OSError):
             text = (self.work_dir / LOG).read_text(errors="replace")
@@ -182,3 +209,17 @@ class LazyRestore:
                 lines = self.proc.stderr.read().decode(errors="replace").splitlines()[-2:]
         where = self.work_dir / LOG
         return ("; ".join(lines) or "no log") + f" (log {where})"
+
+
+def _pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def _is_lazy_daemon(pid: int, pgid: int) -> bool:
+    """`pid` is in process group `pgid` and is a criu lazy-pages (or its nsenter)."""
+    try:
+        if os.getpgid(pid) != pgid:
+            return False
+        return b"lazy-pages" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ProcessLookupError):
+        return False

@@ -124,6 +124,8 @@ class _Run:
         self.frozen_ok = False  # the checkpointer returned: the images are whole
         self.group_id: str | None = None  # the lead member's migration id
         self.decision: str | None = None
+        self.held_at: float | None = None  # monotonic: the target's copy restored
+        self.filling = False  # committed while the target still fills pages in
         self.postcopy = False
         self.pagedump: postcopy.PageServerDump | None = None
 
@@ -219,6 +221,11 @@ class MigrationService:
             results.append({"migration_id": rec.id, "role": rec.role, "outcome": outcome})
         if pending:
             self._spawn(self._retry_reconcile(pending))
+        try:
+            for mid in await self.handlers.reconcile_fills():
+                results.append({"migration_id": mid, "role": "target", "outcome": "refilled"})
+        except Exception as exc:  # never blocks the start; the images stay on disk
+            log.error("migration.reconcile_fills_failed", error=str(exc))
         return results
 
     async def _reconcile_one(self, rec: MigrationRecord) -> str:
@@ -781,6 +788,9 @@ class MigrationService:
             if not answer.get("held"):
                 raise MigrationFailed(f"{peer.name} did not report its copy held stopped")
         run.report.details["target_timings"] = answer.get("timings", {})
+        run.held_at = self.clock.monotonic() - float(
+            (answer.get("timings") or {}).get("pages_in_s", 0.0)
+        )
         await hooks.gate(
             Path(self.config.state_dir), hooks.BEFORE_DECISION, self.clock, {"migration": run.mid}
         )
@@ -807,6 +817,7 @@ class MigrationService:
             raise MigrationFailed(why, in_doubt=True)
         if run.report.downtime_s is None:
             run.report.downtime_s = round(self.clock.monotonic() - run.frozen_at, 4)
+        run.filling = bool(committed.get("filling"))
         if committed.get("state_lost"):
             # It runs there, but Docker restarted it from scratch after the restore.
             run.report.state_lost = state_lost_sentence(
@@ -820,6 +831,10 @@ class MigrationService:
         await self._phase(run, rp.FINISH, emit, "cleaning up the source")
         with run.timer.phase(rp.FINISH):
             run.report.details["source_copy"] = await self._dispose_source(run)
+        if run.filling:
+            await self._await_fill(run, emit)
+        elif "all_pages_in_s" not in run.report.details and run.report.downtime_s is not None:
+            run.report.details["all_pages_in_s"] = run.report.downtime_s
         run.timer.finish()
         await self._end(run, "succeeded", None)
         log.info(
@@ -831,6 +846,34 @@ class MigrationService:
             bytes=run.report.bytes_moved,
         )
         emit("done", "succeeded")
+
+    async def _await_fill(self, run: _Run, emit: Callable[..., None]) -> None:
+        """For the report: the target runs already and fills its pages in from its own disk.
+
+        Nothing here depends on it (the target retries a failed fill itself); a target
+        that does not say is reported as such, not waited on for ever.
+        """
+        assert run.frozen_at is not None
+        emit(rp.FINISH, f"running on {run.peer.name}; its pages filling in from its disk")
+        deadline = self.clock.monotonic() + float(self.config.migration.restore_timeout)
+        while self.clock.monotonic() < deadline:
+            status = await self._peer_status(run.peer.name, run.mid)
+            fill = (status or {}).get("fill")
+            if status is not None and not isinstance(fill, dict):
+                break  # the target no longer knows (it restarted): it refills on its own
+            if isinstance(fill, dict) and fill.get("failed"):
+                run.report.details["fill"] = f"failed on {run.peer.name}: {fill['failed']}"
+                return
+            if isinstance(fill, dict) and not fill.get("pending", True):
+                # The target's own clock: from its copy held to its last page in.
+                took = float(fill.get("pages_in_s") or 0.0)
+                held = (run.held_at or run.frozen_at) - run.frozen_at
+                run.report.details["all_pages_in_s"] = round(
+                    max(run.report.downtime_s or 0.0, held + took), 4
+                )
+                return
+            await asyncio.sleep(0.05)
+        run.report.details["fill"] = f"{run.peer.name} did not report every page in"
 
     # ------------------------------------------------------------ post-copy
 

@@ -57,6 +57,7 @@ from agent.migration import (
 )
 from agent.migration.accept import DaemonFacts, SpecShapeError, check_spec, parse_spec
 from agent.migration.checkpointers import restore_options_for
+from agent.migration.criu_config import CRIU_DIR
 from agent.migration.ctrd import CtrdSweeper
 from agent.migration.disk_space import target_need
 from agent.migration.image_upload import TagStripper, loaded_ids, split_tag
@@ -120,6 +121,23 @@ class Incoming:
         return {"target": asdict(self)}
 
 
+FILL_POLL = 0.05  # how often a fill's daemon is looked at: a dead one is acted on this fast
+FILL_RETRIES = 2  # restores from the local images after the first daemon failure
+
+
+@dataclass
+class _Fill:
+    """A lazy restore whose daemon is still filling pages in."""
+
+    lazy: LazyRestore
+    inc: Incoming
+    since: float  # monotonic: the copy restored (held) by this attempt
+    attempts: int = 0
+    pages_in: bool = False
+    took: float | None = None  # held -> every page in
+    failed: str | None = None
+
+
 def _refuse(reason: str, code: str = "refused", status: int = 409) -> HandlerError:
     return HandlerError(status, code, reason)
 
@@ -163,6 +181,9 @@ class TargetHandlers:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         # Post-copy restores: the daemon pulling each one's pages.
         self._page_clients: dict[str, postcopy.PageClient] = {}
+        # Lazy restores whose pages are still being filled in from local disk.
+        self._fills: dict[str, _Fill] = {}
+        self._filled: dict[str, float] = {}  # migration -> seconds from held to the last page
 
     # ------------------------------------------------------------ helpers
 
@@ -396,6 +417,11 @@ class TargetHandlers:
                 or (rec.reason if rec.outcome not in (None, "succeeded") else None),
             }
         cid = (rec.report.get("target") or {}).get("container_id") if rec.role == "target" else None
+        fill = self._fills.get(rec.id)
+        if fill is not None:
+            out["fill"] = {"pending": not fill.pages_in, "failed": fill.failed}
+        elif rec.role == "target" and rec.id in self._filled:
+            out["fill"] = {"pending": False, "pages_in_s": self._filled[rec.id]}
         if cid:
             out["container_id"] = cid
             try:
@@ -763,6 +789,7 @@ class TargetHandlers:
                     await asyncio.to_thread(self._start_postcopy, inc)
                 else:
                     await asyncio.to_thread(self._start_held, inc)
+                    self._start_fill_watch(inc.migration_id)
                 timings["start_s"] = round(self.clock.monotonic() - t1, 4)
                 timings.update(inc.timings)  # how many pages the lazy path left to its daemon
             except HandlerError as exc:
@@ -864,8 +891,9 @@ class TargetHandlers:
         )
         t0 = self.clock.monotonic()
         try:
+            await self._ensure_fill(inc, continued=False)
             await asyncio.to_thread(self._continue, inc)
-        except DockerError as exc:
+        except (DockerError, LazyRestoreError) as exc:
             # Still stopped and still ours: the source retries, or an operator resolves.
             raise _refuse(
                 f"cannot continue the restored copy on {self.config.name}: {exc}",
@@ -882,6 +910,18 @@ class TargetHandlers:
         )
         self._forget(migration_id)
         await self._stop_watcher(migration_id)
+        fill = self._fills.get(migration_id)
+        if fill is not None and not fill.pages_in:
+            # Running, its pages still filling in: the rest of the clean-up (restart
+            # policy, checkpoint, config) waits for the last page, as a retry needs them.
+            log.info("migration.target.running", migration=migration_id, filling=True)
+            return {
+                "running": True,
+                "container_id": inc.container_id,
+                "timings": timings,
+                "filling": True,
+            }
+        self._fill_finished(migration_id)
         lost = await asyncio.to_thread(self._after_commit, inc)
         log.info("migration.target.running", migration=migration_id, container_id=inc.container_id)
         answer = {"running": True, "container_id": inc.container_id, "timings": timings}
@@ -942,8 +982,17 @@ class TargetHandlers:
         for attempt in (1, 2):
             try:
                 self._gate_sync(hooks.LAZY_DAEMON, inc.migration_id)
+                t0 = self.clock.monotonic()
                 self._restore_once(inc)
-                lazy.wait_all_pages(float(self.config.migration.restore_timeout))
+                t1 = self.clock.monotonic()
+                inc.timings["held_s"] = round(t1 - t0, 4)
+                if self.config.migration.lazy_hold_until_pages_in:
+                    lazy.wait_all_pages(float(self.config.migration.restore_timeout))
+                    inc.timings["pages_in_s"] = round(self.clock.monotonic() - t1, 4)
+                else:
+                    # The copy stays held until the commit; the fill goes on meanwhile,
+                    # watched by _watch_fill from here on.
+                    self._fills[inc.migration_id] = _Fill(lazy, inc, t1)
                 return
             except (DockerError, LazyRestoreError) as exc:
                 # The copy may hold zero-filled pages: it must never run. Kill it and
@@ -960,6 +1009,168 @@ class TargetHandlers:
                 if attempt == 2:
                     raise DockerError("restore", f"lazy restore failed twice: {exc}") from exc
                 lazy.start_daemon()
+
+    # ------------------------------------------------------------ lazy fill
+
+    def _start_fill_watch(self, mid: str) -> None:
+        if mid not in self._fills:
+            return
+        task = asyncio.get_running_loop().create_task(self._watch_fill(mid))
+        self._cleanup_tasks.add(task)
+        task.add_done_callback(self._cleanup_tasks.discard)
+
+    def _committed(self, mid: str) -> bool:
+        try:
+            return bool(self.journal.get(mid).outcome == "succeeded")
+        except JournalError:
+            return False
+
+    def _refill(self, inc: Incoming, lazy: LazyRestore, continued: bool) -> None:
+        """Kill whatever copy there is and restore it again from the local images."""
+        assert inc.container_id
+        lazy.stop_daemon()
+        with contextlib.suppress(DockerError):
+            self.adapter.kill(inc.container_id)
+        lazy.start_daemon()
+        self._restore_once(inc)
+        if continued:
+            self._continue(inc)
+
+    async def _ensure_fill(self, inc: Incoming, continued: bool) -> None:
+        """A lazy copy whose fill nobody here watches (the agent restarted): its daemon may
+        have died with pages missing, so restore it again before it may run. Under the
+        migration's lock."""
+        mid = inc.migration_id
+        if mid in self._fills:
+            failed = self._fills[mid].failed
+            if failed:
+                raise LazyRestoreError(f"its pages could not be filled in: {failed}")
+            return
+        if not inc.container_id:
+            return
+        lazy = self._lazy(inc)
+        if not await asyncio.to_thread(lambda: lazy.pending):
+            return
+        log.warning("migration.target.refill", migration=mid, continued=continued)
+        await asyncio.to_thread(self._refill, inc, lazy, continued)
+        self._fills[mid] = _Fill(lazy, inc, self.clock.monotonic())
+        self._start_fill_watch(mid)
+
+    async def _refill_if_unconfirmed(self, inc: Incoming) -> bool:
+        """After a restart: a committed lazy copy whose last page was never confirmed is
+        restored again from the local images and continued (its memory is then right)."""
+        async with self._lock(inc.migration_id):
+            before = inc.migration_id in self._fills
+            await self._ensure_fill(inc, continued=True)
+            return not before and inc.migration_id in self._fills
+
+    async def reconcile_fills(self) -> list[str]:
+        """At agent start: every committed lazy restore still holding its full images."""
+        root = await asyncio.to_thread(self.data_root.get)
+        base = root.local_root.joinpath(*CRIU_DIR)
+        found = await asyncio.to_thread(
+            lambda: (
+                sorted(p.name[: -len(".images")] for p in base.glob("*.images"))
+                if base.is_dir()
+                else []
+            )
+        )
+        done = []
+        for mid in found:
+            try:
+                rec = self.journal.get(mid)
+            except JournalError:
+                log.warning("migration.target.unknown_images", migration=mid, dir=str(base))
+                continue
+            if rec.role != "target" or rec.outcome != "succeeded":
+                continue  # unfinished ones are reconcile_record's; others' images go there
+            inc = _incoming_from_record(rec)
+            try:
+                if await self._refill_if_unconfirmed(inc):
+                    done.append(mid)
+            except (DockerError, LazyRestoreError) as exc:
+                log.error(
+                    "migration.target.refill_failed",
+                    migration=mid,
+                    error=str(exc),
+                    state=str(base / f"{mid}.images"),
+                )
+        return done
+
+    async def _watch_fill(self, mid: str) -> None:
+        """Until the daemon reports every page in, the copy runs only while it is healthy."""
+        fill = self._fills.get(mid)
+        timeout = float(self.config.migration.restore_timeout)
+        while fill is not None and self._fills.get(mid) is fill:
+            code = fill.lazy.poll()
+            if code is None and self.clock.monotonic() - fill.since <= timeout:
+                await asyncio.sleep(FILL_POLL)
+                continue
+            if code == 0:
+                await self._fill_done(mid, fill)
+                return
+            why = (
+                f"criu lazy-pages exited {code}: {fill.lazy.tail()}"
+                if code is not None
+                else f"not every page was in after {timeout:.0f}s"
+            )
+            async with self._lock(mid):
+                if self._fills.get(mid) is not fill:
+                    return
+                await self._fill_failed(mid, fill, why)
+
+    async def _fill_done(self, mid: str, fill: _Fill) -> None:
+        async with self._lock(mid):
+            if self._fills.get(mid) is not fill:
+                return
+            fill.took = round(self.clock.monotonic() - fill.since, 4)
+            log.info("migration.target.pages_in", migration=mid, seconds=fill.took)
+            if not self._committed(mid):
+                fill.pages_in = True
+                return  # the commit finishes the clean-up
+            await asyncio.to_thread(self._after_commit, fill.inc)
+            fill.pages_in = True
+            self._fill_finished(mid)
+
+    def _fill_finished(self, mid: str) -> None:
+        fill = self._fills.pop(mid, None)
+        if fill is not None and fill.took is not None:
+            self._filled[mid] = fill.took
+            while len(self._filled) > 256:  # for status calls soon after; not a history
+                self._filled.pop(next(iter(self._filled)))
+
+    async def _fill_failed(self, mid: str, fill: _Fill, why: str) -> None:
+        committed = self._committed(mid)
+        fill.attempts += 1
+        log.error(
+            "migration.target.lazy_failed",
+            migration=mid,
+            attempt=fill.attempts,
+            running=committed,
+            error=why,
+        )
+        if fill.attempts <= FILL_RETRIES:
+            try:
+                await asyncio.to_thread(self._refill, fill.inc, fill.lazy, committed)
+                fill.since = self.clock.monotonic()
+                return
+            except (DockerError, LazyRestoreError) as exc:
+                why = str(exc)
+        fill.failed = why
+        fill.lazy.stop_daemon()
+        with contextlib.suppress(DockerError):
+            if fill.inc.container_id:
+                await asyncio.to_thread(self.adapter.kill, fill.inc.container_id)
+        if committed:
+            # Nothing runs; every byte stays on disk for the next agent start to restore.
+            self._fills.pop(mid, None)
+            log.error(
+                "migration.target.fill_gave_up",
+                migration=mid,
+                reason=why,
+                state=str(fill.lazy.full_dir),
+                next="restored again from these images when the agent restarts",
+            )
 
     def _source_host(self, peer: str) -> str:
         for p in self.config.peers:
@@ -1263,6 +1474,7 @@ class TargetHandlers:
         client = self._page_clients.pop(inc.migration_id, None)
         if client is not None:
             client.cleanup()
+        self._fills.pop(inc.migration_id, None)  # its watcher sees that and stops
         with contextlib.suppress(DockerError, OSError):
             criu_config.for_migration(self.data_root.get(), inc.migration_id).remove()
             if inc.container_id:
@@ -1340,6 +1552,8 @@ class TargetHandlers:
                     "succeeded",
                     reason="continued; confirmed at reconcile",
                 )
+                if await self._refill_if_unconfirmed(inc):
+                    return "kept: running here; its pages were filled in again"
                 await asyncio.to_thread(self._after_commit, inc)
                 return "kept: running here"
             if rec.phase == T_RESTORE:

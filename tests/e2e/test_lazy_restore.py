@@ -1,13 +1,16 @@
 """Local lazy restore on the testbed: the default restore path.
 
 Docker gets the checkpoint without its memory pages; a CRIU lazy-pages daemon
-on the target fills them in from the full local copy before the held copy may
-run. The memhog's checksum series must continue (same memory, same process),
-and a daemon that dies is replaced and the restore retried from the local images.
+on the target fills them in from the full local copy, while the copy is held and
+after the commit lets it run. The memhog's checksum series must continue (same
+memory, same process), and a daemon that dies, before the commit or while the
+copy already runs, is replaced and the restore retried from the local images.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -145,3 +148,75 @@ def test_a_dead_lazy_pages_daemon_is_replaced_and_the_restore_retried(
     assert container_or_none(docker_clients[h1.name], NAME) is None
     _continues(before, docker_clients[h2.name].containers.get(NAME))
     _no_lazy_leftovers(h2, ctrd)
+
+
+def _stop_live(pids: list[int]) -> list[int]:
+    """SIGSTOP those of `pids` still running (not exited, not a zombie)."""
+    stopped = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+    return stopped
+
+
+def test_a_daemon_dying_while_the_copy_runs_is_replaced_and_the_copy_restored_again(
+    agents: list[Host],
+    docker_clients: dict[str, docker.DockerClient],
+) -> None:
+    """The daemon is stopped while the copy is held (1 GiB takes it about a second to
+    fill), so pages are still missing when the commit lets the copy run: its
+    page faults wait. Then the daemon is killed. The copy must not run on zero pages:
+    it is killed and restored again from the local images, and continued."""
+    h1, h2 = agents
+    name = "lazy-hog-big"
+    hog = docker_clients[h1.name].containers.run(
+        MEMHOG, name=name, detach=True, environment={"MEMHOG_MIB": "1024"}
+    )
+    ctrd = _ctrd_copies(h2)
+    gate = hook_path(h1, "before-decision")
+    reached = gate.with_name("before-decision.reached")
+    stopped: list[int] = []
+    try:
+        before = wait_for(lambda: len(r := readings(hog)) >= 2 and r, timeout=120, what="readings")
+        reached.unlink(missing_ok=True)
+        gate.write_text("e2e")
+        try:
+            cli = migrate_in_background(h1, name, h2.name)
+            wait_for(reached.exists, timeout=120, what="the target's copy held")
+            mid = json.loads(reached.read_text())["migration"]
+            stopped = _stop_live(_lazy_daemons(mid))
+            assert stopped, "the daemon had filled every page in before it could be stopped"
+        finally:
+            gate.unlink(missing_ok=True)
+        try:
+            wait_for(
+                lambda: any(
+                    e["migration"] == mid and e.get("filling")
+                    for e in log_events(h2, "migration.target.running")
+                ),
+                timeout=120,
+                what="the commit while pages are still missing",
+            )
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        _, err = cli.communicate(timeout=300)
+        assert cli.returncode == 0, err
+        failed = [
+            e for e in log_events(h2, "migration.target.lazy_failed") if e["migration"] == mid
+        ]
+        assert [(e["attempt"], e["running"]) for e in failed] == [(1, True)], failed
+        assert container_or_none(docker_clients[h1.name], name) is None
+        _continues(before, docker_clients[h2.name].containers.get(name))
+        _no_lazy_leftovers(h2, ctrd)
+    finally:
+        for client in docker_clients.values():
+            c = container_or_none(client, name)
+            if c is not None:
+                c.remove(force=True)
