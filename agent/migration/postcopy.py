@@ -42,6 +42,22 @@ class PostcopyError(Exception):
     pass
 
 
+def with_env(command: Sequence[str], name: str, value: str) -> list[str]:
+    """`command` such that the program it runs sees `name`=`value` in its environment.
+
+    systemd-run starts its command as a transient service of systemd's, with
+    systemd's environment, not its caller's: without --setenv, CRIU would not
+    see its TLS options and would serve pages to anyone who connects. Other
+    wrappers (nsenter, env) pass the caller's environment on.
+    """
+    out = list(command)
+    for i, word in enumerate(out):
+        if Path(word).name == "systemd-run":
+            out.insert(i + 1, f"--setenv={name}={value}")
+            break
+    return out
+
+
 def preflight(proc: Path = Path("/proc")) -> str | None:
     """Why this host cannot serve pages (None: it can). Never changes a sysctl."""
     try:
@@ -181,55 +197,53 @@ class PageServerDump:
         """Blocking: dump all but memory; return once the page server listens."""
         self.work.mkdir(parents=True, exist_ok=True)
         self.conf.write_text("".join(f"{line}\n" for line in self.tls.criu_options()))
-        read_fd, write_fd = os.pipe()
+        config_file = self.root.daemon_path(*self._path("dump.conf"))
         argv = [
-            *self.runc_command,
+            *with_env(self.runc_command, "CRIU_CONFIG_FILE", config_file),
             "checkpoint",
             "--lazy-pages",
             "--leave-running",
             "--page-server",
             f"0.0.0.0:{self.port}",
+            # runc's stdout: systemd-run (--pipe) hands only stdin/stdout/stderr to the
+            # program it starts, so a status pipe on another fd would not get there.
             "--status-fd",
-            str(write_fd),
+            "1",
             "--image-path",
             self.root.daemon_checkpoint_dir(self.container_id, self.checkpoint),
             "--work-path",
             self.root.daemon_path(*self._path("dump-work")),
             self.container_id,
         ]
-        try:
-            # runc takes no TLS flags, but CRIU reads this file in swrk mode too. It
-            # reaches CRIU through nsenter; a runc_command that goes through systemd-run
-            # must pass it on (`-E CRIU_CONFIG_FILE`).
-            env = dict(os.environ)
-            env["CRIU_CONFIG_FILE"] = self.root.daemon_path(*self._path("dump.conf"))
-            self.proc = subprocess.Popen(
-                argv,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                pass_fds=(write_fd,),
-                start_new_session=True,  # outlives this agent: pages keep flowing
-            )
-        finally:
-            os.close(write_fd)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                ready, _, _ = select.select([read_fd], [], [], 0.1)
-                if ready:
-                    if os.read(read_fd, 1) == b"\0":
-                        return
-                    raise PostcopyError(f"the lazy dump failed: {self.error_words()}")
-                if self.proc.poll() is not None:
-                    raise PostcopyError(
-                        f"the lazy dump exited {self.proc.returncode}: {self.error_words()}"
-                    )
-                if time.monotonic() > deadline:
-                    raise PostcopyError(f"the lazy dump did not finish in {timeout:.0f}s")
-        finally:
-            os.close(read_fd)
+        # runc takes no TLS flags, but CRIU reads this file in swrk mode too. The
+        # environment reaches CRIU through nsenter; systemd-run is told (with_env).
+        env = dict(os.environ)
+        env["CRIU_CONFIG_FILE"] = config_file
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            # Kept open (never read past the status byte) for runc's whole life: a
+            # closed pipe would kill it with SIGPIPE while it serves pages.
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # outlives this agent: pages keep flowing
+        )
+        assert self.proc.stdout is not None
+        status = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([status], [], [], 0.1)
+            if ready:
+                if os.read(status, 1) == b"\0":
+                    return
+                raise PostcopyError(f"the lazy dump failed: {self.error_words()}")
+            if self.proc.poll() is not None:
+                raise PostcopyError(
+                    f"the lazy dump exited {self.proc.returncode}: {self.error_words()}"
+                )
+            if time.monotonic() > deadline:
+                raise PostcopyError(f"the lazy dump did not finish in {timeout:.0f}s")
 
     def served(self) -> int:
         return _tree_wchar(self.proc.pid) if self.proc is not None else 0

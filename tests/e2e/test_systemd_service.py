@@ -425,3 +425,32 @@ def test_unit_is_the_installed_one_and_exposure_is_low(services: list[Host]) -> 
     m = re.search(r"Overall exposure level for ferry.service: ([\d.]+)", proc.stdout)
     assert m, proc.stdout[-2000:]
     assert float(m.group(1)) <= MAX_EXPOSURE, proc.stdout
+
+
+PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
+
+
+def test_postcopy_under_the_unit_serves_pages_over_criu_tls(
+    services: list[Host], clients: dict[str, docker.DockerClient], fresh: None
+) -> None:
+    """runc and CRIU run through systemd-run here, which drops its caller's environment:
+    CRIU's TLS options (CRIU_CONFIG_FILE) must still reach the source's page server. The
+    target's daemon always asks for TLS, so a page server without it fails the move."""
+    h1, h2 = services
+    run_counter(clients[h1.name], "sd-postcopy", 18083)
+    before = counter(h1, 18083, at_least=3)
+    old = PIPE_MAX.read_text().strip()
+    print(f"systemd post-copy test: fs.pipe-max-size {old} -> 4194304 (CRIU's page server)")
+    PIPE_MAX.write_text("4194304")
+    try:
+        proc = ferry(h1, "migrate", "sd-postcopy", "--to", h2.name, "--postcopy", "--json")
+    finally:
+        PIPE_MAX.write_text(old)
+        print(f"systemd post-copy test: fs.pipe-max-size back to {old}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.strip().startswith("{")]
+    report = next(x for x in reversed(lines) if x.get("type") == "result")["report"]
+    assert report["details"].get("postcopy_port"), report["details"]  # it went post-copy
+    after = counter(h2, 18083, at_least=before["counter"] + 1)
+    assert after["nonce"] == before["nonce"], "a fresh process, not the migrated one"
+    assert containers_named(clients, "sd-postcopy") == {h1.name: [], h2.name: ["running"]}
