@@ -19,12 +19,9 @@ not yet confirmed: it goes only once the daemon has reported every page in.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +30,10 @@ import structlog
 
 from agent.migration import criu_images
 from agent.migration.criu_config import CRIU_DIR
+from agent.migration.lazy_daemon import DaemonError, LazyPagesDaemon
 from agent.migration.paths import DataRoot
 
 log = structlog.get_logger(__name__)
-
-SOCKET = "lazy-pages.socket"
-LOG = "lazy-pages.log"
-PIDFILE = "daemon.pgid"  # the daemon's process group: a restarted agent kills an orphan by it
 
 
 class LazyRestoreError(Exception):
@@ -53,7 +47,15 @@ class LazyRestore:
     container_id: str
     checkpoint: str
     criu_command: Sequence[str]
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    daemon: LazyPagesDaemon = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        work = self.root.daemon_path(*self._rel("work"))
+        self.daemon = LazyPagesDaemon(self.criu_command, self.work_dir, work)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.daemon.proc
 
     # ------------------------------------------------------------ paths
 
@@ -116,44 +118,12 @@ class LazyRestore:
             os.rename(self.full_dir, self.docker_dir)
 
     def start_daemon(self, timeout: float = 10.0) -> None:
-        """Run `criu lazy-pages` on the full copy; return once it listens."""
-        self.stop_daemon()
-        self.kill_orphan()
-        work = self.work_dir
-        work.mkdir(parents=True, exist_ok=True)
-        (work / SOCKET).unlink(missing_ok=True)
-        argv = [
-            *self.criu_command,
-            "lazy-pages",
-            "-D",
-            self.root.daemon_path(*self._rel("images")),
-            "-W",
-            self.root.daemon_path(*self._rel("work")),
-            "-o",
-            LOG,
-            "-v2",
-        ]
+        """Run `criu lazy-pages` on the full copy (no page server: pages are read from
+        this host's disk); return once it listens."""
         try:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # killpg reaches criu under nsenter's fork too
-            )
-        except OSError as exc:
-            raise LazyRestoreError(f"cannot run {argv[0]}: {exc}") from exc
-        (work / PIDFILE).write_text(str(self.proc.pid))
-        deadline = time.monotonic() + timeout
-        while not (work / SOCKET).exists():
-            if self.proc.poll() is not None:
-                raise LazyRestoreError(
-                    f"criu lazy-pages exited {self.proc.returncode} before listening: {self.tail()}"
-                )
-            if time.monotonic() > deadline:
-                self.stop_daemon()
-                raise LazyRestoreError(f"criu lazy-pages did not listen within {timeout:.0f}s")
-            time.sleep(0.01)
+            self.daemon.start(["-D", self.root.daemon_path(*self._rel("images"))], timeout)
+        except DaemonError as exc:
+            raise LazyRestoreError(str(exc)) from exc
 
     def wait_all_pages(self, timeout: float) -> None:
         """Block until the daemon has served every page (it then exits 0)."""
@@ -168,29 +138,14 @@ class LazyRestore:
 
     def poll(self) -> int | None:
         """The daemon's exit code, None while it runs (or when none was started here)."""
-        return None if self.proc is None else self.proc.poll()
+        return self.daemon.poll()
 
     def kill_orphan(self) -> None:
         """Kill a daemon a previous agent left running for this migration, if any."""
-        try:
-            pgid = int((self.work_dir / PIDFILE).read_text().strip())
-        except (OSError, ValueError):
-            return
-        if self.proc is not None and self.proc.pid == pgid:
-            return
-        if any(_is_lazy_daemon(pid, pgid) for pid in _pids()):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-        (self.work_dir / PIDFILE).unlink(missing_ok=True)
+        self.daemon.kill_orphan()
 
     def stop_daemon(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+        self.daemon.stop()
 
     def cleanup(self) -> None:
         """Everything but Docker's own checkpoint dir (that goes with the container)."""
@@ -200,26 +155,4 @@ class LazyRestore:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def tail(self) -> str:
-        lines: list[str] = []
-        with contextlib.suppress(OSError):
-            text = (self.work_dir / LOG).read_text(errors="replace")
-            lines = [ln for ln in text.splitlines() if "Error" in ln][:2] or text.splitlines()[-2:]
-        if not lines and self.proc is not None and self.proc.stderr is not None:
-            with contextlib.suppress(OSError, ValueError):
-                lines = self.proc.stderr.read().decode(errors="replace").splitlines()[-2:]
-        where = self.work_dir / LOG
-        return ("; ".join(lines) or "no log") + f" (log {where})"
-
-
-def _pids() -> list[int]:
-    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
-
-
-def _is_lazy_daemon(pid: int, pgid: int) -> bool:
-    """`pid` is in process group `pgid` and is a criu lazy-pages (or its nsenter)."""
-    try:
-        if os.getpgid(pid) != pgid:
-            return False
-        return b"lazy-pages" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ProcessLookupError):
-        return False
+        return self.daemon.error_words()

@@ -18,7 +18,6 @@ import contextlib
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import structlog
 
 from agent.migration.criu_config import CRIU_DIR
+from agent.migration.lazy_daemon import DaemonError, LazyPagesDaemon, is_error
 from agent.migration.paths import DataRoot
 
 log = structlog.get_logger(__name__)
@@ -115,11 +115,6 @@ class TlsFiles:
         ]
 
 
-def _is_error(line: str) -> bool:
-    # CRIU logs this as an error on hosts without CAP_SYS_RESOURCE; it is harmless.
-    return "Error (" in line and "RLIMIT_NOFILE" not in line
-
-
 def free_port(host: str, first: int, count: int = 16) -> int:
     for port in range(first, first + count):
         with socket.socket() as s:
@@ -130,15 +125,6 @@ def free_port(host: str, first: int, count: int = 16) -> int:
                 continue
             return port
     raise PostcopyError(f"no free page-server port in {first}..{first + count - 1}")
-
-
-def _kill_group(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
 
 
 def tree_rchar(pid: int, proc: Path = Path("/proc")) -> int:
@@ -267,7 +253,7 @@ class PageServerDump:
         lines: list[str] = []
         with contextlib.suppress(OSError):
             text = (self.work / "dump.log").read_text(errors="replace")
-            lines = [ln.strip() for ln in text.splitlines() if _is_error(ln)][:2]
+            lines = [ln.strip() for ln in text.splitlines() if is_error(ln)][:2]
         if not lines and self.proc is not None and self.proc.stderr is not None:
             with contextlib.suppress(OSError, ValueError):
                 if self.proc.poll() is not None:
@@ -322,7 +308,16 @@ class PageClient:
     address: str
     port: int
     tls: TlsFiles
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    daemon: LazyPagesDaemon = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.daemon = LazyPagesDaemon(
+            self.criu_command, self.work, self.root.daemon_path(*self._rel())
+        )
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.daemon.proc
 
     def _rel(self) -> tuple[str, ...]:
         return (*CRIU_DIR, f"{self.migration_id}.work")
@@ -335,11 +330,7 @@ class PageClient:
         return ["lazy-pages", f"work-dir {self.root.daemon_path(*self._rel())}"]
 
     def start(self, timeout: float = 10.0) -> None:
-        self.work.mkdir(parents=True, exist_ok=True)
-        (self.work / "lazy-pages.socket").unlink(missing_ok=True)
-        argv = [
-            *self.criu_command,
-            "lazy-pages",
+        args = [
             "--page-server",
             "--address",
             self.address,
@@ -348,44 +339,23 @@ class PageClient:
             *self.tls.criu_flags(),
             "-D",
             self.images_daemon,
-            "-W",
-            self.root.daemon_path(*self._rel()),
-            "-o",
-            "lazy-pages.log",
-            "-v2",
         ]
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while not (self.work / "lazy-pages.socket").exists():
-            if self.proc.poll() is not None:
-                raise PostcopyError(
-                    f"criu lazy-pages exited {self.proc.returncode}: {self.error_words()}"
-                )
-            if time.monotonic() > deadline:
-                self.kill()
-                raise PostcopyError(f"criu lazy-pages did not listen within {timeout:.0f}s")
-            time.sleep(0.01)
+        try:
+            self.daemon.start(args, timeout)
+        except DaemonError as exc:
+            raise PostcopyError(str(exc)) from exc
 
     def wait(self) -> int:
         assert self.proc is not None
         return self.proc.wait()
 
     def kill(self) -> None:
-        _kill_group(self.proc)
+        self.daemon.stop()
 
     def cleanup(self) -> None:
         self.kill()
+        self.daemon.kill_orphan()
         shutil.rmtree(self.work, ignore_errors=True)
 
     def error_words(self) -> str:
-        with contextlib.suppress(OSError):
-            text = (self.work / "lazy-pages.log").read_text(errors="replace")
-            lines = [ln.strip() for ln in text.splitlines() if _is_error(ln)][:2]
-            return "; ".join(lines) or "no error line"
-        return "no log"
+        return self.daemon.error_words()
