@@ -292,7 +292,7 @@ def render_status(status: dict[str, Any], console: Console) -> None:
     moving = migrations or evac.get("in_progress") or []
     if moving:
         t = Table(title="Migrations in flight", title_justify="left")
-        for col in ("container", "target", "phase", "started"):
+        for col in ("container", "target", "phase", "started", "pages"):
             t.add_column(col)
         for m in moving:
             t.add_row(
@@ -300,6 +300,7 @@ def render_status(status: dict[str, Any], console: Console) -> None:
                 str(m.get("target") or "-"),
                 str(m.get("phase") or m.get("state") or "-"),
                 _ago(m.get("started_at")),
+                _pages_left(m.get("pages")),
             )
         console.print(t)
     stuck = evac.get("stuck") or []
@@ -360,6 +361,19 @@ def render_status(status: dict[str, Any], console: Console) -> None:
             str(peer.get("error") or ""),
         )
     console.print(t)
+
+
+MIB = 1 << 20
+
+
+def _pages_left(pages: Any) -> str:
+    """'412 MiB of 1024 MiB left' for a move still bringing memory pages in."""
+    if not isinstance(pages, dict):
+        return "-"
+    done, total = int(pages.get("bytes_done") or 0), int(pages.get("bytes_total") or 0)
+    if not total:
+        return f"{done / MIB:.0f} MiB in"
+    return f"{max(total - done, 0) / MIB:.0f} MiB of {total / MIB:.0f} MiB left"
 
 
 @main.command("status", epilog=_EXIT_CODES)

@@ -183,6 +183,19 @@ def present_pages(pagemap: Pagemap) -> int:
     )
 
 
+def lazy_pages_in(images: Path) -> int:
+    """Pages a lazy restore of `images` leaves to its daemon (PE_LAZY, not present)."""
+    total = 0
+    for path in sorted(images.glob("pagemap-*.img")):
+        pagemap = read_pagemap(path)
+        total += sum(
+            e.nr_pages
+            for e in pagemap.entries
+            if e.flags & PE_LAZY and not e.flags & PE_PRESENT and not e.flags & PE_PARENT
+        )
+    return total
+
+
 def make_lazy(src_dir: Path, dst_dir: Path, pagemap_name: str) -> tuple[int, int]:
     """Write a lazy pagemap and a compact pages file for one process into `dst_dir`.
 

@@ -126,6 +126,7 @@ class _Run:
         self.decision: str | None = None
         self.held_at: float | None = None  # monotonic: the target's copy restored
         self.filling = False  # committed while the target still fills pages in
+        self.last_emit = float("-inf")  # monotonic: the last rate-limited progress line
         self.postcopy = False
         self.pagedump: postcopy.PageServerDump | None = None
 
@@ -157,6 +158,8 @@ class MigrationService:
         # Policy evacuations and `ferry migrate` share this host's limit; extra ones wait.
         self._slots = asyncio.Semaphore(config.limits.max_concurrent_migrations)
         self.active: dict[str, str] = {}  # container id -> migration id
+        # Post-copy moves this side serves pages for: how far the target is.
+        self._serving: dict[str, dict[str, Any]] = {}
         # Disk promised to checkpoints in flight here (container id -> bytes), so that
         # group members and concurrent migrations cannot each fit "just".
         self._disk_claims: dict[str, int] = {}
@@ -191,6 +194,18 @@ class MigrationService:
                     await closer()
         if self.owns_adapter:
             await asyncio.to_thread(self.adapter.close)
+
+    def _every(self, run: _Run, seconds: float) -> bool:
+        """True at most once per `seconds` for this run: progress lines, not a flood."""
+        now = self.clock.monotonic()
+        if now - run.last_emit < seconds:
+            return False
+        run.last_emit = now
+        return True
+
+    def page_progress(self) -> dict[str, dict[str, Any]]:
+        """Migrations moving memory pages now, either side: {id: container, how, bytes}."""
+        return {**self._serving, **self.handlers.page_progress()}
 
     async def _peer_status(self, peer_name: str, mid: str) -> dict[str, Any] | None:
         peer = self.peers.get(peer_name)
@@ -861,6 +876,13 @@ class MigrationService:
             fill = (status or {}).get("fill")
             if status is not None and not isinstance(fill, dict):
                 break  # the target no longer knows (it restarted): it refills on its own
+            if isinstance(fill, dict) and fill.get("pending") and self._every(run, 0.5):
+                emit(
+                    rp.FINISH,
+                    f"running on {run.peer.name}; filling pages in from its disk",
+                    int(fill.get("bytes_done") or 0),
+                    int(fill.get("bytes_total") or 0) or None,
+                )
             if isinstance(fill, dict) and fill.get("failed"):
                 run.report.details["fill"] = f"failed on {run.peer.name}: {fill['failed']}"
                 return
@@ -944,7 +966,10 @@ class MigrationService:
         run.decision = rp.DECISION_POSTCOPY
         await self._phase(run, rp.POSTCOPY, emit, f"running on {peer.name}; pulling pages")
         with run.timer.phase(rp.POSTCOPY):
-            await self._await_pages(run, dump, emit)
+            try:
+                await self._await_pages(run, dump, emit)
+            finally:
+                self._serving.pop(run.mid, None)
         run.report.details["all_pages_in_s"] = round(self.clock.monotonic() - run.frozen_at, 4)
         run.decision = rp.DECISION_COMMIT
         await to_thread_to_the_end(
@@ -979,9 +1004,16 @@ class MigrationService:
                 pc = (st or {}).get("postcopy") or {}
                 # CRIU sends pages with splice (no write counters): the target counts them.
                 pulled = int(pc.get("bytes_pulled") or 0)
+                total = int(pc.get("bytes_total") or 0) or None
+                self._serving[run.mid] = {
+                    "container": run.spec.name,
+                    "how": "post-copy",
+                    "bytes_done": pulled,
+                    "bytes_total": total or 0,
+                }
                 if pulled != served:
                     served, last_progress = pulled, self.clock.monotonic()
-                    emit(rp.POSTCOPY, "pulling pages", served, run.report.bytes_state_raw or None)
+                    emit(rp.POSTCOPY, "pulling pages", served, total)
                 if pc.get("failed") or (st or {}).get("outcome") == "aborted":
                     raise MigrationFailed(
                         f"{run.peer.name}: {pc.get('failed') or (st or {}).get('reason')}"

@@ -48,6 +48,7 @@ from agent.journal import Journal, JournalError
 from agent.migration import (
     admission,
     criu_config,
+    criu_images,
     criu_log,
     fresh_start,
     held,
@@ -119,6 +120,12 @@ class Incoming:
     def journal_report(self) -> dict[str, Any]:
         # The spec stays: a restarted agent needs its restart policy and health check.
         return {"target": asdict(self)}
+
+
+def _lazy_bytes(timings: Any) -> int:
+    """Bytes of the pages a lazy restore left to its daemon (0 when not known)."""
+    pages = (timings or {}).get("lazy_pages") if isinstance(timings, dict) else None
+    return int(pages) * criu_images.PAGE_SIZE if isinstance(pages, int | float) else 0
 
 
 FILL_POLL = 0.05  # how often a fill's daemon is looked at: a dead one is acted on this fast
@@ -412,6 +419,7 @@ class TargetHandlers:
                 pulled = postcopy.tree_rchar(client.proc.pid)
             out["postcopy"] = {
                 "bytes_pulled": pulled,
+                "bytes_total": _lazy_bytes(inc_now.timings if inc_now else target.get("timings")),
                 "pages_in": bool(inc_now.pages_in if inc_now else target.get("pages_in")),
                 "failed": (inc_now.page_failure if inc_now else None)
                 or (rec.reason if rec.outcome not in (None, "succeeded") else None),
@@ -420,6 +428,7 @@ class TargetHandlers:
         fill = self._fills.get(rec.id)
         if fill is not None:
             out["fill"] = {"pending": not fill.pages_in, "failed": fill.failed}
+            out["fill"].update(self._fill_bytes(fill))
         elif rec.role == "target" and rec.id in self._filled:
             out["fill"] = {"pending": False, "pages_in_s": self._filled[rec.id]}
         if cid:
@@ -1019,6 +1028,36 @@ class TargetHandlers:
         self._cleanup_tasks.add(task)
         task.add_done_callback(self._cleanup_tasks.discard)
 
+    def _fill_bytes(self, fill: _Fill) -> dict[str, int]:
+        proc = fill.lazy.proc
+        total = _lazy_bytes(fill.inc.timings)
+        done = total if fill.pages_in else postcopy.tree_rchar(proc.pid) if proc else 0
+        return {"bytes_done": min(done, total) if total else done, "bytes_total": total}
+
+    def page_progress(self) -> dict[str, dict[str, Any]]:
+        """Migrations whose memory pages are still coming in here, and how far they are."""
+        out: dict[str, dict[str, Any]] = {}
+        for mid, client in list(self._page_clients.items()):
+            inc = self.incoming.get(mid)
+            if inc is None or client.proc is None:
+                continue
+            total = _lazy_bytes(inc.timings)
+            done = postcopy.tree_rchar(client.proc.pid)
+            out[mid] = {
+                "container": inc.name,
+                "how": "post-copy",
+                "bytes_done": min(done, total) if total else done,
+                "bytes_total": total,
+            }
+        for mid, fill in list(self._fills.items()):
+            if not fill.pages_in:
+                out[mid] = {
+                    "container": fill.inc.name,
+                    "how": "lazy fill",
+                    **self._fill_bytes(fill),
+                }
+        return out
+
     def _committed(self, mid: str) -> bool:
         try:
             return bool(self.journal.get(mid).outcome == "succeeded")
@@ -1207,6 +1246,10 @@ class TargetHandlers:
         except postcopy.PostcopyError as exc:
             raise DockerError("restore", str(exc)) from exc
         self._page_clients[inc.migration_id] = client
+        with contextlib.suppress(OSError, criu_images.ImageFormatError):
+            # For progress only: how much the daemon has to pull.
+            ckpt = root.checkpoint_dir(inc.container_id, inc.checkpoint)
+            inc.timings["lazy_pages"] = criu_images.lazy_pages_in(ckpt)
         try:
             with self.ctrd.restoring():
                 self.adapter.start(inc.container_id, checkpoint=inc.checkpoint)

@@ -50,6 +50,8 @@ class ControlParts:
     journal: Journal | None = None  # None when the engine keeps no journal (tests)
     movability: Movability | None = None  # None when the engine cannot check
     fleet: FleetParts | None = None  # only with a `fleet:` config section
+    # Migrations moving memory pages now (post-copy, lazy fill): {id: container, how, bytes}.
+    pages: Callable[[], dict[str, dict[str, Any]]] | None = None
 
 
 class AgentControl:
@@ -104,7 +106,8 @@ class AgentControl:
         if journal is None:
             return []
         records = await asyncio.to_thread(journal.unfinished)
-        return [
+        pages = dict(self._parts.pages()) if self._parts.pages is not None else {}
+        out = [
             {
                 "id": r.id,
                 "container": r.container_name,
@@ -113,9 +116,16 @@ class AgentControl:
                 "target": r.target,
                 "phase": r.phase,
                 "started_at": r.started,
+                **({"pages": pages.pop(r.id)} if r.id in pages else {}),
             }
             for r in records
         ]
+        # Committed already, its pages still filling in from this host's disk.
+        for mid, p in pages.items():
+            out.append(
+                {"id": mid, "container": p.get("container"), "phase": p.get("how"), "pages": p}
+            )
+        return out
 
     async def _in_doubt(self) -> list[dict[str, Any]]:
         journal = self._parts.journal

@@ -276,6 +276,7 @@ class Agent:
                     journal=self.migration.journal,
                     movability=self.movability,
                     fleet=self.fleet,
+                    pages=getattr(self.migration.migrator, "page_progress", None),
                 )
             ),
             route_hooks=[*self.migration.route_hooks, *self._o.extra_route_hooks],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 import docker
 import pytest
 
+from tests.e2e.agents_fixtures import ferry, status
 from tests.e2e.migration_support import (
     MEMHOG,
     Agents,
@@ -259,6 +261,38 @@ def test_target_agent_killed(
         timeout=120,
         what="the source to settle",
     )
+
+
+def _pages_of(h: Host, mid: str) -> dict[str, Any] | None:
+    for m in status(h).get("migrations") or []:
+        if m.get("id") == mid and isinstance(m.get("pages"), dict):
+            return dict(m["pages"])
+    return None
+
+
+def test_status_shows_the_pages_still_to_come_on_both_sides(
+    cluster: tuple[list[Host], Agents],
+    docker_clients: dict[str, docker.DockerClient],
+    hog: list[tuple[int, str]],
+) -> None:
+    (h1, h2), _ = cluster
+    cli, mid = _start(h1, h2)  # a 40 Mbit/s link: 96 MiB take about 20 s
+    try:
+        for h in (h2, h1):
+            pages = wait_for(
+                lambda h=h: (p := _pages_of(h, mid)) and p["bytes_total"] and p,
+                timeout=30,
+                what=f"pages in `ferry status` on {h.name}",
+            )
+            assert pages["bytes_total"] >= 96 << 20, pages
+            assert pages["bytes_done"] < pages["bytes_total"], pages
+            shown = ferry(h, "status")
+            assert re.search(r"MiB of \d+ MiB left", shown.stdout), shown.stdout
+    finally:
+        faults.clear_rate_limit(h2)
+    _, err = cli.communicate(timeout=300)
+    assert cli.returncode == 0, err
+    assert _one_copy_goes_on(docker_clients, hog) == h2.name
 
 
 def test_link_cut_for_ten_seconds_completes(

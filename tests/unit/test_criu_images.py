@@ -72,3 +72,12 @@ def test_not_a_pagemap(tmp_path: Path) -> None:
     (tmp_path / "x.img").write_bytes(b"\0" * 16)
     with pytest.raises(ci.ImageFormatError, match="not a CRIU pagemap"):
         ci.read_pagemap(tmp_path / "x.img")
+
+
+def test_lazy_pages_in_counts_what_the_daemon_must_bring(images: Path, tmp_path: Path) -> None:
+    # A full dump leaves nothing to a daemon; its lazy rewrite leaves the lazy entries.
+    assert ci.lazy_pages_in(images) == 0
+    dst = tmp_path / "lazy"
+    dst.mkdir()
+    _, lazy = ci.make_lazy(images, dst, "pagemap-1.img")
+    assert ci.lazy_pages_in(dst) == lazy == 4104

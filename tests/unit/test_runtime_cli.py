@@ -175,3 +175,14 @@ def test_help_documents_exit_codes() -> None:
         r = invoke(cmd, "--help")
         assert r.exit_code == 0
         assert "Exit codes" in r.output and "FERRY_CONFIG" in r.output
+
+
+def test_status_says_how_much_memory_is_still_to_come() -> None:
+    from agent.cli.ops_cmds import _pages_left
+
+    mib = 1 << 20
+    assert _pages_left({"bytes_done": 612 * mib, "bytes_total": 1024 * mib}) == (
+        "412 MiB of 1024 MiB left"
+    )
+    assert _pages_left({"bytes_done": 5 * mib, "bytes_total": 0}) == "5 MiB in"
+    assert _pages_left(None) == "-"
