@@ -20,7 +20,7 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -790,10 +790,13 @@ class MigrationService:
         mig = self.config.migration
         with run.timer.phase(rp.RESTORE):
             try:
-                answer = await peer.post_json(
-                    migration_path(run.mid, "restore"),
-                    {"digest": digest, "checkpoint": run.checkpoint},
-                    timeout=mig.restore_timeout + 15,
+                answer = await self._while_target_answers(
+                    run,
+                    peer.post_json(
+                        migration_path(run.mid, "restore"),
+                        {"digest": digest, "checkpoint": run.checkpoint},
+                        timeout=mig.restore_timeout + 15,
+                    ),
                 )
             except PeerRefused as exc:
                 raise MigrationFailed(f"{peer.name} could not restore: {exc.reason}") from exc
@@ -809,6 +812,41 @@ class MigrationService:
         await hooks.gate(
             Path(self.config.state_dir), hooks.BEFORE_DECISION, self.clock, {"migration": run.mid}
         )
+
+    async def _while_target_answers(self, run: _Run, call: Awaitable[Any]) -> Any:
+        """Await a long peer call (the restore) while the target still answers at all.
+
+        A restore may rightly take minutes (restore_timeout), but a cut link must not
+        hold the container frozen that long: the target is asked how the migration
+        stands every few seconds, and after migration.stall_timeout without any answer
+        the call is given up (PeerUnavailable). Its copy is held stopped until a
+        commit, so giving up and rolling back is safe.
+        """
+        stall = float(self.config.migration.stall_timeout)
+        task = asyncio.ensure_future(call)
+        last_answer = self.clock.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=min(2.0, stall / 4))
+                if done:
+                    return task.result()
+                try:
+                    await run.peer.get_json(migration_path(run.mid), timeout=min(5.0, stall))
+                    last_answer = self.clock.monotonic()
+                except PeerRefused:
+                    last_answer = self.clock.monotonic()  # it answered, just not yes
+                except PeerError:
+                    if self.clock.monotonic() - last_answer > stall:
+                        raise PeerUnavailable(
+                            run.peer.name,
+                            f"no answer from {run.peer.name} for {stall:.0f}s during the "
+                            "call (migration.stall_timeout)",
+                        ) from None
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def _commit(self, run: _Run, emit: Callable[..., None]) -> None:
         """Tell the target to run its copy; the commit is already journalled."""

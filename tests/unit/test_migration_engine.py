@@ -373,7 +373,14 @@ class DirectPeer:
 
 
 class Host:
-    def __init__(self, tmp: Path, name: str, other: str, images: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        other: str,
+        images: tuple[str, ...],
+        migration: dict[str, Any] | None = None,
+    ) -> None:
         self.name = name
         self.docker = FakeDocker(tmp / name / "docker", images)
         self.config = FerryConfig.model_validate(
@@ -383,7 +390,7 @@ class Host:
                 "docker": {"data_root": str(tmp / name / "docker")},
                 "peers": [{"name": other, "address": "127.0.0.1:9"}],
                 # The fake's checkpoint API; runc's path has its own tests (test_checkpointers).
-                "migration": {"checkpoint_via": "engine"},
+                "migration": {"checkpoint_via": "engine", **(migration or {})},
             }
         )
         self.journal = Journal(self.config.state_dir)
@@ -517,6 +524,47 @@ def test_an_unheard_abort_is_retried_until_the_target_drops_its_copy(
 
     mid = run_async(scenario())
     assert b.journal.get(mid).outcome == "aborted"
+
+
+class SilentDuringRestore(DirectPeer):
+    """The restore call goes out, then the link dies: no answer, nor to anything else."""
+
+    async def post_json(
+        self, path: str, body: dict[str, Any], *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        if path.endswith("/restore"):
+            self.down = True
+            await asyncio.Event().wait()  # its answer never comes
+        return await super().post_json(path, body, timeout=timeout)
+
+
+def test_a_target_silent_during_the_restore_call_is_given_up_after_the_stall_timeout(
+    tmp_path: Path,
+) -> None:
+    # restore_timeout stays at its 120 s: the stall timeout alone must end the wait.
+    a = Host(tmp_path, "a", "b", (IMAGE_ID,), migration={"stall_timeout": "0.4s"})
+    b = Host(tmp_path, "b", "a", (IMAGE_ID,))
+    peer = a.peers["b"] = SilentDuringRestore("b", b.service.handlers, "a")
+    b.peers["a"] = DirectPeer("a", a.service.handlers, "b")
+    cid = a.docker.add_running("web")
+
+    async def scenario() -> MigrationFailed:
+        with pytest.raises(MigrationFailed) as err:
+            await a.service.migrate("web", "b")
+        peer.down = False  # the link is back: let the abort through before the end
+        for _ in range(200):
+            if all(t.done() for t in a.service._tasks):
+                break
+            await asyncio.sleep(0.05)
+        return err.value
+
+    try:
+        failed = run_async(scenario())
+    finally:
+        a.journal.close()
+        b.journal.close()
+    assert failed.rolled_back and a.docker.containers[cid]["State"]["Running"]
+    assert "stall_timeout" in str(failed), str(failed)
 
 
 def test_the_source_copy_is_removed_once_its_daemon_is_back(hosts: tuple[Host, Host]) -> None:
