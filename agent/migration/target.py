@@ -988,6 +988,7 @@ class TargetHandlers:
         if lazy is None:
             self._restore_once(inc)
             return
+        first: Exception | None = None
         for attempt in (1, 2):
             try:
                 self._gate_sync(hooks.LAZY_DAEMON, inc.migration_id)
@@ -1015,8 +1016,12 @@ class TargetHandlers:
                 lazy.stop_daemon()
                 with contextlib.suppress(DockerError):
                     self.adapter.kill(inc.container_id)
-                if attempt == 2:
-                    raise DockerError("restore", f"lazy restore failed twice: {exc}") from exc
+                if isinstance(exc, DockerUnavailable):
+                    raise  # no daemon to retry with: say that, not "failed twice"
+                if first is not None:
+                    why = str(exc) if str(exc) == str(first) else f"{first}; then: {exc}"
+                    raise DockerError("restore", f"lazy restore failed twice: {why}") from exc
+                first = exc
                 lazy.start_daemon()
 
     # ------------------------------------------------------------ lazy fill
