@@ -190,11 +190,17 @@ def _pki(hosts: list[Host]) -> Path:
     return pki
 
 
+# The memhog's state, as the issue's target names it ("1 GiB of incompressible
+# memory"): CRIU's page images and a writable layer of a few files, not the
+# thousands of small files bench_transfer adds to exercise the tar path.
+MEMORY_SMALL_FILES = 20
+
+
 def _data(mib: int) -> Path:
     from tests.bench_transfer import make_data
 
-    base = WORK / f"data-{mib}"
-    make_data(base, mib)
+    base = WORK / f"data-{mib}-{MEMORY_SMALL_FILES}"
+    make_data(base, mib, MEMORY_SMALL_FILES)
     return base
 
 

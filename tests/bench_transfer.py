@@ -34,7 +34,7 @@ BIG_MIB = int(os.environ.get("FERRY_BENCH_MIB", "256"))
 SMALL_FILES = int(os.environ.get("FERRY_BENCH_SMALL_FILES", "3000"))
 
 
-def make_data(base: Path, mib: int = BIG_MIB) -> dict[str, Path]:
+def make_data(base: Path, mib: int = BIG_MIB, small_files: int = SMALL_FILES) -> dict[str, Path]:
     ckpt, upper = base / "checkpoint", base / "upper"
     if (base / "ok").exists():
         return {"checkpoint": ckpt, "upper": upper}
@@ -53,7 +53,7 @@ def make_data(base: Path, mib: int = BIG_MIB) -> dict[str, Path]:
     for name in ("inventory.img", "core-1.img", "mm-1.img", "files.img"):
         (ckpt / name).write_bytes(os.urandom(4096))
     rnd = random.Random(7)
-    for j in range(SMALL_FILES):
+    for j in range(small_files):
         d = upper / f"d{j % 40}" / f"e{j % 7}"
         d.mkdir(parents=True, exist_ok=True)
         size = rnd.choice((0, 100, 700, 3000, 9000, 30000))

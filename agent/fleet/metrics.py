@@ -61,3 +61,16 @@ class FleetCollector(Collector):
         )
         requests.add_metric([], float(fleet.etcd.requests))
         yield requests
+        made = CounterMetricFamily(
+            "ferry_fleet_reservations",
+            "Capacity reservations this agent made on targets (one etcd transaction each)",
+        )
+        made.add_metric([], float(fleet.reservations_made))
+        yield made
+        # Another agent reserved the same room first: many of these mean crowded targets.
+        conflicts = CounterMetricFamily(
+            "ferry_fleet_reservation_conflicts",
+            "Reservation transactions lost to another agent's and retried",
+        )
+        conflicts.add_metric([], float(fleet.reservation_conflicts))
+        yield conflicts

@@ -47,5 +47,9 @@ def test_gauges_show_hosts_drain_queue_capacity_and_reservations() -> None:
     assert 'ferry_fleet_host_memory_free_bytes{host="b"} 200.0' in text
     assert 'ferry_fleet_host_reserved_bytes{host="a",resource="memory"} 40.0' in text
     assert 'ferry_fleet_host_containers{host="a"} 3.0' in text
+    fleet.reservations_made, fleet.reservation_conflicts = 5, 2
+    text = generate_latest(registry).decode()
+    assert "ferry_fleet_reservations_total 5.0" in text
+    assert "ferry_fleet_reservation_conflicts_total 2.0" in text
     clock.now += 11  # no answer from etcd for longer than the lease: the view is stale
     assert "ferry_fleet_view_fresh 0.0" in generate_latest(registry).decode()
