@@ -213,6 +213,9 @@ class MigrationConfig(_Model):
     # longer grows with containerd copying every page).
     # "docker": plain `docker start --checkpoint` of the full images.
     restore_via: Annotated[Literal["lazy", "docker"], BeforeValidator(_lower)] = "lazy"
+    # checkpoint_via runc: stream CRIU's page images to the target while the dump
+    # still writes them, instead of after it (the dump's own time leaves the downtime).
+    stream_during_dump: bool = True
     # Lazy restore only. false: the copy may run once committed while its pages are
     # still filled in from local disk (the lower downtime). If the daemon then dies,
     # the copy is killed and restored again from the checkpoint: its memory is right,

@@ -43,7 +43,7 @@ from agent.archive.common import (
     SpoolResult,
     UnsafeArchive,
 )
-from agent.archive.packing import Packer
+from agent.archive.packing import GrowingFiles, Packer
 from agent.archive.staged import StagedUnpack
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "ArchiveTooLarge",
     "BoundedTarInfo",
     "DigestMismatch",
+    "GrowingFiles",
     "Packer",
     "ProgressFn",
     "SpoolResult",

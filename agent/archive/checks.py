@@ -13,7 +13,13 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.archive.common import ENCODING, ERRORS, ArchiveTooLarge, UnsafeArchive
+from agent.archive.common import (
+    ENCODING,
+    ERRORS,
+    PART_OFFSET_KEY,
+    ArchiveTooLarge,
+    UnsafeArchive,
+)
 from agent.archive_frames import TarSource
 
 # Metadata entries tarfile reads whole into memory: PAX headers and GNU long names.
@@ -57,6 +63,7 @@ class Checker:
     container_roots: Collection[str]
     max_raw_bytes: int | None
     seen: dict[str, str] = field(default_factory=dict)  # name -> "dir"/"file"/"other"
+    sizes: dict[str, int] = field(default_factory=dict)  # regular file -> bytes so far
     raw: int = 0
 
     def check(self, m: tarfile.TarInfo) -> tuple[str, tuple[str, ...]]:
@@ -70,6 +77,9 @@ class Checker:
         section = parts[0]
         if section not in self.sections:
             raise UnsafeArchive(f"{where}: unknown section {section!r}")
+        if PART_OFFSET_KEY in m.pax_headers:
+            self._check_part(m, where)
+            return section, parts
         if name in self.seen:
             raise UnsafeArchive(f"{where}: appears twice")
         for i in range(1, len(parts)):
@@ -83,6 +93,7 @@ class Checker:
 
         if m.isreg() and not m.issparse():
             kind = "file"
+            self.sizes[name] = m.size
             self.raw += m.size
             if self.max_raw_bytes is not None and self.raw > self.max_raw_bytes:
                 raise ArchiveTooLarge(f"archive unpacks to more than {self.max_raw_bytes} bytes")
@@ -104,6 +115,23 @@ class Checker:
             raise UnsafeArchive(f"{where}: {_member_kind(m)} is not allowed")
         self.seen[name] = kind
         return section, parts
+
+    def _check_part(self, m: tarfile.TarInfo, where: str) -> None:
+        """A continuation: more bytes of a regular file this archive made, exactly at its end."""
+        raw_offset = m.pax_headers[PART_OFFSET_KEY]
+        if not raw_offset.isdigit():
+            raise UnsafeArchive(f"{where}: part offset {raw_offset[:20]!r} is not a number")
+        if not m.isreg() or m.issparse() or self.seen.get(m.name) != "file":
+            raise UnsafeArchive(f"{where}: a part of something that is not an earlier file")
+        if int(raw_offset) != self.sizes.get(m.name):
+            raise UnsafeArchive(
+                f"{where}: part at offset {raw_offset}, but the file has "
+                f"{self.sizes.get(m.name)} bytes"
+            )
+        self.sizes[m.name] += m.size
+        self.raw += m.size
+        if self.max_raw_bytes is not None and self.raw > self.max_raw_bytes:
+            raise ArchiveTooLarge(f"archive unpacks to more than {self.max_raw_bytes} bytes")
 
     def _check_symlink(self, where: str, section: str, parts: tuple[str, ...], target: str) -> None:
         if not target or "\0" in target:

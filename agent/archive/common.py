@@ -17,6 +17,9 @@ ProgressFn = Callable[[int, int], None]
 XATTR_PREFIX = "SCHILY.xattr."
 
 MTIME_NS_KEY = "FERRY.mtime_ns"
+# A member carrying this PAX record continues the file of the same name from this
+# byte offset (packed while a dump was still writing it; see packing.GrowingFiles).
+PART_OFFSET_KEY = "FERRY.part_offset"
 
 DEFAULT_CHUNK = 1 << 20
 

@@ -131,6 +131,22 @@ def write_file(source: TarSource, m: tarfile.TarInfo, pfd: int, leaf: str) -> in
     return int(m.size)
 
 
+def append_file(source: TarSource, m: tarfile.TarInfo, pfd: int, leaf: str, offset: int) -> int:
+    """More bytes of a file an earlier member made, which must hold exactly `offset` bytes."""
+    if source.tell() != m.offset_data:
+        raise ArchiveError(f"{m.name}: its data is not where its header says")
+    fd = os.open(leaf, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size != offset:
+            raise ArchiveError(f"{m.name}: a part at offset {offset} does not follow the file")
+        os.lseek(fd, offset, os.SEEK_SET)
+        source.copy_to(fd, m.size)
+        apply_fd_meta(fd, m)
+    finally:
+        os.close(fd)
+    return int(m.size)
+
+
 def apply_path_meta(pfd: int, leaf: str, m: tarfile.TarInfo, *, chmod: bool) -> None:
     """Metadata for entries that cannot be opened (symlinks, whiteouts)."""
     os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)

@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 import tarfile
+import threading
 from collections.abc import (
     AsyncGenerator,
     Generator,
@@ -23,6 +24,7 @@ from agent.archive.common import (
     ENCODING,
     ERRORS,
     MTIME_NS_KEY,
+    PART_OFFSET_KEY,
     SECTION_RE,
     XATTR_PREFIX,
     ArchiveError,
@@ -47,6 +49,53 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names)}
 
 
+class GrowingFiles:
+    """Image files a dump is still writing, packed as they grow.
+
+    CRIU writes each pages-N.img front to back (splice into the file's
+    position), so what is below its size is final. While the dump runs, the
+    packer sends that prefix in whole parts of `part` bytes; once `finish` is
+    called (the dump returned), the section's walk sends the rest. `abandon`
+    (the dump failed) makes the packer raise.
+    """
+
+    def __init__(
+        self,
+        section: str,
+        directory: Path,
+        prefix: str = "pages-",
+        part: int = 8 << 20,
+        poll: float = 0.005,
+    ) -> None:
+        self.section = section
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.part = part
+        self.poll = poll
+        self.sent: dict[str, int] = {}  # file name -> bytes packed as parts
+        self.root_sent = False
+        self._done = threading.Event()
+        self._failed: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return not self._done.is_set()
+
+    def finish(self) -> None:
+        self._done.set()
+
+    def abandon(self, why: str) -> None:
+        self._failed = why
+        self._done.set()
+
+    def check(self) -> None:
+        if self._failed is not None:
+            raise ArchiveError(f"the dump being packed failed: {self._failed}")
+
+    def wait(self) -> None:
+        self._done.wait(self.poll)
+
+
 class Packer:
     """Packs directories as named sections into a zstd tar stream.
 
@@ -61,12 +110,16 @@ class Packer:
         level: int = DEFAULT_LEVEL,
         chunk_size: int = DEFAULT_CHUNK,
         progress: ProgressFn | None = None,
+        growing: GrowingFiles | None = None,
     ) -> None:
         for name, root in sections.items():
             if not SECTION_RE.match(name):
                 raise ArchiveError(f"invalid section name {name!r}")
+            if growing is not None and name == growing.section:
+                continue  # the dump makes it
             if not Path(root).is_dir():
                 raise ArchiveError(f"section {name}: {root} is not a directory")
+        self.growing = growing
         self.sections = dict(sections)
         self.level = level
         self.chunk_size = chunk_size
@@ -117,6 +170,11 @@ class Packer:
     def _tar_stream(self) -> Iterator[tuple[bytes, bool]]:
         """The tar stream in pieces, each flagged True when it is file contents."""
         written = 0
+        if self.growing is not None:
+            for chunk, bulk in self._pack_growing(self.growing):
+                written += len(chunk)
+                yield chunk, bulk
+            self.growing.check()
         for section, root in self.sections.items():
             for chunk, bulk in self._pack_section(section, Path(root)):
                 written += len(chunk)
@@ -127,18 +185,75 @@ class Packer:
         pad = -written % tarfile.RECORDSIZE
         yield end + tarfile.NUL * pad, False
 
+    def _pack_growing(self, growing: GrowingFiles) -> Iterator[tuple[bytes, bool]]:
+        """While the dump runs: its directory, then whole parts of the files it writes."""
+        section, directory = growing.section, growing.directory
+        while growing.running:
+            growing.check()
+            if not growing.root_sent and directory.is_dir():
+                info = self._tarinfo(str(directory), section, os.lstat(directory), {})
+                assert info is not None
+                self.stats.entries += 1
+                growing.root_sent = True
+                yield info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS), False
+            if growing.root_sent:
+                for name in sorted(os.listdir(directory)):
+                    if not (name.startswith(growing.prefix) and name.endswith(".img")):
+                        continue
+                    path = directory / name
+                    st = os.lstat(path)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    offset = growing.sent.get(name, 0)
+                    n = (st.st_size - offset) // growing.part * growing.part
+                    if n <= 0:
+                        continue
+                    info = self._part_info(path, f"{section}/{name}", st, offset, n)
+                    self.stats.entries += 1
+                    yield info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS), False
+                    yield from self._file_data(str(path), n, offset)
+                    growing.sent[name] = offset + n
+            growing.wait()
+
+    @staticmethod
+    def _part_info(
+        path: Path, arcname: str, st: os.stat_result, offset: int, size: int
+    ) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(arcname)
+        info.type = tarfile.REGTYPE
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        info.uname = info.gname = ""
+        info.mtime = int(st.st_mtime)
+        info.size = size
+        # The final member (from the walk) carries the file's own metadata.
+        info.pax_headers = {PART_OFFSET_KEY: str(offset)} if offset else {}
+        return info
+
     def _pack_section(self, section: str, root: Path) -> Iterator[tuple[bytes, bool]]:
         inodes: dict[tuple[int, int], str] = {}
+        growing = self.growing if self.growing and self.growing.section == section else None
 
         def walk(path: str, arcname: str) -> Iterator[tuple[bytes, bool]]:
             st = os.lstat(path)
             info = self._tarinfo(path, arcname, st, inodes)
             if info is None:
                 return
-            self.stats.entries += 1
-            yield info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS), False
-            if info.type == tarfile.REGTYPE and info.size:
-                yield from self._file_data(path, info.size)
+            # The dump dir and the prefixes of its growing files went while it ran.
+            header = not (growing and arcname == section and growing.root_sent)
+            offset = 0
+            if growing and info.type == tarfile.REGTYPE and arcname.count("/") == 1:
+                offset = growing.sent.get(arcname.partition("/")[2], 0)
+                if info.size < offset:
+                    raise ArchiveError(f"{path} shrank while being packed")
+                if offset:
+                    info.size -= offset
+                    info.pax_headers = {**info.pax_headers, PART_OFFSET_KEY: str(offset)}
+            if header:
+                self.stats.entries += 1
+                yield info.tobuf(tarfile.PAX_FORMAT, ENCODING, ERRORS), False
+                if info.type == tarfile.REGTYPE and info.size:
+                    yield from self._file_data(path, info.size, offset)
             if info.type == tarfile.DIRTYPE:
                 with os.scandir(path) as it:
                     names = sorted(e.name for e in it)
@@ -188,9 +303,11 @@ class Packer:
         info.pax_headers = pax
         return info
 
-    def _file_data(self, path: str, size: int) -> Iterator[tuple[bytes, bool]]:
+    def _file_data(self, path: str, size: int, offset: int = 0) -> Iterator[tuple[bytes, bool]]:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
+            if offset:
+                os.lseek(fd, offset, os.SEEK_SET)
             left = size
             while left:
                 data = os.read(fd, min(self.chunk_size, left))

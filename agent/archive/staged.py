@@ -26,6 +26,7 @@ from agent.archive.checks import Checker, open_tar
 from agent.archive.common import (
     CONTAINER_ROOT_SECTIONS,
     O_DIR,
+    PART_OFFSET_KEY,
     SECTION_RE,
     ArchiveError,
     ArchiveStats,
@@ -35,7 +36,14 @@ from agent.archive.common import (
     SpoolResult,
     digest_text,
 )
-from agent.archive.fdops import Tree, apply_fd_meta, apply_path_meta, clear_slot, write_file
+from agent.archive.fdops import (
+    Tree,
+    append_file,
+    apply_fd_meta,
+    apply_path_meta,
+    clear_slot,
+    write_file,
+)
 from agent.archive_frames import FrameError, TarSource, WireDigest
 from agent.bridges import feed_blocking_consumer
 
@@ -342,6 +350,12 @@ class StagedUnpack:
                             continue
                     pfd = tree.dir_fd(rel[:-1])
                     leaf = rel[-1]
+                    if PART_OFFSET_KEY in m.pax_headers:  # the checker vouched for it
+                        offset = int(m.pax_headers[PART_OFFSET_KEY])
+                        written += append_file(source, m, pfd, leaf, offset)
+                        if self.progress:
+                            self.progress(written, reader.count)
+                        continue
                     exists = clear_slot(pfd, leaf, m.isdir())
                     if m.isdir():
                         if not exists:

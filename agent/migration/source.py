@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from agent.archive import ArchiveError, Packer
+from agent.archive import ArchiveError, GrowingFiles, Packer
 from agent.backoff import Backoff
 from agent.bridges import aiter_blocking, to_thread_to_the_end
 from agent.config import FerryConfig
@@ -725,8 +725,11 @@ class MigrationService:
         if run.postcopy:
             await self._postcopy(run, emit)
             return
-        await self._freeze(run, emit)
-        await self._transfer(run, emit)
+        if self.checkpointer.via == "runc" and self.config.migration.stream_during_dump:
+            await self._freeze_streaming(run, emit)
+        else:
+            await self._freeze(run, emit)
+            await self._transfer(run, emit)
         await self._restore_held(run, emit)
         # The decision is durable before anyone acts on it; from here there is no rollback.
         run.decision = rp.DECISION_COMMIT
@@ -738,7 +741,12 @@ class MigrationService:
         await self._commit(run, emit)
         await self._finish(run, emit)
 
-    async def _freeze(self, run: _Run, emit: Callable[..., None]) -> None:
+    async def _freeze(
+        self,
+        run: _Run,
+        emit: Callable[..., None],
+        dumped: Callable[[], None] | None = None,
+    ) -> None:
         spec = run.spec
         await self._phase(run, rp.FREEZE, emit, "checkpointing")
         run.frozen_at = self.clock.monotonic()
@@ -748,13 +756,14 @@ class MigrationService:
             run.report.details["checkpoint_via"] = self.checkpointer.via
             await asyncio.to_thread(self.checkpointer.checkpoint, spec.id, run.checkpoint)
             run.frozen_ok = True
+        if dumped is not None:
+            dumped()
         await hooks.gate(
             Path(self.config.state_dir), hooks.AFTER_FREEZE, self.clock, {"migration": run.mid}
         )
 
-    async def _transfer(self, run: _Run, emit: Callable[..., None]) -> None:
-        spec, peer = run.spec, run.peer
-        await self._phase(run, rp.TRANSFER, emit, "streaming state")
+    async def _state_sections(self, run: _Run) -> dict[str, Path]:
+        spec = run.spec
         root = await asyncio.to_thread(self.data_root.get)
         sections = {
             "checkpoint": root.checkpoint_dir(spec.id, run.checkpoint),
@@ -762,25 +771,69 @@ class MigrationService:
         }
         for i, vol in enumerate(spec.volumes):
             sections[f"vol{i}"] = root.local(vol.daemon_path)
-        estimate = sum(_dir_size(p) for p in sections.values())
+        return sections
+
+    def _progress(
+        self, run: _Run, emit: Callable[..., None], sections: Mapping[str, Path]
+    ) -> Callable[[int, int], None]:
+        estimate = [sum(_dir_size(p) for p in sections.values())]
 
         def on_progress(raw: int, compressed: int) -> None:
             run.report.bytes_state_raw = raw
             run.report.bytes_state = compressed
-            emit(rp.TRANSFER, "streaming state", raw, estimate)
+            if raw > estimate[0]:  # the dump was still growing when it was sized
+                estimate[0] = sum(_dir_size(p) for p in sections.values())
+            if self._every(run, 0.1):
+                emit(rp.TRANSFER, "streaming state", raw, estimate[0])
 
+        return on_progress
+
+    async def _transfer(self, run: _Run, emit: Callable[..., None]) -> None:
+        await self._phase(run, rp.TRANSFER, emit, "streaming state")
+        sections = await self._state_sections(run)
         with run.timer.phase(rp.TRANSFER):
-            packer = Packer(sections, progress=on_progress)
-            try:
-                await self._upload_guarded(run, packer.aiter())
-            except PeerRefused as exc:
-                raise MigrationFailed(f"{peer.name} refused the state: {exc.reason}") from exc
-            except PeerError as exc:
-                raise MigrationFailed(f"state transfer broke: {exc}") from exc
-            except ArchiveError as exc:
-                raise MigrationFailed(f"cannot pack the state: {exc}") from exc
-            digest = packer.digest
-        run.report.details["digest"] = digest
+            packer = Packer(sections, progress=self._progress(run, emit, sections))
+            await self._uploaded(run, self._upload_guarded(run, packer.aiter()))
+        run.report.details["digest"] = packer.digest
+
+    async def _uploaded(self, run: _Run, upload: Awaitable[None]) -> None:
+        try:
+            await upload
+        except PeerRefused as exc:
+            raise MigrationFailed(f"{run.peer.name} refused the state: {exc.reason}") from exc
+        except PeerError as exc:
+            raise MigrationFailed(f"state transfer broke: {exc}") from exc
+        except ArchiveError as exc:
+            raise MigrationFailed(f"cannot pack the state: {exc}") from exc
+
+    async def _freeze_streaming(self, run: _Run, emit: Callable[..., None]) -> None:
+        """The dump and the transfer at once: CRIU's page images go out as it writes them.
+
+        The upload starts with the freeze; the packer sends each pages-N.img's
+        written prefix in whole parts while runc still dumps, and the rest (every
+        other image, the writable layer, the files' tails) once it has returned.
+        A failed dump abandons the upload; the target drops what it got.
+        """
+        sections = await self._state_sections(run)
+        growing = GrowingFiles("checkpoint", sections["checkpoint"])
+        packer = Packer(sections, progress=self._progress(run, emit, sections), growing=growing)
+        upload = asyncio.ensure_future(
+            self._upload_guarded(run, packer.aiter(), waiting=lambda: growing.running)
+        )
+        try:
+            await self._freeze(run, emit, dumped=growing.finish)
+        except BaseException:
+            growing.abandon("the checkpoint did not complete")
+            upload.cancel()
+            with contextlib.suppress(BaseException):
+                await upload
+            raise
+        # Read at the dump's end: what went out while it ran (the rest follows now).
+        run.report.details["streamed_during_dump_bytes"] = sum(growing.sent.values())
+        await self._phase(run, rp.TRANSFER, emit, "streaming state")
+        with run.timer.phase(rp.TRANSFER):
+            await self._uploaded(run, upload)
+        run.report.details["digest"] = packer.digest
 
     async def _restore_held(self, run: _Run, emit: Callable[..., None]) -> None:
         peer = run.peer
@@ -1116,7 +1169,9 @@ class MigrationService:
             raise StateNotRestored("rollback", "the paused source is gone; its state is lost")
         return "resumed: the paused source runs on"
 
-    async def _upload_guarded(self, run: _Run, chunks: Any) -> None:
+    async def _upload_guarded(
+        self, run: _Run, chunks: Any, waiting: Callable[[], bool] = lambda: False
+    ) -> None:
         """Send the state; give up when nothing moves for migration.stall_timeout.
 
         The producer is pulled only as fast as the socket drains, so a chunk
@@ -1153,6 +1208,9 @@ class MigrationService:
                 if done:
                     task.result()
                     return
+                if waiting():
+                    # The dump runs (bounded by checkpoint_timeout); no bytes yet is normal.
+                    last[0] = self.clock.monotonic()
                 if not gated[0] and self.clock.monotonic() - last[0] > stall:
                     raise MigrationFailed(
                         f"state transfer to {run.peer.name} stalled: no progress for "
