@@ -840,22 +840,12 @@ class MigrationService:
         digest = run.report.details["digest"]
         run.restore_sent = True
         await self._phase(run, rp.RESTORE, emit, f"restoring on {peer.name}")
-        mig = self.config.migration
         with run.timer.phase(rp.RESTORE):
-            try:
-                answer = await self._while_target_answers(
-                    run,
-                    peer.post_json(
-                        migration_path(run.mid, "restore"),
-                        {"digest": digest, "checkpoint": run.checkpoint},
-                        timeout=mig.restore_timeout + 15,
-                    ),
-                )
-            except PeerRefused as exc:
-                raise MigrationFailed(f"{peer.name} could not restore: {exc.reason}") from exc
-            except PeerUnavailable as exc:
-                # Whatever the target did, its copy is held stopped: rolling back is safe.
-                raise MigrationFailed(f"the restore call to {peer.name} broke: {exc}") from exc
+            # Whatever the target did, its copy is held stopped: giving up on a silent
+            # target, and rolling back, is safe.
+            answer = await self._ask_restore(
+                run, {"digest": digest, "checkpoint": run.checkpoint}, watched=True
+            )
             if not answer.get("held"):
                 raise MigrationFailed(f"{peer.name} did not report its copy held stopped")
         run.report.details["target_timings"] = answer.get("timings", {})
@@ -865,6 +855,26 @@ class MigrationService:
         await hooks.gate(
             Path(self.config.state_dir), hooks.BEFORE_DECISION, self.clock, {"migration": run.mid}
         )
+
+    async def _ask_restore(
+        self, run: _Run, body: dict[str, Any], *, watched: bool
+    ) -> dict[str, Any]:
+        """The restore call; `watched`: given up once the target answers nothing at all."""
+        peer = run.peer
+        call = peer.post_json(
+            migration_path(run.mid, "restore"),
+            body,
+            timeout=self.config.migration.restore_timeout + 15,
+        )
+        try:
+            answer: dict[str, Any] = await (
+                self._while_target_answers(run, call) if watched else call
+            )
+        except PeerRefused as exc:
+            raise MigrationFailed(f"{peer.name} could not restore: {exc.reason}") from exc
+        except PeerUnavailable as exc:
+            raise MigrationFailed(f"the restore call to {peer.name} broke: {exc}") from exc
+        return answer
 
     async def _while_target_answers(self, run: _Run, call: Awaitable[Any]) -> Any:
         """Await a long peer call (the restore) while the target still answers at all.
@@ -1036,20 +1046,14 @@ class MigrationService:
         run.restore_sent = True
         await self._phase(run, rp.RESTORE, emit, f"restoring on {peer.name}, pages to follow")
         with run.timer.phase(rp.RESTORE):
-            try:
-                answer = await peer.post_json(
-                    migration_path(run.mid, "restore"),
-                    {
-                        "digest": run.report.details["digest"],
-                        "checkpoint": run.checkpoint,
-                        "postcopy": {"port": port},
-                    },
-                    timeout=mig.restore_timeout + 15,
-                )
-            except PeerRefused as exc:
-                raise MigrationFailed(f"{peer.name} could not restore: {exc.reason}") from exc
-            except PeerUnavailable as exc:
-                raise MigrationFailed(f"the restore call to {peer.name} broke: {exc}") from exc
+            body = {
+                "digest": run.report.details["digest"],
+                "checkpoint": run.checkpoint,
+                "postcopy": {"port": port},
+            }
+            # Not given up while it runs: the target's copy runs, and it stops on its own
+            # when the page stream does.
+            answer = await self._ask_restore(run, body, watched=False)
             if not answer.get("postcopy"):
                 raise MigrationFailed(f"{peer.name} did not start a post-copy restore")
         run.report.downtime_s = round(self.clock.monotonic() - run.frozen_at, 4)

@@ -991,7 +991,9 @@ class TargetHandlers:
         first: Exception | None = None
         for attempt in (1, 2):
             try:
-                self._gate_sync(hooks.LAZY_DAEMON, inc.migration_id)
+                hooks.gate_sync(
+                    Path(self.config.state_dir), hooks.LAZY_DAEMON, {"migration": inc.migration_id}
+                )
                 t0 = self.clock.monotonic()
                 self._restore_once(inc)
                 t1 = self.clock.monotonic()
@@ -1310,16 +1312,6 @@ class TargetHandlers:
         task = asyncio.get_running_loop().create_task(watch())
         self._cleanup_tasks.add(task)
         task.add_done_callback(self._cleanup_tasks.discard)
-
-    def _gate_sync(self, name: str, mid: str) -> None:
-        """hooks.gate for code running in a worker thread."""
-        path = Path(self.config.state_dir) / hooks.HOOKS_DIR / name
-        if not path.exists():
-            return
-        (path.parent / f"{name}.reached").write_text(mid)
-        deadline = time.monotonic() + hooks.HOOK_MAX_WAIT
-        while path.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
 
     def _restore_once(self, inc: Incoming) -> None:
         assert inc.container_id

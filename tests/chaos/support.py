@@ -174,32 +174,6 @@ def remove_workload(cluster: Cluster, workload: Workload) -> None:
 # ---------------------------------------------------------------- gates
 
 
-class Gate:
-    """An engine hook (agent/migration/hooks.py): the migration waits here while armed."""
-
-    def __init__(self, host: Host, name: str) -> None:
-        self.host = host
-        self.name = name
-        self.path = hook_path(host, name)
-        self.reached = self.path.with_name(f"{name}.reached")
-
-    def arm(self) -> Gate:
-        self.reached.unlink(missing_ok=True)
-        self.path.write_text("chaos")
-        return self
-
-    def wait(self, timeout: float = 60.0) -> str:
-        """Wait until a migration stops here; returns its id."""
-        wait_for(
-            self.reached.exists, timeout=timeout, what=f"{self.host.name} to reach {self.name}"
-        )
-        info = json.loads(self.reached.read_text())
-        return str(info.get("migration") or info.get("migration_id"))
-
-    def release(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------- background migrations
 
 

@@ -15,12 +15,12 @@ from tests.chaos.support import (
     QUICK_OUTAGE_S,
     SLOW_OUTAGE_S,
     Cluster,
-    Gate,
     Migration,
     assert_outcome,
     never_two_running,
     source_row_phase,
 )
+from tests.e2e.migration_support import Gate
 from tests.helpers import wait_for
 from tests.testbed import faults
 

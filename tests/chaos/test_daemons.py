@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from tests.chaos.invariants import Workload, check_all
-from tests.chaos.support import Cluster, Gate, Migration, assert_outcome, never_two_running
+from tests.chaos.support import Cluster, Migration, assert_outcome, never_two_running
+from tests.e2e.migration_support import Gate
 from tests.testbed import faults
 
 pytestmark = [pytest.mark.chaos, pytest.mark.testbed, pytest.mark.e2e]

@@ -16,7 +16,6 @@ from tests.chaos.invariants import Workload, assert_invariants, check_all, journ
 from tests.chaos.support import (
     HOG_MIB,
     Cluster,
-    Gate,
     Migration,
     assert_outcome,
     chaos_cluster,
@@ -24,7 +23,7 @@ from tests.chaos.support import (
     remove_workload,
     start_memhog,
 )
-from tests.e2e.migration_support import ferry_migrate, result_of
+from tests.e2e.migration_support import Gate, ferry_migrate, result_of
 from tests.testbed import faults
 from tests.testbed.layout import Host
 

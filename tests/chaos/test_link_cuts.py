@@ -18,12 +18,12 @@ from tests.chaos.support import (
     QUICK_OUTAGE_S,
     SLOW_OUTAGE_S,
     Cluster,
-    Gate,
     Migration,
     assert_outcome,
     ferry_cli,
     never_two_running,
 )
+from tests.e2e.migration_support import Gate
 from tests.helpers import wait_for
 from tests.testbed import faults
 

@@ -20,6 +20,7 @@ from typing import Any
 import docker
 
 from tests.e2e.agents_fixtures import counter_state
+from tests.helpers import wait_for
 from tests.testbed import agents as testbed_agents
 from tests.testbed import procs
 from tests.testbed.agents import REPO, _ensure_certs, write_config
@@ -130,6 +131,32 @@ def hook_path(host: Host, name: str) -> Path:
     path = Path(host.state_dir) / HOOKS_DIR / name
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class Gate:
+    """An engine hook (agent/migration/hooks.py): the migration waits here while armed."""
+
+    def __init__(self, host: Host, name: str) -> None:
+        self.host = host
+        self.name = name
+        self.path = hook_path(host, name)
+        self.reached = self.path.with_name(f"{name}.reached")
+
+    def arm(self) -> Gate:
+        self.reached.unlink(missing_ok=True)
+        self.path.write_text("test")
+        return self
+
+    def wait(self, timeout: float = 60.0) -> str:
+        """Wait until a migration stops here; returns its id."""
+        wait_for(
+            self.reached.exists, timeout=timeout, what=f"{self.host.name} to reach {self.name}"
+        )
+        info = json.loads(self.reached.read_text())
+        return str(info.get("migration") or info.get("migration_id"))
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def migrate_in_background(host: Host, container: str, target: str) -> subprocess.Popen[str]:

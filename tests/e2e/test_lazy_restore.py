@@ -10,7 +10,6 @@ copy already runs, is replaced and the restore retried from the local images.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 from collections.abc import Iterator
@@ -22,10 +21,10 @@ import pytest
 from tests.e2e.agents_fixtures import log_events
 from tests.e2e.migration_support import (
     MEMHOG,
+    Gate,
     container_or_none,
     engine_agents,
     ferry_migrate,
-    hook_path,
     migrate_in_background,
     readings,
     result_of,
@@ -127,20 +126,16 @@ def test_a_dead_lazy_pages_daemon_is_replaced_and_the_restore_retried(
     h1, h2 = agents
     ctrd = _ctrd_copies(h2)
     before = wait_for(lambda: len(r := readings(hog)) >= 2 and r, timeout=60, what="readings")
-    gate = hook_path(h2, "lazy-daemon")
-    reached = gate.with_name("lazy-daemon.reached")
-    reached.unlink(missing_ok=True)
-    gate.write_text("e2e")
+    gate = Gate(h2, "lazy-daemon").arm()
     try:
         cli = migrate_in_background(h1, NAME, h2.name)
-        wait_for(reached.exists, timeout=120, what="the target's lazy-pages daemon")
-        mid = reached.read_text()
+        mid = gate.wait(timeout=120)
         daemons = _lazy_daemons(mid)
         assert daemons, "no criu lazy-pages process for this migration"
         for pid in daemons:
             os.kill(pid, signal.SIGKILL)
     finally:
-        gate.unlink(missing_ok=True)
+        gate.release()
     _, err = cli.communicate(timeout=300)
     assert cli.returncode == 0, err
     failed = [e for e in log_events(h2, "migration.target.lazy_failed") if e["migration"] == mid]
@@ -178,21 +173,18 @@ def test_a_daemon_dying_while_the_copy_runs_is_replaced_and_the_copy_restored_ag
         MEMHOG, name=name, detach=True, environment={"MEMHOG_MIB": "1024"}
     )
     ctrd = _ctrd_copies(h2)
-    gate = hook_path(h1, "before-decision")
-    reached = gate.with_name("before-decision.reached")
+    gate = Gate(h1, "before-decision")
     stopped: list[int] = []
     try:
         before = wait_for(lambda: len(r := readings(hog)) >= 2 and r, timeout=120, what="readings")
-        reached.unlink(missing_ok=True)
-        gate.write_text("e2e")
+        gate.arm()
         try:
             cli = migrate_in_background(h1, name, h2.name)
-            wait_for(reached.exists, timeout=120, what="the target's copy held")
-            mid = json.loads(reached.read_text())["migration"]
+            mid = gate.wait(timeout=120)  # the target holds its copy
             stopped = _stop_live(_lazy_daemons(mid))
             assert stopped, "the daemon had filled every page in before it could be stopped"
         finally:
-            gate.unlink(missing_ok=True)
+            gate.release()
         try:
             wait_for(
                 lambda: any(

@@ -7,7 +7,6 @@ CAP_SYS_RESOURCE): the module raises it and puts the old value back.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -25,6 +24,7 @@ from tests.e2e.agents_fixtures import ferry, status
 from tests.e2e.migration_support import (
     MEMHOG,
     Agents,
+    Gate,
     container_or_none,
     engine_agents,
     ferry_migrate,
@@ -144,14 +144,10 @@ def _postcopy_running(h: Host, mid: str) -> bool:
 def _start(h1: Host, h2: Host, mbit: int = 40) -> tuple[Any, str]:
     """Start a migration with a slow link, and wait until the target runs on pulled pages."""
     faults.rate_limit(h2, mbit)
-    gate = hook_path(h1, "after-freeze")
-    reached = gate.with_name("after-freeze.reached")
-    reached.unlink(missing_ok=True)
-    gate.write_text("e2e")
+    gate = Gate(h1, "after-freeze").arm()
     cli = migrate_in_background(h1, NAME, h2.name)
-    wait_for(reached.exists, timeout=60, what="the source's lazy dump")
-    mid = json.loads(reached.read_text())["migration"]
-    gate.unlink()
+    mid = gate.wait()  # the source's lazy dump
+    gate.release()
     wait_for(lambda: _postcopy_running(h1, mid), timeout=60, what="the target to run")
     return cli, mid
 
@@ -178,44 +174,30 @@ def test_a_stray_connection_to_the_page_port_rolls_back(
     hog: list[tuple[int, str]],
 ) -> None:
     (h1, h2), _ = cluster
-    gate = hook_path(h1, "after-freeze")
-    reached = gate.with_name("after-freeze.reached")
-    reached.unlink(missing_ok=True)
-    gate.write_text("e2e")
+    gate = Gate(h1, "after-freeze").arm()
     cli = migrate_in_background(h1, NAME, h2.name)
-    wait_for(reached.exists, timeout=60, what="the source's page server")
-    mid = json.loads(reached.read_text())["migration"]
+    mid = gate.wait()  # the source's page server listens
     port = history(h1, mid)[0].report["details"]["postcopy_port"]
     # Connect and close from the target's network, as a port scanner would.
     faults.netns_run(h2, ["bash", "-c", f"exec 3<>/dev/tcp/{h1.ip}/{port}; exec 3>&-"])
-    gate.unlink()
+    gate.release()
     _, err = cli.communicate(timeout=300)
     assert cli.returncode == 1 and "rolled back" in err, err
     assert _one_copy_goes_on(docker_clients, hog) == h1.name
 
 
-def test_source_criu_killed_mid_transfer(
+@pytest.mark.parametrize(
+    "criu", [b"dump", b"lazy-pages"], ids=["source CRIU killed", "target page daemon killed"]
+)
+def test_a_criu_killed_mid_transfer_rolls_back(
     cluster: tuple[list[Host], Agents],
     docker_clients: dict[str, docker.DockerClient],
     hog: list[tuple[int, str]],
+    criu: bytes,
 ) -> None:
     (h1, h2), _ = cluster
     cli, _ = _start(h1, h2)
-    for pid in _criu_pids(b"dump"):
-        os.kill(pid, signal.SIGKILL)
-    _, err = cli.communicate(timeout=300)
-    assert cli.returncode == 1, err
-    assert _one_copy_goes_on(docker_clients, hog) == h1.name
-
-
-def test_target_page_daemon_killed(
-    cluster: tuple[list[Host], Agents],
-    docker_clients: dict[str, docker.DockerClient],
-    hog: list[tuple[int, str]],
-) -> None:
-    (h1, h2), _ = cluster
-    cli, _ = _start(h1, h2)
-    for pid in _criu_pids(b"lazy-pages"):
+    for pid in _criu_pids(criu):
         os.kill(pid, signal.SIGKILL)
     _, err = cli.communicate(timeout=300)
     assert cli.returncode == 1, err

@@ -661,28 +661,42 @@ def test_reconcile_restores_a_frozen_container_exactly_once(hosts: tuple[Host, H
     assert a.journal.unfinished() == []
 
 
+AFTER_DECISION = "after-decision"
+
+
+async def _stopped_after_the_decision(a: Host) -> str:
+    """Run a migration of "web" until "commit" is journalled, then stop it as a dying agent
+    would; returns its id. The caller disarms the hook (`_disarm`)."""
+    hooks_dir = a.config.state_dir / "hooks"
+    hooks_dir.mkdir(parents=True, exist_ok=True)
+    (hooks_dir / AFTER_DECISION).write_text("test")
+    task = asyncio.ensure_future(a.service.migrate("web", "b"))
+    reached = hooks_dir / f"{AFTER_DECISION}.reached"
+    for _ in range(2000):
+        if reached.exists():
+            break
+        await asyncio.sleep(0.005)
+    task.cancel()  # the agent stops: the journal says "commit"
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return a.journal.unfinished()[0].id
+
+
+def _disarm(a: Host) -> None:
+    (a.config.state_dir / "hooks" / AFTER_DECISION).unlink()
+
+
 def test_reconcile_finishes_a_journalled_commit(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     cid = a.docker.add_running("web")
-    hooks_dir = a.config.state_dir / "hooks"
-    hooks_dir.mkdir(parents=True)
-    (hooks_dir / "after-decision").write_text("test")
 
     async def crash_after_the_decision() -> str:
-        task = asyncio.ensure_future(a.service.migrate("web", "b"))
-        reached = hooks_dir / "after-decision.reached"
-        for _ in range(2000):
-            if reached.exists():
-                break
-            await asyncio.sleep(0.005)
-        task.cancel()  # the agent stops: the journal says "commit"
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        mid = await _stopped_after_the_decision(a)
         await b.service.handlers.close()  # its decision watcher belongs to this loop
-        return a.journal.unfinished()[0].id
+        return mid
 
     mid = run_async(crash_after_the_decision())
-    (hooks_dir / "after-decision").unlink()
+    _disarm(a)
     assert a.journal.get(mid).report["decision"] == "commit"
     held_copy = b.docker._get("web")
     assert held_copy["held"], "the target copy must stay stopped until the commit"
@@ -925,21 +939,9 @@ def test_a_late_commit_is_checked_against_the_sources_journal(hosts: tuple[Host,
     # A commit held in a cut link's buffers arrives after an operator kept the source.
     a, b = hosts
     a.docker.add_running("web")
-    hooks_dir = a.config.state_dir / "hooks"
-    hooks_dir.mkdir(parents=True)
-    (hooks_dir / "after-decision").write_text("test")
 
     async def scenario() -> None:
-        task = asyncio.ensure_future(a.service.migrate("web", "b"))
-        reached = hooks_dir / "after-decision.reached"
-        for _ in range(2000):
-            if reached.exists():
-                break
-            await asyncio.sleep(0.005)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        mid = a.journal.unfinished()[0].id
+        mid = await _stopped_after_the_decision(a)
         rec = a.journal.get(mid)
         a.journal.update_report(mid, rec.report | {"decision": "rollback"})
         with pytest.raises(HandlerError) as err:
@@ -948,5 +950,5 @@ def test_a_late_commit_is_checked_against_the_sources_journal(hosts: tuple[Host,
         await b.service.handlers.close()
 
     run_async(scenario())
-    (hooks_dir / "after-decision").unlink()
+    _disarm(a)
     assert b.docker.find_container("web") is None, "the held copy must go, never run"
