@@ -332,7 +332,7 @@ class MigrationService:
             raise refusal(verdict)
         spec = self._check_source(inspect)
         wants_postcopy = self._wants_postcopy(inspect, asked_postcopy)
-        run = self._start_run(spec, peer)
+        run = await self._start_run(spec, peer)
         run.postcopy = wants_postcopy
         emit = self._emitter(run, progress)
         try:
@@ -361,23 +361,33 @@ class MigrationService:
             raise MigrationRefused("; ".join(problems))
         return spec
 
-    def _start_run(self, spec: ContainerSpec, peer: PeerLike, group: str | None = None) -> _Run:
+    async def _start_run(
+        self, spec: ContainerSpec, peer: PeerLike, group: str | None = None
+    ) -> _Run:
         mid = new_migration_id(self.clock)
         report = MigrationReport(mid, spec.name, self.config.name, peer.name)
         if group is not None:
             report.details["group"] = group
         run = _Run(mid, spec, peer, report, self.clock)
-        self.journal.begin(
-            mid,
-            container_id=spec.id,
-            container_name=spec.name,
-            source=self.config.name,
-            target=peer.name,
-            role="source",
-            phase=rp.PREPARE,
-            report=self._journal_data(run),
-        )
+        # Claimed before the journal write yields the loop: a second request for the
+        # same container meanwhile is refused by _check_source, not run twice.
         self.active[spec.id] = mid
+        try:
+            # A synced SQLite write: off the loop, and never cut short by a cancellation.
+            await to_thread_to_the_end(
+                self.journal.begin,
+                mid,
+                container_id=spec.id,
+                container_name=spec.name,
+                source=self.config.name,
+                target=peer.name,
+                role="source",
+                phase=rp.PREPARE,
+                report=self._journal_data(run),
+            )
+        except BaseException:
+            self.active.pop(spec.id, None)
+            raise
         log.info(
             "migration.started", migration=mid, container=spec.name, target=peer.name, group=group
         )
@@ -428,7 +438,14 @@ class MigrationService:
                 # Lasting, like a single container's: drain does not retry the group for it.
                 refused.eligibility = blocked[0]
             raise refused
-        runs = [self._start_run(spec, peer, group) for spec, _ in specs]
+        runs: list[_Run] = []
+        try:
+            for spec, _ in specs:
+                runs.append(await self._start_run(spec, peer, group))
+        except BaseException:
+            for r in runs:  # nothing frozen yet: the members begun so far are let go
+                self.active.pop(r.spec.id, None)
+            raise
         members = [r.spec.name for r in runs]
         for r in runs:
             r.report.details["members"] = members

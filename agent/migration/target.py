@@ -82,6 +82,12 @@ T_RECEIVED = "received"
 T_RESTORE = "restore"
 T_RESTORED = "restored"  # restored and held stopped, waiting for the source's decision
 T_POSTCOPY = "postcopy"  # running, pulling its pages from the paused source
+# Before the restore nothing runs here: a migration the source has gone silent on
+# may be dropped then, without waiting out its reservation.
+_BEFORE_RESTORE = (T_PREPARED, T_IMAGE, T_STAGED, T_RECEIVED)
+# How long a source may say nothing (no request) before the target asks it whether
+# the migration is still on; a dump of a big container sends nothing for a while.
+QUIET_LIMIT = 120.0
 DECISION_POLL_MAX = 30.0
 
 
@@ -116,6 +122,7 @@ class Incoming:
     added_tags: list[str] = field(default_factory=list)  # tags this migration added
     aborted: bool = False  # set by abort at once, even while a restore holds the lock
     timings: dict[str, float] = field(default_factory=dict)
+    last_heard: float = 0.0  # monotonic: the source's latest request
 
     def journal_report(self) -> dict[str, Any]:
         # The spec stays: a restarted agent needs its restart policy and health check.
@@ -191,6 +198,9 @@ class TargetHandlers:
         # Lazy restores whose pages are still being filled in from local disk.
         self._fills: dict[str, _Fill] = {}
         self._filled: dict[str, float] = {}  # migration -> seconds from held to the last page
+        # Timers (not tasks: nothing waits while none is due) that ask a silent source.
+        self._quiet: dict[str, asyncio.TimerHandle] = {}
+        self.quiet_limit = QUIET_LIMIT
 
     # ------------------------------------------------------------ helpers
 
@@ -203,6 +213,7 @@ class TargetHandlers:
             raise _refuse(f"no migration {mid} in progress here", "unknown_migration", 404)
         if inc.peer != peer:
             raise _refuse(f"migration {mid} belongs to another peer", "forbidden", 403)
+        inc.last_heard = self.clock.monotonic()
         return inc
 
     async def _phase(self, inc: Incoming, phase: str, extra: dict[str, Any] | None = None) -> None:
@@ -215,6 +226,9 @@ class TargetHandlers:
         await to_thread_to_the_end(self.journal.update_report, inc.migration_id, report)
 
     async def close(self) -> None:
+        for timer in self._quiet.values():
+            timer.cancel()
+        self._quiet.clear()
         for task in list(self._cleanup_tasks):
             task.cancel()
         await asyncio.gather(*self._cleanup_tasks, return_exceptions=True)
@@ -297,7 +311,9 @@ class TargetHandlers:
         except JournalError as exc:
             self.reservations.release(mid)
             raise _refuse(str(exc), "conflict") from exc
+        inc.last_heard = self.clock.monotonic()
         self.incoming[mid] = inc
+        self._arm_quiet(mid, self.quiet_limit)
         log.info("migration.target.prepared", migration=mid, peer=peer, container=name)
         return {"accepted": True, "has_image": has_image, "reservation_ttl_s": RESERVATION_TTL}
 
@@ -356,6 +372,65 @@ class TargetHandlers:
             if mid not in live and not (lock is not None and lock.locked()):
                 log.warning("migration.target.stale", migration=mid, peer=inc.peer)
                 await self._discard(inc, "the source went quiet; reservation expired")
+
+    def _arm_quiet(self, mid: str, delay: float) -> None:
+        old = self._quiet.pop(mid, None)
+        if old is not None:
+            old.cancel()
+        self._quiet[mid] = asyncio.get_running_loop().call_later(delay, self._quiet_due, mid)
+
+    def _quiet_due(self, mid: str) -> None:
+        self._quiet.pop(mid, None)
+        if mid in self.incoming:
+            task = asyncio.get_running_loop().create_task(self._check_quiet(mid))
+            self._cleanup_tasks.add(task)
+            task.add_done_callback(self._cleanup_tasks.discard)
+
+    def _phase_of(self, mid: str) -> str | None:
+        with contextlib.suppress(JournalError):
+            rec = self.journal.get(mid)
+            return rec.phase if rec.outcome is None else None
+        return None
+
+    async def _check_quiet(self, mid: str) -> None:
+        """Drop a migration whose source went silent before anything ran here.
+
+        Asked first: a source still dumping or sending says its migration is on.
+        One that is unreachable, or that ended it, gets nothing restored here
+        any more, so the half-made container and the reservation go now.
+        """
+        inc = self.incoming.get(mid)
+        if inc is None:
+            return
+        quiet = self.clock.monotonic() - inc.last_heard
+        lock = self._locks.get(mid)
+        busy = lock is not None and lock.locked()  # a request (an upload) is running
+        if busy or quiet < self.quiet_limit or self._phase_of(mid) not in _BEFORE_RESTORE:
+            if self._phase_of(mid) in _BEFORE_RESTORE:
+                self._arm_quiet(mid, max(self.quiet_limit - quiet, self.quiet_limit / 4))
+            return
+        verdict = await self.peer_status(inc.peer, mid) if self.peer_status else None
+        if verdict is not None and verdict.get("outcome") is None:
+            inc.last_heard = self.clock.monotonic()
+            self._arm_quiet(mid, self.quiet_limit)
+            return
+        async with self._lock(mid):
+            if self.incoming.get(mid) is not inc or self._phase_of(mid) not in _BEFORE_RESTORE:
+                return
+            if self.clock.monotonic() - inc.last_heard < quiet:
+                self._arm_quiet(mid, self.quiet_limit)  # the source spoke while we asked
+                return
+            why = (
+                "cannot be reached"
+                if verdict is None
+                else f"has ended it ({verdict.get('outcome')})"
+            )
+            reason = (
+                f"the source {inc.peer} sent nothing for {quiet:.0f}s and {why}; "
+                "nothing was restored here"
+            )
+            log.warning("migration.target.source_silent", migration=mid, reason=reason)
+            await self._discard(inc, reason)
 
     def _held(self, mid: str) -> bool:
         with contextlib.suppress(JournalError):
@@ -1551,6 +1626,9 @@ class TargetHandlers:
         task.add_done_callback(self._cleanup_tasks.discard)
 
     def _forget(self, mid: str) -> None:
+        timer = self._quiet.pop(mid, None)
+        if timer is not None:
+            timer.cancel()
         self.incoming.pop(mid, None)
         self._locks.pop(mid, None)
         self.reservations.release(mid)

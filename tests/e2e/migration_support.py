@@ -158,6 +158,12 @@ class Gate:
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
 
+    def __enter__(self) -> Gate:
+        return self.arm()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()  # a failed test never leaves a migration parked here
+
 
 def migrate_in_background(host: Host, container: str, target: str) -> subprocess.Popen[str]:
     assert host.agent_config

@@ -22,10 +22,10 @@ from tests.e2e.agents_fixtures import counter_state
 from tests.e2e.migration_support import (
     COUNTER,
     Agents,
+    Gate,
     container_or_none,
     engine_agents,
     history,
-    hook_path,
     migrate_in_background,
 )
 from tests.helpers import wait_for
@@ -62,7 +62,7 @@ def counter(
         restore_link(h)
         agents.start(h)
         for name in ("before-restore", "before-continue"):
-            hook_path(h, name).unlink(missing_ok=True)
+            Gate(h, name).release()
     for client in docker_clients.values():
         c = container_or_none(client, NAME)
         if c is not None:
@@ -85,13 +85,6 @@ def _held_stopped(client: docker.DockerClient) -> bool:
     return c is not None and held.all_stopped(held.container_processes(c.id))
 
 
-def _gate(host: Host, name: str) -> Path:
-    gate = hook_path(host, name)
-    gate.with_name(f"{name}.reached").unlink(missing_ok=True)
-    gate.write_text("e2e")
-    return gate
-
-
 def _ferry(host: Host, *args: str) -> subprocess.CompletedProcess[str]:
     assert host.agent_config
     argv = [sys.executable, "-m", "agent", *args, "--config", host.agent_config]
@@ -112,11 +105,10 @@ def test_lost_restore_answer_rolls_back_and_the_held_copy_never_runs(
     counter: dict[str, Any],
 ) -> None:
     (h1, h2), _ = cluster
-    gate = _gate(h2, "before-restore")
-    cli = migrate_in_background(h1, NAME, h2.name)
-    wait_for(gate.with_name("before-restore.reached").exists, 60, what="target at the restore")
-    cut_link(h2)  # the restore happens, its answer never arrives
-    gate.unlink()
+    with Gate(h2, "before-restore") as gate:
+        cli = migrate_in_background(h1, NAME, h2.name)
+        gate.wait()
+        cut_link(h2)  # the restore happens, its answer never arrives
     wait_for(lambda: _held_stopped(docker_clients[h2.name]), 60, what="the target to hold its copy")
     out, err = cli.communicate(timeout=120)
     assert cli.returncode == 1, err
@@ -145,11 +137,10 @@ def test_target_gone_at_the_commit_is_in_doubt_then_resolves_itself(
     counter: dict[str, Any],
 ) -> None:
     (h1, h2), agents = cluster
-    gate = _gate(h2, "before-continue")
-    cli = migrate_in_background(h1, NAME, h2.name)
-    wait_for(gate.with_name("before-continue.reached").exists, 60, what="target at the commit")
-    agents.stop(h2, signal.SIGKILL)
-    gate.unlink()
+    with Gate(h2, "before-continue") as gate:
+        cli = migrate_in_background(h1, NAME, h2.name)
+        gate.wait()
+        agents.stop(h2, signal.SIGKILL)
     out, err = cli.communicate(timeout=120)
     assert cli.returncode == 1, err
     assert "IN DOUBT" in err, err
@@ -175,11 +166,10 @@ def test_operator_keeps_the_source_when_the_target_is_lost(
     counter: dict[str, Any],
 ) -> None:
     (h1, h2), agents = cluster
-    gate = _gate(h2, "before-continue")
-    cli = migrate_in_background(h1, NAME, h2.name)
-    wait_for(gate.with_name("before-continue.reached").exists, 60, what="target at the commit")
-    agents.stop(h2, signal.SIGKILL)
-    gate.unlink()
+    with Gate(h2, "before-continue") as gate:
+        cli = migrate_in_background(h1, NAME, h2.name)
+        gate.wait()
+        agents.stop(h2, signal.SIGKILL)
     out, _ = cli.communicate(timeout=120)
     mid = json.loads(out.splitlines()[-1])["report"]["migration_id"]
     assert history(h1, mid)[0].outcome == "in_doubt"

@@ -21,11 +21,11 @@ from tests.e2e.agents_fixtures import ferry, log_events, status
 from tests.e2e.migration_support import (
     COUNTER,
     Agents,
+    Gate,
     container_or_none,
     engine_agents,
     ferry_migrate,
     history,
-    hook_path,
     migrate_in_background,
     result_of,
 )
@@ -223,24 +223,18 @@ def test_failed_rollback_restore_reports_state_lost(
     _restart_with(agents, h1, [h1, h2, h3], migration={"checkpoint_via": "engine"})
     c1.containers.run(COUNTER, name="e-lost", detach=True)
     cid = c1.containers.get("e-lost").id
-    gate = hook_path(h1, "after-freeze")
-    reached = gate.with_name("after-freeze.reached")
-    reached.unlink(missing_ok=True)
-    gate.write_text("e2e")
     try:
-        proc = migrate_in_background(h1, "e-lost", h2.name)
-        wait_for(reached.exists, timeout=60, what="the source to reach the after-freeze gate")
-        mid = json.loads(reached.read_text())["migration"]
-        images = Path(h1.data_root) / "containers" / cid / "checkpoints" / f"ferry-{mid}"
-        corrupted = 0
-        for img in images.glob("*.img"):
-            img.write_bytes(b"\0" * 64)  # CRIU cannot read these: neither side restores
-            corrupted += 1
-        assert corrupted, f"no checkpoint images in {images}"
-        gate.unlink()
+        with Gate(h1, "after-freeze") as gate:
+            proc = migrate_in_background(h1, "e-lost", h2.name)
+            mid = gate.wait()
+            images = Path(h1.data_root) / "containers" / cid / "checkpoints" / f"ferry-{mid}"
+            corrupted = 0
+            for img in images.glob("*.img"):
+                img.write_bytes(b"\0" * 64)  # CRIU cannot read these: neither side restores
+                corrupted += 1
+            assert corrupted, f"no checkpoint images in {images}"
         out, err = proc.communicate(timeout=300)
     finally:
-        gate.unlink(missing_ok=True)
         _restart_with(agents, h1, [h1, h2, h3])
     assert proc.returncode == 1, err
     assert "STATE LOST: e-lost did not keep its state" in err, err

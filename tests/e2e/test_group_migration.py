@@ -23,10 +23,10 @@ from agent.migration import held
 from tests.e2e.agents_fixtures import counter_state
 from tests.e2e.migration_support import (
     COUNTER,
+    Gate,
     container_or_none,
     engine_agents,
     ferry_migrate,
-    hook_path,
     migrate_in_background,
     result_of,
 )
@@ -167,13 +167,15 @@ def test_a_failure_inside_a_group_rolls_every_member_back(
     h1, h2 = agents
     c1 = docker_clients[h1.name]
     before = _probe_from(c1, "stk-app", "cache")["state"]
-    gate = hook_path(h2, "before-restore")
-    gate.write_text("e2e")
     try:
         # The target's daemon dies at the first member's restore: the whole group comes back.
-        code, _, err = _migrate_with_broken_target(h1, h2)
+        with Gate(h2, "before-restore") as gate:
+            proc = migrate_in_background(h1, "stk-app", h2.name)
+            gate.wait()
+            kill_dockerd(h2)  # the restore fails; nothing of the group may survive on h2
+        _, err = proc.communicate(timeout=300)
+        code = proc.returncode
     finally:
-        gate.unlink(missing_ok=True)
         start_dockerd(h2)
     assert code == 1, err
     assert "rolled back" in err
@@ -189,15 +191,3 @@ def test_a_failure_inside_a_group_rolls_every_member_back(
     )
     after = _probe_from(c1, "stk-app", "cache")["state"]
     assert after["nonce"] == before["nonce"] and after["counter"] >= before["counter"]
-
-
-def _migrate_with_broken_target(h1: Host, h2: Host) -> tuple[int, list[dict[str, Any]], str]:
-    reached = hook_path(h2, "before-restore.reached")
-    reached.unlink(missing_ok=True)
-    proc = migrate_in_background(h1, "stk-app", h2.name)
-    wait_for(reached.exists, timeout=60, what="the target at its first restore")
-    kill_dockerd(h2)  # the restore fails; nothing of the group may survive on h2
-    hook_path(h2, "before-restore").unlink()
-    out, err = proc.communicate(timeout=300)
-    lines = [json.loads(x) for x in out.splitlines() if x.strip().startswith("{")]
-    return proc.returncode, lines, err

@@ -15,12 +15,12 @@ from tests.e2e.migration_support import (
     FAULT_NAME,
     FAULT_PORT,
     Agents,
+    Gate,
     container_or_none,
     engine_agents,
     fault_state,
     ferry_migrate,
     history,
-    hook_path,
     migrate_in_background,
     result_of,
     runs_only_on,
@@ -69,18 +69,13 @@ def test_restore_failure_on_target_rolls_back(
     counter: dict[str, Any],
 ) -> None:
     (h1, h2), _ = cluster
-    gate = hook_path(h2, "before-restore")
-    reached = gate.with_name("before-restore.reached")
-    reached.unlink(missing_ok=True)
-    gate.write_text("e2e")
     try:
-        proc = migrate_in_background(h1, NAME, h2.name)
-        wait_for(reached.exists, timeout=60, what="target to reach the restore gate")
-        stop_dockerd(h2)  # the target's daemon goes away between transfer and restore
-        gate.unlink()
+        with Gate(h2, "before-restore") as gate:
+            proc = migrate_in_background(h1, NAME, h2.name)
+            gate.wait()
+            stop_dockerd(h2)  # the target's daemon goes away between transfer and restore
         out, err = proc.communicate(timeout=300)
     finally:
-        gate.unlink(missing_ok=True)
         start_dockerd(h2)
     assert proc.returncode == 1, err
     result = result_of([json.loads(x) for x in out.splitlines() if x.startswith("{")])
@@ -104,21 +99,14 @@ def test_source_agent_killed_after_freeze_reconciles(
     counter: dict[str, Any],
 ) -> None:
     (h1, h2), agents = cluster
-    gate = hook_path(h1, "after-freeze")
-    reached = gate.with_name("after-freeze.reached")
-    reached.unlink(missing_ok=True)
-    gate.write_text("e2e")
-    try:
+    with Gate(h1, "after-freeze") as gate:
         cli = migrate_in_background(h1, NAME, h2.name)
-        wait_for(reached.exists, timeout=60, what="source to freeze")
+        mid = gate.wait()
         # The default (runc) checkpointer freezes it in place.
         assert docker_clients[h1.name].containers.get(NAME).status == "paused"
         agents.stop(h1, signal.SIGKILL)
         cli.communicate(timeout=60)
         assert cli.returncode == 3  # the agent went away under it
-    finally:
-        gate.unlink(missing_ok=True)
-    mid = json.loads(reached.read_text())["migration"]
     (rec,) = history(h1, mid)
     assert rec.outcome is None and rec.phase == "freeze"
 

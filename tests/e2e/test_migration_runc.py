@@ -22,6 +22,7 @@ from tests.e2e.migration_support import (
     MEMHOG,
     MOVE_PORT,
     Agents,
+    Gate,
     check_moved,
     container_or_none,
     counter_on,
@@ -29,7 +30,6 @@ from tests.e2e.migration_support import (
     fault_state,
     ferry_migrate,
     history,
-    hook_path,
     migrate_in_background,
     readings,
     result_of,
@@ -144,24 +144,18 @@ def test_failure_after_a_runc_freeze_rolls_back_with_state(
         restart_policy={"Name": "always"},
     )
     before = fault_state(h1, 3)
-    gate = hook_path(h1, "after-freeze")
-    reached = gate.with_name("after-freeze.reached")
-    reached.unlink(missing_ok=True)
-    gate.write_text("e2e")
     try:
-        cli = migrate_in_background(h1, FAULT_NAME, h2.name)
-        wait_for(reached.exists, timeout=60, what="source to freeze")
-        frozen = docker_clients[h1.name].containers.get(FAULT_NAME)
-        # Frozen in place, its images complete beside it.
-        assert frozen.status == "paused", frozen.status
-        mid = json.loads(reached.read_text())["migration"]
-        images = Path(h1.data_root) / "containers" / frozen.id / "checkpoints" / f"ferry-{mid}"
-        assert (images / "inventory.img").exists()
-        agents.stop(h2, signal.SIGTERM)  # the target goes away: the transfer must fail
-        gate.unlink()
+        with Gate(h1, "after-freeze") as gate:
+            cli = migrate_in_background(h1, FAULT_NAME, h2.name)
+            mid = gate.wait()
+            frozen = docker_clients[h1.name].containers.get(FAULT_NAME)
+            # Frozen in place, its images complete beside it.
+            assert frozen.status == "paused", frozen.status
+            images = Path(h1.data_root) / "containers" / frozen.id / "checkpoints" / f"ferry-{mid}"
+            assert (images / "inventory.img").exists()
+            agents.stop(h2, signal.SIGTERM)  # the target goes away: the transfer must fail
         out, err = cli.communicate(timeout=300)
     finally:
-        gate.unlink(missing_ok=True)
         if not h2.agent_pid:
             agents.start(h2)
     assert cli.returncode == 1, err

@@ -23,10 +23,10 @@ import pytest
 
 from tests.e2e.migration_support import (
     Agents,
+    Gate,
     container_or_none,
     engine_agents,
     ferry_migrate,
-    hook_path,
     migrate_in_background,
     result_of,
 )
@@ -392,19 +392,14 @@ def test_rollback_after_the_freeze_keeps_connections(
     wait_for(lambda: all(len(_acked(out, i)) >= 20 for i in range(3)), timeout=30,
              what="three clients writing")  # fmt: skip
 
-    gate = hook_path(h1, "after-freeze")
-    reached = gate.with_name("after-freeze.reached")
-    reached.unlink(missing_ok=True)
-    gate.write_text("e2e")
     try:
-        cli = migrate_in_background(h1, "svc-redis", h2.name)
-        wait_for(reached.exists, timeout=60, what="the source to freeze")
-        assert docker_clients[h1.name].containers.get("svc-redis").status == "paused"
-        agents.stop(h2, signal.SIGTERM)  # the target goes away: the transfer fails
-        gate.unlink()
+        with Gate(h1, "after-freeze") as gate:
+            cli = migrate_in_background(h1, "svc-redis", h2.name)
+            gate.wait()
+            assert docker_clients[h1.name].containers.get("svc-redis").status == "paused"
+            agents.stop(h2, signal.SIGTERM)  # the target goes away: the transfer fails
         stdout, err = cli.communicate(timeout=300)
     finally:
-        gate.unlink(missing_ok=True)
         if not h2.agent_pid:
             agents.start(h2)
     assert cli.returncode == 1, err

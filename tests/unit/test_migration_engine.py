@@ -744,6 +744,86 @@ def test_target_forgets_a_source_that_went_quiet(hosts: tuple[Host, Host]) -> No
     assert b.journal.get("m-quiet").outcome == "aborted"
 
 
+def _silent_source(b: Host, source_says: Any) -> tuple[Any, list[str]]:
+    """b's handlers with a fake clock, a short quiet limit and a recorded source status."""
+    clock = FakeClock()
+    handlers = b.service.handlers
+    handlers.clock = clock
+    handlers.reservations.clock = clock
+    handlers.quiet_limit = 0.05  # real seconds on the loop's timer; quiet is on `clock`
+    asked: list[str] = []
+
+    async def status(peer: str, mid: str) -> dict[str, Any] | None:
+        asked.append(mid)
+        clock.now += 1  # the question itself takes a while
+        return source_says
+
+    handlers.peer_status = status
+    return clock, asked
+
+
+async def _until(cond: Any, what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_a_silent_source_that_cannot_be_reached_is_dropped_before_its_reservation_ends(
+    hosts: tuple[Host, Host],
+) -> None:
+    _, b = hosts
+    clock, asked = _silent_source(b, None)  # unreachable, or it never heard of it
+    handlers = b.service.handlers
+    body = {"migration_id": "m-quiet", "container_id": "c", "name": "web", "image_id": IMAGE_ID}
+
+    async def scenario() -> None:
+        await handlers.prepare("a", body)
+        spec = {
+            "id": "c",
+            "name": "web",
+            "image_ref": "app:1",
+            "image_id": IMAGE_ID,
+            "body": {"Cmd": ["/app"], "HostConfig": {"NetworkMode": "bridge"}},
+            "restart_policy": {"Name": "no"},
+            "networks": ["bridge"],
+        }
+        await handlers.stage("a", "m-quiet", {"spec": spec})
+        assert b.docker.find_container("web") is not None  # the half-made container
+        clock.now += 121  # far less than the 600 s reservation
+        await _until(lambda: "m-quiet" not in handlers.incoming, "the migration is dropped")
+        await handlers.close()
+
+    run_async(scenario())
+    assert asked == ["m-quiet"]
+    rec = b.journal.get("m-quiet")
+    assert rec.outcome == "aborted"
+    assert "sent nothing for 12" in (rec.reason or "") and "cannot be reached" in (rec.reason or "")
+    assert b.docker.find_container("web") is None
+    assert not handlers.reservations.active()
+
+
+def test_a_silent_source_that_says_its_migration_is_on_is_waited_for(
+    hosts: tuple[Host, Host],
+) -> None:
+    _, b = hosts
+    clock, asked = _silent_source(b, {"outcome": None, "phase": "freeze"})  # a long dump
+    handlers = b.service.handlers
+    body = {"migration_id": "m-slow", "container_id": "c", "name": "web", "image_id": IMAGE_ID}
+
+    async def scenario() -> None:
+        await handlers.prepare("a", body)
+        clock.now += 121
+        await _until(lambda: asked == ["m-slow"], "the source is asked")
+        assert "m-slow" in handlers.incoming
+        await handlers.close()
+
+    run_async(scenario())
+    assert b.journal.get("m-slow").outcome is None
+    assert handlers.reservations.active()
+
+
 def test_source_copy_can_be_kept_renamed_for_a_while(tmp_path: Path) -> None:
     a = Host(tmp_path, "a", "b", (IMAGE_ID,))
     b = Host(tmp_path, "b", "a", (IMAGE_ID,))
