@@ -32,6 +32,7 @@ import docker
 import pytest
 
 from tests.e2e.agents_fixtures import COUNTER
+from tests.e2e.migration_support import Gate
 from tests.helpers import wait_for
 from tests.testbed import http_get_json
 from tests.testbed.layout import INSTANCE, Host
@@ -131,6 +132,12 @@ def run_counter(client: docker.DockerClient, name: str, port: int) -> None:
     client.containers.run(
         COUNTER, name=name, detach=True, ports={"8080/tcp": port}, labels={"ferry.migrate": "true"}
     )
+
+
+def _migrate_in_background(host: Host, name: str, target: str) -> subprocess.Popen[str]:
+    """`ferry migrate` inside the systemd host, as an operator's shell runs it."""
+    argv = host_argv(host, ["ferry", "migrate", name, "--to", target])
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def counter(host: Host, port: int, at_least: int = 0) -> dict[str, Any]:
@@ -282,29 +289,21 @@ def test_sigstop_mid_migration_leaves_one_running_copy_with_its_state(
     h1, h2 = services
     run_counter(clients[h1.name], "sd-held", 18082)
     before = counter(h1, 18082, at_least=3)
-    hooks = Path(h1.state_dir) / "hooks"
-    hooks.mkdir(exist_ok=True)
-    # Source side: the target holds its restored copy stopped; nothing is decided yet.
-    (hooks / "before-decision").write_text("")
     pid = main_pid(h1)
-    cli = subprocess.Popen(
-        host_argv(h1, ["ferry", "migrate", "sd-held", "--to", h2.name]),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        reached = hooks / "before-decision.reached"
-        wait_for(reached.exists, timeout=120, what="the migration to reach before-decision")
-        mid = json.loads(reached.read_text())["migration"]
-        os.kill(pid, signal.SIGSTOP)
-        # The stopped agent cannot see this; its successor must not wait on it.
-        (hooks / "before-decision").unlink()
-        watchdog = seconds(unit_property(h1, "WatchdogUSec"))
-        wait_restarted(h1, pid, timeout=watchdog + seconds(unit_property(h1, "RestartUSec")) + 60)
-    finally:
-        cli.kill()
-        cli.communicate()
+    # Source side: the target holds its restored copy stopped; nothing is decided yet.
+    with Gate(h1, "before-decision") as gate:
+        cli = _migrate_in_background(h1, "sd-held", h2.name)
+        try:
+            mid = gate.wait(timeout=120)
+            os.kill(pid, signal.SIGSTOP)
+            # The stopped agent cannot see this; its successor must not wait on it.
+            gate.release()
+            watchdog = seconds(unit_property(h1, "WatchdogUSec"))
+            restart = seconds(unit_property(h1, "RestartUSec"))
+            wait_restarted(h1, pid, timeout=watchdog + restart + 60)
+        finally:
+            cli.kill()
+            cli.communicate()
 
     wait_for(
         lambda: (
@@ -362,26 +361,18 @@ def test_stop_mid_migration_is_clean_and_leaves_no_half_made_container(
     h1, h2 = services
     run_counter(clients[h1.name], "sd-stop", 18084)
     before = counter(h1, 18084, at_least=3)
-    hooks = Path(h1.state_dir) / "hooks"
-    hooks.mkdir(exist_ok=True)
     # Frozen on the source, target container made: the worst moment to stop.
-    (hooks / "after-freeze").write_text("")
-    cli = subprocess.Popen(
-        host_argv(h1, ["ferry", "migrate", "sd-stop", "--to", h2.name]),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_for((hooks / "after-freeze.reached").exists, timeout=120, what="after-freeze")
-        timeout_stop = seconds(unit_property(h1, "TimeoutStopUSec"))
-        started = time.monotonic()
-        stop = systemctl(h1, "stop", "ferry", timeout=timeout_stop + 30)
-        took = time.monotonic() - started
-    finally:
-        (hooks / "after-freeze").unlink(missing_ok=True)
-        cli.kill()
-        cli.communicate()
+    with Gate(h1, "after-freeze") as gate:
+        cli = _migrate_in_background(h1, "sd-stop", h2.name)
+        try:
+            gate.wait(timeout=120)
+            timeout_stop = seconds(unit_property(h1, "TimeoutStopUSec"))
+            started = time.monotonic()
+            stop = systemctl(h1, "stop", "ferry", timeout=timeout_stop + 30)
+            took = time.monotonic() - started
+        finally:
+            cli.kill()
+            cli.communicate()
     assert stop.returncode == 0, stop.stderr
     assert took < timeout_stop, (took, timeout_stop)
     # Exited by itself, cleanly: not killed at the stop timeout.
