@@ -35,7 +35,7 @@ DEPS=${DEPS:-index}
 SYSTEM_DEPS_HINT="apt-get install python3-venv python3-setuptools python3-docker \
 python3-watchdog python3-pydantic python3-structlog python3-yaml python3-click python3-rich \
 python3-aiohttp python3-cryptography python3-prometheus-client python3-zstandard \
-python3-etcd3gw python3-blake3 python3-uvloop (Debian forky has them all; on trixie, -t forky)"
+python3-etcd3gw python3-blake3 (Debian forky has them all; on trixie, -t forky)"
 
 case "$DEPS" in
     index | system) ;;

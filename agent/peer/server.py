@@ -15,10 +15,8 @@ Hardened against peers that misbehave, on purpose or not:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
-import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -289,10 +287,12 @@ def make_peer_app(
 
 
 class _ConnectionGate:
-    """Caps connections and bounds their first header; asked once per accepted socket.
+    """The listening socket's protocol factory: caps connections and bounds their first header.
 
-    A connection counts from its accept until it closes, or, if its handshake
-    never completes, until the header deadline passes.
+    asyncio calls the factory for each accepted socket, before the TLS handshake;
+    raising there makes it drop the socket at once, which is how one connection
+    over the cap is refused. A connection counts from then until it closes, or,
+    if its handshake never completes, until the header deadline passes.
     """
 
     def __init__(
@@ -313,15 +313,14 @@ class _ConnectionGate:
                 self._pending.pop(handler, None)  # now in server.connections, or never will be
         return len(self._server.connections) + len(self._pending)
 
-    def admit(self) -> RequestHandler | None:
-        """The accepted socket's handler, or None: over the cap, close it at once."""
+    def __call__(self) -> RequestHandler:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self.live(now) >= self.limit:
             self.refused += 1
             if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
                 log.warning("peer.connections_capped", limit=self.limit, refused=self.refused)
-            return None
+            raise ConnectionRefusedError(f"more than {self.limit} peer connections")
         handler = self._server()
         self._pending[handler] = now + self.header_timeout
         self._app[AWAITING_KEY].add(handler)
@@ -339,84 +338,26 @@ class _ConnectionGate:
             transport.abort()  # no whole request header in time: slow or half-open client
 
 
-class _Listener:
-    """Accepts peer connections itself and hands the admitted ones to the loop's TLS.
-
-    A loop's own server drops a socket whose protocol factory raises (asyncio)
-    or keeps it open (uvloop). Accepting here, a socket over the cap is closed
-    at once on either loop, before any handshake.
-    """
-
-    def __init__(self, sock: socket.socket, gate: _ConnectionGate, ssl_ctx: ssl.SSLContext) -> None:
-        self.sock = sock
-        self.gate = gate
-        self.ssl_ctx = ssl_ctx
-        self.closing = False
-        self._handshakes: set[asyncio.Task[None]] = set()
-        self._task = asyncio.get_running_loop().create_task(self._accept())
-
-    async def _accept(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self.closing:
-            try:
-                conn, _ = await loop.sock_accept(self.sock)
-            except OSError as exc:
-                if self.closing:
-                    return
-                # Out of file descriptors, say: the backlog waits, the agent goes on.
-                log.warning("peer.accept_failed", error=str(exc))
-                await asyncio.sleep(0.1)
-                continue
-            handler = self.gate.admit()
-            if handler is None:
-                conn.close()
-                continue
-            task = loop.create_task(self._connect(conn, handler))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
-
-    async def _connect(self, conn: socket.socket, handler: RequestHandler) -> None:
-        with contextlib.suppress(OSError):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: handler,
-                conn,
-                ssl=self.ssl_ctx,
-                ssl_handshake_timeout=self.gate.header_timeout,
-            )
-        except (OSError, TimeoutError, ValueError) as exc:  # ssl.SSLError is an OSError
-            log.debug("peer.handshake_failed", error=str(exc))
-            conn.close()
-
-    async def stop_accepting(self) -> None:
-        self.closing = True
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self.sock.close()
-
-    async def drop_handshakes(self) -> None:
-        for task in list(self._handshakes):
-            task.cancel()
-        await asyncio.gather(*self._handshakes, return_exceptions=True)
-
-
 @dataclass
 class PeerServer:
     runner: web.AppRunner
     host: str
     port: int
-    listener: _Listener | None = None
+    listener: asyncio.AbstractServer | None = None
     gate: _ConnectionGate | None = field(default=None, repr=False)
 
     async def close(self) -> None:
         if self.listener is not None:
-            await self.listener.stop_accepting()  # no new connections
-        # Shut the open connections down before waiting for them: peers keep theirs
-        # alive with health polls, so waiting first would hang `systemctl stop`.
+            self.listener.close()  # no new connections
+        # Shut the open connections down before waiting for them: from Python 3.12
+        # wait_closed() waits for every connection, and peers keep theirs alive
+        # with health polls, so waiting first hung `systemctl stop` until SIGKILL.
         await self.runner.cleanup()
         if self.listener is not None:
-            await self.listener.drop_handshakes()  # accepted, not yet the runner's
+            close_clients = getattr(self.listener, "close_clients", None)  # Python >= 3.13
+            if close_clients is not None:
+                close_clients()  # any the runner did not own (refused by the gate)
+            await self.listener.wait_closed()
 
 
 async def start_peer_server(
@@ -450,13 +391,20 @@ async def start_peer_server(
     assert runner.server is not None
     gate = _ConnectionGate(app, runner.server, max_connections, header_timeout)
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=max(128, max_connections))
-        sock.setblocking(False)
+        listener = await asyncio.get_running_loop().create_server(
+            gate,
+            host,
+            port,
+            ssl=ssl_ctx,
+            ssl_handshake_timeout=header_timeout,
+            reuse_address=True,
+        )
     except BaseException:
         await runner.cleanup()
         raise
-    listener = _Listener(sock, gate, ssl_ctx)
-    bound_port = int(sock.getsockname()[1])
+    bound_port = port
+    for sock in listener.sockets:
+        bound_port = int(sock.getsockname()[1])
+        break
     log.info("peer.server_started", host=host, port=bound_port, max_connections=max_connections)
     return PeerServer(runner, host, bound_port, listener, gate)

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from agent import event_loop
 from agent.config import FerryConfig, load_config
 from agent.errors import InputError
 from agent.hostport import split_host_port
@@ -628,7 +627,7 @@ def run_agent(config_path: Path, environ: dict[str, str] | None = None) -> int:
         return await serve(Agent(config, config_file=str(config_path)))
 
     try:
-        return event_loop.run(main, lambda chosen: log.info("agent.event_loop", loop=chosen))
+        return asyncio.run(main())
     except InputError as exc:
         for line in exc.lines():
             print(line, file=sys.stderr)

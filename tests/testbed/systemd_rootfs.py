@@ -46,7 +46,6 @@ PYTHON_PACKAGES = [
     "python3-zstandard",
     "python3-etcd3gw",
     "python3-blake3",
-    "python3-uvloop",
 ]
 # Units that cannot work in a namespaced host: this kernel has no modules (kmod
 # fails and marks the system degraded), and udev must stay off the machine's

@@ -10,7 +10,7 @@ import asyncio
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -24,18 +24,6 @@ from tests.unit.test_tls_peer import PREPARE, FakeHandlers, Pki
 
 HEADER_TIMEOUT = 1.0
 IDLE_TIMEOUT = 1.0
-
-
-@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
-def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every hardening test on both loops the agent may run on (agent/event_loop.py)."""
-    if request.param == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    try:
-        yield str(request.param)
-    finally:
-        asyncio.set_event_loop_policy(None)
 
 
 @pytest.fixture(scope="module", name="pki")
