@@ -72,6 +72,24 @@ def wait_for(
         time.sleep(interval)
 
 
+async def until(
+    condition: Callable[[], T | None],
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    what: str = "condition",
+) -> T:
+    """`wait_for` inside a running loop: polls without blocking it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if loop.time() >= deadline:
+            raise DeadlineExceeded(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
 def run_async(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
     """Run a coroutine in a fresh loop and fail if it leaves tasks running."""
 

@@ -374,10 +374,13 @@ class TargetHandlers:
                 await self._discard(inc, "the source went quiet; reservation expired")
 
     def _arm_quiet(self, mid: str, delay: float) -> None:
-        old = self._quiet.pop(mid, None)
-        if old is not None:
-            old.cancel()
+        self._disarm_quiet(mid)
         self._quiet[mid] = asyncio.get_running_loop().call_later(delay, self._quiet_due, mid)
+
+    def _disarm_quiet(self, mid: str) -> None:
+        timer = self._quiet.pop(mid, None)
+        if timer is not None:
+            timer.cancel()
 
     def _quiet_due(self, mid: str) -> None:
         self._quiet.pop(mid, None)
@@ -400,14 +403,14 @@ class TargetHandlers:
         any more, so the half-made container and the reservation go now.
         """
         inc = self.incoming.get(mid)
-        if inc is None:
-            return
-        quiet = self.clock.monotonic() - inc.last_heard
+        if inc is None or self._phase_of(mid) not in _BEFORE_RESTORE:
+            return  # restored, or ended: the timer stops here
+        heard = inc.last_heard
+        quiet = self.clock.monotonic() - heard
         lock = self._locks.get(mid)
-        busy = lock is not None and lock.locked()  # a request (an upload) is running
-        if busy or quiet < self.quiet_limit or self._phase_of(mid) not in _BEFORE_RESTORE:
-            if self._phase_of(mid) in _BEFORE_RESTORE:
-                self._arm_quiet(mid, max(self.quiet_limit - quiet, self.quiet_limit / 4))
+        if (lock is not None and lock.locked()) or quiet < self.quiet_limit:
+            # A request (an upload) is running, or the source spoke since the timer was set.
+            self._arm_quiet(mid, max(self.quiet_limit - quiet, self.quiet_limit / 4))
             return
         verdict = await self.peer_status(inc.peer, mid) if self.peer_status else None
         if verdict is not None and verdict.get("outcome") is None:
@@ -417,7 +420,7 @@ class TargetHandlers:
         async with self._lock(mid):
             if self.incoming.get(mid) is not inc or self._phase_of(mid) not in _BEFORE_RESTORE:
                 return
-            if self.clock.monotonic() - inc.last_heard < quiet:
+            if inc.last_heard != heard:
                 self._arm_quiet(mid, self.quiet_limit)  # the source spoke while we asked
                 return
             why = (
@@ -433,10 +436,7 @@ class TargetHandlers:
             await self._discard(inc, reason)
 
     def _held(self, mid: str) -> bool:
-        with contextlib.suppress(JournalError):
-            rec = self.journal.get(mid)
-            return rec.outcome is None and rec.phase == T_RESTORED
-        return False
+        return self._phase_of(mid) == T_RESTORED
 
     def _prepare_checks(
         self, body: dict[str, Any], name: str, image_id: str
@@ -1626,9 +1626,7 @@ class TargetHandlers:
         task.add_done_callback(self._cleanup_tasks.discard)
 
     def _forget(self, mid: str) -> None:
-        timer = self._quiet.pop(mid, None)
-        if timer is not None:
-            timer.cancel()
+        self._disarm_quiet(mid)
         self.incoming.pop(mid, None)
         self._locks.pop(mid, None)
         self.reservations.release(mid)

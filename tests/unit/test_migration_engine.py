@@ -27,7 +27,7 @@ from agent.migration.held import ProcState
 from agent.migration.report import ProgressEvent
 from agent.peer.api import HandlerError
 from agent.peer.client import PeerRefused, PeerUnavailable
-from tests.helpers import FakeClock, run_async
+from tests.helpers import FakeClock, run_async, until
 
 DAEMON_ROOT = "/var/lib/docker"
 IMAGE_ID = "sha256:" + "1" * 64
@@ -372,6 +372,19 @@ class DirectPeer:
         return await self._call(self.handlers.receive_image(self.caller, mid, Upload(chunks), meta))
 
 
+def stage_spec(name: str = "web", **host_config: Any) -> dict[str, Any]:
+    """A source's spec of container "f"*64 as `stage` receives it."""
+    return {
+        "id": "f" * 64,
+        "name": name,
+        "image_ref": "app:1",
+        "image_id": IMAGE_ID,
+        "body": {"Cmd": ["/app"], "HostConfig": {"NetworkMode": "bridge", **host_config}},
+        "restart_policy": {"Name": "no"},
+        "networks": ["bridge"],
+    }
+
+
 class Host:
     def __init__(
         self,
@@ -672,10 +685,7 @@ async def _stopped_after_the_decision(a: Host) -> str:
     (hooks_dir / AFTER_DECISION).write_text("test")
     task = asyncio.ensure_future(a.service.migrate("web", "b"))
     reached = hooks_dir / f"{AFTER_DECISION}.reached"
-    for _ in range(2000):
-        if reached.exists():
-            break
-        await asyncio.sleep(0.005)
+    await until(reached.exists, timeout=10.0, interval=0.005, what="the journalled decision")
     task.cancel()  # the agent stops: the journal says "commit"
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -762,37 +772,25 @@ def _silent_source(b: Host, source_says: Any) -> tuple[Any, list[str]]:
     return clock, asked
 
 
-async def _until(cond: Any, what: str, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.01)
-
-
 def test_a_silent_source_that_cannot_be_reached_is_dropped_before_its_reservation_ends(
     hosts: tuple[Host, Host],
 ) -> None:
     _, b = hosts
     clock, asked = _silent_source(b, None)  # unreachable, or it never heard of it
     handlers = b.service.handlers
-    body = {"migration_id": "m-quiet", "container_id": "c", "name": "web", "image_id": IMAGE_ID}
+    body = {
+        "migration_id": "m-quiet",
+        "container_id": "f" * 64,  # stage_spec's container
+        "name": "web",
+        "image_id": IMAGE_ID,
+    }
 
     async def scenario() -> None:
         await handlers.prepare("a", body)
-        spec = {
-            "id": "c",
-            "name": "web",
-            "image_ref": "app:1",
-            "image_id": IMAGE_ID,
-            "body": {"Cmd": ["/app"], "HostConfig": {"NetworkMode": "bridge"}},
-            "restart_policy": {"Name": "no"},
-            "networks": ["bridge"],
-        }
-        await handlers.stage("a", "m-quiet", {"spec": spec})
+        await handlers.stage("a", "m-quiet", {"spec": stage_spec()})
         assert b.docker.find_container("web") is not None  # the half-made container
         clock.now += 121  # far less than the 600 s reservation
-        await _until(lambda: "m-quiet" not in handlers.incoming, "the migration is dropped")
+        await until(lambda: "m-quiet" not in handlers.incoming, what="the migration dropped")
         await handlers.close()
 
     run_async(scenario())
@@ -815,7 +813,7 @@ def test_a_silent_source_that_says_its_migration_is_on_is_waited_for(
     async def scenario() -> None:
         await handlers.prepare("a", body)
         clock.now += 121
-        await _until(lambda: asked == ["m-slow"], "the source is asked")
+        await until(lambda: asked == ["m-slow"], what="the source asked")
         assert "m-slow" in handlers.incoming
         await handlers.close()
 

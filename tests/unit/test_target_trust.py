@@ -21,6 +21,7 @@ from agent.migration.resources import state_cap
 from agent.peer.api import HandlerError
 from tests.helpers import run_async
 from tests.unit.test_migration_engine import IMAGE_ID, Host, Upload, saved_image
+from tests.unit.test_migration_engine import stage_spec as spec
 
 OTHER_ID = "sha256:" + "2" * 64
 
@@ -30,18 +31,6 @@ def target(tmp_path: Path) -> Iterator[Host]:
     host = Host(tmp_path, "b", "a", ())
     yield host
     host.journal.close()
-
-
-def spec(name: str = "web", **host_config: Any) -> dict[str, Any]:
-    return {
-        "id": "f" * 64,
-        "name": name,
-        "image_ref": "app:1",
-        "image_id": IMAGE_ID,
-        "body": {"Cmd": ["/app"], "HostConfig": {"NetworkMode": "bridge", **host_config}},
-        "restart_policy": {"Name": "no"},
-        "networks": ["bridge"],
-    }
 
 
 def chunks(*parts: bytes) -> Upload:
