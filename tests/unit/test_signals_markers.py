@@ -46,10 +46,12 @@ async def stop(task: asyncio.Task[None]) -> None:
         await task
 
 
-def test_marker_appearance_seen_within_100ms_via_inotify(tmp_path: Path) -> None:
+def test_marker_appearance_seen_via_inotify_not_the_rescan(tmp_path: Path) -> None:
     marker = tmp_path / "ferry" / "drain"  # parent does not exist yet: the source creates it
     store = SignalStore(default_max_age=None)
-    # A long re-scan interval, so only inotify can explain a fast reaction.
+    # The re-scan is an hour away, so a change seen within the wait's deadline
+    # can only have come through inotify. How fast is not asserted here: a
+    # loaded CI host stretches any fixed bound, and speed is the bench's job.
     source = MarkerSource({"drain": marker}, rescan_interval=3600)
 
     async def main() -> None:
@@ -59,21 +61,15 @@ def test_marker_appearance_seen_within_100ms_via_inotify(tmp_path: Path) -> None
             assert marker.parent.is_dir()
             assert store.value("marker.drain") == 0.0
 
-            created = time.monotonic()
             marker.write_text("kernel upgrade CHG-1234\n")
-            seen = await until(store, lambda: store.value("marker.drain") == 1.0, timeout=2)
-            latency = seen - created
-            assert latency < 0.1, f"marker seen after {latency * 1000:.1f} ms"
-
+            await until(store, lambda: store.value("marker.drain") == 1.0)
             await until(store, lambda: store.marker_content("drain") == "kernel upgrade CHG-1234")
 
             marker.write_text("moved to Friday")  # content change while present
             await until(store, lambda: store.marker_content("drain") == "moved to Friday")
 
-            removed = time.monotonic()
             marker.unlink()
-            seen = await until(store, lambda: store.value("marker.drain") == 0.0, timeout=2)
-            assert seen - removed < 0.1
+            await until(store, lambda: store.value("marker.drain") == 0.0)
             assert store.marker_content("drain") is None
         finally:
             await stop(task)
