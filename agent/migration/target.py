@@ -82,9 +82,10 @@ T_RECEIVED = "received"
 T_RESTORE = "restore"
 T_RESTORED = "restored"  # restored and held stopped, waiting for the source's decision
 T_POSTCOPY = "postcopy"  # running, pulling its pages from the paused source
-# Before the restore nothing runs here: a migration the source has gone silent on
-# may be dropped then, without waiting out its reservation.
-_BEFORE_RESTORE = (T_PREPARED, T_IMAGE, T_STAGED, T_RECEIVED)
+# Until a copy is held here the source cannot have committed: a migration it has
+# gone silent on may be dropped then. T_RESTORE with no request running is a
+# restore whose handler failed past its own clean-up; its answer never said "held".
+_DROPPABLE = (T_PREPARED, T_IMAGE, T_STAGED, T_RECEIVED, T_RESTORE)
 # How long a source may say nothing (no request) before the target asks it whether
 # the migration is still on; a dump of a big container sends nothing for a while.
 QUIET_LIMIT = 120.0
@@ -252,7 +253,6 @@ class TargetHandlers:
             )
         if self.draining():
             raise _refuse(f"{self.config.name} is draining", "draining", 503)
-        await self._drop_stale()
         if mid in self.incoming:
             raise _refuse(f"migration {mid} is already in progress here", "conflict")
         # The members of one group migration count as one.
@@ -362,17 +362,6 @@ class TargetHandlers:
         refused = await self._accept_reasons(spec)
         return [f"{self.config.name} does not accept: {r}" for r in refused]
 
-    async def _drop_stale(self) -> None:
-        """Forget migrations whose source went quiet until their reservation expired."""
-        live = {r.migration_id for r in self.reservations.active()}
-        for mid, inc in list(self.incoming.items()):
-            lock = self._locks.get(mid)
-            if self._held(mid):
-                continue  # only the source's decision ends a held copy
-            if mid not in live and not (lock is not None and lock.locked()):
-                log.warning("migration.target.stale", migration=mid, peer=inc.peer)
-                await self._discard(inc, "the source went quiet; reservation expired")
-
     def _arm_quiet(self, mid: str, delay: float) -> None:
         self._disarm_quiet(mid)
         self._quiet[mid] = asyncio.get_running_loop().call_later(delay, self._quiet_due, mid)
@@ -396,15 +385,15 @@ class TargetHandlers:
         return None
 
     async def _check_quiet(self, mid: str) -> None:
-        """Drop a migration whose source went silent before anything ran here.
+        """Drop a migration whose source went silent before a copy was held here.
 
         Asked first: a source still dumping or sending says its migration is on.
         One that is unreachable, or that ended it, gets nothing restored here
         any more, so the half-made container and the reservation go now.
         """
         inc = self.incoming.get(mid)
-        if inc is None or self._phase_of(mid) not in _BEFORE_RESTORE:
-            return  # restored, or ended: the timer stops here
+        if inc is None or self._phase_of(mid) not in _DROPPABLE:
+            return  # held or pulling its pages (the source decides), or ended: the timer stops
         heard = inc.last_heard
         quiet = self.clock.monotonic() - heard
         lock = self._locks.get(mid)
@@ -418,7 +407,7 @@ class TargetHandlers:
             self._arm_quiet(mid, self.quiet_limit)
             return
         async with self._lock(mid):
-            if self.incoming.get(mid) is not inc or self._phase_of(mid) not in _BEFORE_RESTORE:
+            if self.incoming.get(mid) is not inc or self._phase_of(mid) not in _DROPPABLE:
                 return
             if inc.last_heard != heard:
                 self._arm_quiet(mid, self.quiet_limit)  # the source spoke while we asked
@@ -429,14 +418,10 @@ class TargetHandlers:
                 else f"has ended it ({verdict.get('outcome')})"
             )
             reason = (
-                f"the source {inc.peer} sent nothing for {quiet:.0f}s and {why}; "
-                "nothing was restored here"
+                f"the source {inc.peer} sent nothing for {quiet:.0f}s and {why}; nothing ran here"
             )
             log.warning("migration.target.source_silent", migration=mid, reason=reason)
             await self._discard(inc, reason)
-
-    def _held(self, mid: str) -> bool:
-        return self._phase_of(mid) == T_RESTORED
 
     def _prepare_checks(
         self, body: dict[str, Any], name: str, image_id: str

@@ -25,6 +25,7 @@ from agent.journal import Journal
 from agent.migration import MigrationFailed, MigrationRefused, MigrationService
 from agent.migration.held import ProcState
 from agent.migration.report import ProgressEvent
+from agent.migration.target import T_RESTORE
 from agent.peer.api import HandlerError
 from agent.peer.client import PeerRefused, PeerUnavailable
 from tests.helpers import FakeClock, run_async, until
@@ -735,25 +736,6 @@ def test_reconcile_removes_half_made_target_containers(hosts: tuple[Host, Host])
     assert b.docker.find_container("web") is None
 
 
-def test_target_forgets_a_source_that_went_quiet(hosts: tuple[Host, Host]) -> None:
-    _, b = hosts
-    clock = FakeClock()
-    handlers = b.service.handlers
-    handlers.clock = clock
-    handlers.reservations.clock = clock
-    body = {"migration_id": "m-quiet", "container_id": "c", "name": "web", "image_id": IMAGE_ID}
-
-    async def scenario() -> None:
-        await handlers.prepare("a", body)
-        assert "m-quiet" in handlers.incoming
-        clock.now += 3600  # the source never came back
-        await handlers.prepare("a", body | {"migration_id": "m-next", "name": "web2"})
-
-    run_async(scenario())
-    assert set(handlers.incoming) == {"m-next"}
-    assert b.journal.get("m-quiet").outcome == "aborted"
-
-
 def _silent_source(b: Host, source_says: Any) -> tuple[Any, list[str]]:
     """b's handlers with a fake clock, a short quiet limit and a recorded source status."""
     clock = FakeClock()
@@ -820,6 +802,39 @@ def test_a_silent_source_that_says_its_migration_is_on_is_waited_for(
     run_async(scenario())
     assert b.journal.get("m-slow").outcome is None
     assert handlers.reservations.active()
+
+
+def test_a_restore_whose_handler_died_is_dropped_when_its_source_falls_silent(
+    hosts: tuple[Host, Host],
+) -> None:
+    """Phase "restore" with no request running: the source never heard "held", so it
+    cannot have committed, and the silence check may drop it once the source says
+    it has ended the migration."""
+    _, b = hosts
+    clock, asked = _silent_source(b, {"outcome": "rolled_back"})
+    handlers = b.service.handlers
+    body = {
+        "migration_id": "m-died",
+        "container_id": "f" * 64,  # stage_spec's container
+        "name": "web",
+        "image_id": IMAGE_ID,
+    }
+
+    async def scenario() -> None:
+        await handlers.prepare("a", body)
+        await handlers.stage("a", "m-died", {"spec": stage_spec()})
+        b.journal.set_phase("m-died", T_RESTORE)  # what a handler that died mid-restore leaves
+        clock.now += 121
+        await until(lambda: "m-died" not in handlers.incoming, what="the migration dropped")
+        await handlers.close()
+
+    run_async(scenario())
+    assert asked == ["m-died"]
+    rec = b.journal.get("m-died")
+    assert rec.outcome == "aborted"
+    assert "has ended it (rolled_back)" in (rec.reason or "")
+    assert b.docker.find_container("web") is None
+    assert not handlers.reservations.active()
 
 
 def test_source_copy_can_be_kept_renamed_for_a_while(tmp_path: Path) -> None:
