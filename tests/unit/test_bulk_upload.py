@@ -60,10 +60,15 @@ class RawPeer:
             self.body += more
             with_more = bool(more)
 
-    def close(self) -> None:
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Joined here, before the test's assertions read what the peer saw.
         self.release.set()
         self.thread.join(10)
         self.sock.close()
+        assert not self.thread.is_alive(), "the peer thread is still serving"
 
 
 def _client(port: int, ctx: ssl.SSLContext) -> PeerClient:
@@ -105,10 +110,8 @@ def test_cancelling_a_blocked_upload_returns_at_once(
                 await task
             return time.monotonic() - t0
 
-    try:
+    with peer:
         assert run_async(go()) < 5.0
-    finally:
-        peer.close()
     assert pulled[0] > 1
 
 
@@ -133,11 +136,8 @@ def test_a_failing_producer_never_ends_the_body(
         async with _client(peer.port, client_ctx) as c:
             await c.upload_state("m1", broken())
 
-    try:
-        with pytest.raises(RuntimeError, match="packer broke"):
-            run_async(go())
-    finally:
-        peer.close()
+    with peer, pytest.raises(RuntimeError, match="packer broke"):
+        run_async(go())
     assert b"a" * 1000 in peer.body
     assert not peer.body.endswith(b"0\r\n\r\n")
     assert b"Expect: 100-continue" in peer.head
@@ -167,10 +167,7 @@ def test_a_refusal_before_the_body_is_read_and_nothing_is_produced(
         async with _client(peer.port, client_ctx) as c:
             await c.upload_state("m1", producer())
 
-    try:
-        with pytest.raises(PeerRefused, match="host is draining") as info:
-            run_async(go())
-    finally:
-        peer.close()
+    with peer, pytest.raises(PeerRefused, match="host is draining") as info:
+        run_async(go())
     assert info.value.status == 409
     assert pulled[0] <= 1  # at most the one chunk the hand-off takes ahead; never sent
