@@ -85,6 +85,7 @@ class PeerHealth:
     error: str | None = None
     # `ferry.spread` keys running on or moving to the peer: no second replica goes there.
     spread: tuple[str, ...] = ()
+    protocol: int = 1  # the peer protocol it speaks (agent.peer.protocol)
 
 
 class SignalSink(Protocol):

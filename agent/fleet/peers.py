@@ -8,6 +8,7 @@ import dataclasses
 from agent.fleet.fleet import Fleet
 from agent.fleet.view import FleetView
 from agent.model import PeerDirectory, PeerHealth
+from agent.peer import protocol
 
 
 def _spread(view: FleetView, host: str) -> tuple[str, ...]:
@@ -66,6 +67,7 @@ class FleetPeers:
                     running_containers=member.num("running_containers"),
                     tags=tuple(f"{k}={v}" for k, v in sorted(labels.items())),
                     spread=_spread(view, name) if view is not None else (),
+                    protocol=max(member.num(protocol.KEY), 1),
                     error=None if fresh else f"peer {name}: {fleet.stale_reason()}",
                 )
             )

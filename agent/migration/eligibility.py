@@ -31,6 +31,7 @@ from agent.migration.spec import (
     spec_from_inspect,
 )
 from agent.model import group_of_labels
+from agent.peer import protocol
 from agent.peer.api import CHECK_PATH
 from agent.peer.client import PeerError, PeerRefused
 
@@ -135,6 +136,7 @@ def admission_body(
         "networks": spec.networks,
         "volumes": [v.name for v in spec.volumes],
         "addresses": spec.addresses,
+        protocol.KEY: protocol.PROTOCOL,
     }
     if mid:
         body["migration_id"] = mid
@@ -298,6 +300,9 @@ class EligibilityChecker:
             transient=bool(answer.get("transient")),
             changes=[str(c) for c in answer.get("changes") or []],
         )
+        too_old = protocol.refusal(name, self.config.name, answer)
+        if too_old:
+            verdict.reasons.append(too_old)
         mig = self.config.migration
         if not answer.get("has_image"):
             image = f"image {body['image_ref'] or body['image_id']}"

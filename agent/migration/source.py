@@ -61,6 +61,7 @@ from agent.migration.spec import (
 )
 from agent.migration.target import RESERVATION_TTL, TargetHandlers
 from agent.model import Clock, SystemClock, group_of_labels
+from agent.peer import protocol
 from agent.peer.api import MIGRATIONS_PATH, migration_path
 from agent.peer.client import PeerError, PeerRefused, PeerUnavailable
 
@@ -668,6 +669,9 @@ class MigrationService:
             body["group_id"] = run.group_id
             answer = await self._call(peer.post_json(MIGRATIONS_PATH, body))
             run.staged = True  # from here the target may hold something to clean up
+            too_old = protocol.refusal(peer.name, self.config.name, answer)
+            if too_old:
+                raise MigrationRefused(too_old)
         if not answer.get("has_image"):
             mig = self.config.migration
             if not mig.allow_image_shipping:

@@ -67,6 +67,7 @@ from agent.migration.paths import DataRootResolver
 from agent.migration.resources import CapacityRefused, Reservations, state_cap
 from agent.migration.spec import DEFAULT_NETWORKS, ContainerSpec
 from agent.model import Clock, SystemClock
+from agent.peer import protocol
 from agent.peer.api import BodyTooLarge, ByteStream, HandlerError, valid_migration_id
 
 log = structlog.get_logger(__name__)
@@ -253,6 +254,9 @@ class TargetHandlers:
             )
         if self.draining():
             raise _refuse(f"{self.config.name} is draining", "draining", 503)
+        too_old = protocol.refusal(peer, self.config.name, body)
+        if too_old:
+            raise _refuse(too_old, "protocol")
         if mid in self.incoming:
             raise _refuse(f"migration {mid} is already in progress here", "conflict")
         # The members of one group migration count as one.
@@ -315,7 +319,12 @@ class TargetHandlers:
         self.incoming[mid] = inc
         self._arm_quiet(mid, self.quiet_limit)
         log.info("migration.target.prepared", migration=mid, peer=peer, container=name)
-        return {"accepted": True, "has_image": has_image, "reservation_ttl_s": RESERVATION_TTL}
+        return {
+            "accepted": True,
+            "has_image": has_image,
+            "reservation_ttl_s": RESERVATION_TTL,
+            protocol.KEY: protocol.PROTOCOL,
+        }
 
     async def check(self, peer: str, body: dict[str, Any]) -> dict[str, Any]:
         """A dry run of prepare: would this host take the container now? Reserves nothing."""
@@ -326,6 +335,9 @@ class TargetHandlers:
         transient = False
         if self.draining():
             reasons.append(f"{self.config.name} is draining")
+        too_old = protocol.refusal(peer, self.config.name, body)
+        if too_old:
+            reasons.append(too_old)
         try:
             found, has_image = await asyncio.to_thread(
                 self._prepare_checks, body, name, str(body.get("image_id", ""))
@@ -351,7 +363,12 @@ class TargetHandlers:
         except DockerError as exc:
             reasons.append(f"{self.config.name}'s Docker daemon: {exc}")
             transient = True
-        return {"reasons": reasons, "transient": transient, "has_image": has_image}
+        return {
+            "reasons": reasons,
+            "transient": transient,
+            "has_image": has_image,
+            protocol.KEY: protocol.PROTOCOL,
+        }
 
     async def _spec_reasons(self, data: Any) -> list[str]:
         """For a dry run: what stage would refuse in this spec (shape, migration.accept)."""

@@ -38,6 +38,7 @@ class PrepareBody(_Body):
     ports: list[_Port] = Field(default=[], max_length=4096)
     networks: list[str] = Field(default=[], max_length=256)
     volumes: list[str] = Field(default=[], max_length=256)
+    protocol: int = Field(default=1, ge=1)  # agent.peer.protocol
 
 
 class CheckBody(_Body):
@@ -53,6 +54,7 @@ class CheckBody(_Body):
     networks: list[str] = Field(default=[], max_length=256)
     volumes: list[str] = Field(default=[], max_length=256)
     spec: dict[str, Any] | None = None  # its inside is checked by agent.migration.accept
+    protocol: int = Field(default=1, ge=1)  # agent.peer.protocol
 
 
 class StageBody(_Body):

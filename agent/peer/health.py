@@ -12,6 +12,7 @@ import structlog
 
 from agent.model import Clock, PeerHealth, SystemClock
 from agent.net_errors import describe, unreachable_line
+from agent.peer import protocol
 from agent.peer.client import PeerClient, PeerError, PeerTimeouts
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ def health_from_answer(name: str, answer: Mapping[str, Any]) -> PeerHealth:
         if not isinstance(spread, list) or not all(isinstance(t, str) for t in spread):
             raise ValueError("spread must be a list of strings")
         values["spread"] = tuple(spread)
+    values["protocol"] = protocol.of(answer)
     return PeerHealth(name=name, reachable=True, **values)
 
 

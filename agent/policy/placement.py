@@ -1,8 +1,9 @@
 """Choosing a target peer for each container a policy moves.
 
 A peer is a candidate only if it is reachable, not draining, not overloaded,
-allowed by the policy's ``targets.peers`` and (when both sides report memory)
-has room for the container. Strategies:
+speaks a peer protocol this agent still migrates with, is allowed by the
+policy's ``targets.peers`` and (when both sides report memory) has room for
+the container. Strategies:
 
 - ``least_loaded``: lowest CPU pressure, then fewest containers.
 - ``weighted``: containers shared in proportion to peer weight.
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from agent.model import SPREAD_LABEL, ContainerInfo, PeerHealth
+from agent.peer import protocol
 
 
 @dataclass
@@ -39,6 +41,8 @@ def peer_rejection(peer: PeerHealth, allowed: str | Sequence[str], self_name: st
         return "draining"
     if peer.overloaded:
         return "overloaded"
+    if peer.protocol < protocol.OLDEST:
+        return f"speaks peer protocol {peer.protocol}, older than {protocol.OLDEST}: upgrade it"
     return ""
 
 

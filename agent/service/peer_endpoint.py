@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.model import SPREAD_LABEL, SignalView
+from agent.peer import protocol
 
 
 class DrainAwareHandlers:
@@ -74,6 +75,7 @@ def local_health(name: str, store: SignalView, draining: bool, overloaded: bool)
         "mem_available_bytes": int(val("mem.available_bytes")),
         "disk_free_bytes": int(val("disk.docker.free_bytes")),
         "running_containers": int(val("containers.running")),
+        protocol.KEY: protocol.PROTOCOL,
         # Replicas here, so a peer never places a second one of the same service here.
         "spread": sorted(
             {

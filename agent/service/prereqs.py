@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import structlog
 
 from agent.model import PeerHealth
+from agent.peer import protocol
 from agent.peer.tls import check_tls_files
 
 log = structlog.get_logger(__name__)
@@ -214,7 +215,7 @@ PeerProbe = Callable[[], Awaitable[list[PeerHealth]]]
 
 
 async def check_peers(probe: PeerProbe, timeout: float = 10.0) -> list[PrereqProblem]:
-    """Warn (never fail) about peers that are down or present bad certificates."""
+    """Warn (never fail) about peers that are down, present bad certificates, or are too old."""
     try:
         peers = await asyncio.wait_for(probe(), timeout)
     except TimeoutError:
@@ -225,6 +226,17 @@ async def check_peers(probe: PeerProbe, timeout: float = 10.0) -> list[PrereqPro
         ]
     problems = []
     for peer in peers:
+        if peer.reachable and peer.protocol < protocol.OLDEST:
+            problems.append(
+                PrereqProblem(
+                    f"peer:{peer.name}",
+                    f"speaks Ferry peer protocol {peer.protocol}; this agent needs at least "
+                    f"{protocol.OLDEST}, so no container moves between them",
+                    f"upgrade the agent on {peer.name}",
+                    fatal=False,
+                )
+            )
+            continue
         if peer.reachable:
             continue
         why = peer.error or "unreachable"
