@@ -23,6 +23,7 @@ from rich.table import Table
 from agent.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
 from agent.cli.options import config_option, load_config_or_exit
 from agent.config import FerryConfig
+from agent.peer import protocol
 from agent.service.control import (
     MAX_HISTORY,
     AgentUnreachable,
@@ -343,17 +344,9 @@ def render_status(status: dict[str, Any], console: Console) -> None:
     for col in ("peer", "health", "load1", "cpu", "mem free", "containers", "error"):
         t.add_column(col)
     for peer in status.get("peers") or []:
-        if not peer.get("reachable"):
-            health = "[red]unreachable[/]"
-        elif peer.get("draining"):
-            health = "[yellow]draining[/]"
-        elif peer.get("overloaded"):
-            health = "[yellow]overloaded[/]"
-        else:
-            health = "[green]ok[/]"
         t.add_row(
             str(peer.get("name")),
-            health,
+            _peer_health(peer),
             _num(peer.get("load1", 0.0)),
             _num(peer.get("cpu_pressure", 0.0)),
             _bytes(peer.get("mem_available_bytes", 0)),
@@ -361,6 +354,18 @@ def render_status(status: dict[str, Any], console: Console) -> None:
             str(peer.get("error") or ""),
         )
     console.print(t)
+
+
+def _peer_health(peer: dict[str, Any]) -> str:
+    if not peer.get("reachable"):
+        return "[red]unreachable[/]"
+    if peer.get("draining"):
+        return "[yellow]draining[/]"
+    if peer.get("overloaded"):
+        return "[yellow]overloaded[/]"
+    if int(peer.get("protocol") or 1) < protocol.OLDEST:
+        return f"[red]too old: peer protocol {peer.get('protocol') or 1}[/]"
+    return "[green]ok[/]"
 
 
 MIB = 1 << 20

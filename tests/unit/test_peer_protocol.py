@@ -128,3 +128,11 @@ def test_placement_and_preflight_name_a_peer_too_old(newer: None) -> None:
     assert [(p.check, p.fatal) for p in problems] == [("peer:b", False)]
     assert "speaks Ferry peer protocol 1" in problems[0].message
     assert "upgrade the agent on b" in problems[0].fix
+
+
+def test_status_shows_a_peer_too_old(newer: None) -> None:
+    from agent.cli.ops_cmds import _peer_health
+
+    assert _peer_health({"reachable": True}) == "[red]too old: peer protocol 1[/]"
+    assert _peer_health({"reachable": True, "protocol": 2}) == "[green]ok[/]"
+    assert _peer_health({"reachable": False, "protocol": 2}) == "[red]unreachable[/]"
