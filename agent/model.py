@@ -86,6 +86,7 @@ class PeerHealth:
     # `ferry.spread` keys running on or moving to the peer: no second replica goes there.
     spread: tuple[str, ...] = ()
     protocol: int = 1  # the peer protocol it speaks (agent.peer.protocol)
+    protocol_oldest: int = 1  # the oldest it still migrates with
 
 
 class SignalSink(Protocol):

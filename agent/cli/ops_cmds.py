@@ -359,12 +359,16 @@ def render_status(status: dict[str, Any], console: Console) -> None:
 def _peer_health(peer: dict[str, Any]) -> str:
     if not peer.get("reachable"):
         return "[red]unreachable[/]"
+    # Lasting until one side is upgraded, so it is shown before passing states.
+    mismatch = protocol.mismatch(
+        int(peer.get("protocol") or 1), int(peer.get("protocol_oldest") or 1)
+    )
+    if mismatch:
+        return f"[red]{mismatch}[/]"
     if peer.get("draining"):
         return "[yellow]draining[/]"
     if peer.get("overloaded"):
         return "[yellow]overloaded[/]"
-    if int(peer.get("protocol") or 1) < protocol.OLDEST:
-        return f"[red]too old: peer protocol {peer.get('protocol') or 1}[/]"
     return "[green]ok[/]"
 
 

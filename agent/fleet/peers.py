@@ -54,10 +54,16 @@ class FleetPeers:
                 continue
             held, _ = view.reserved(name) if view is not None else (0, 0)
             labels = member.record.get("labels") or {}
+            error = None if fresh else f"peer {name}: {fleet.stale_reason()}"
+            try:
+                speaks = protocol.of(member.record)
+                oldest = protocol.of(member.record, protocol.OLDEST_KEY)
+            except ValueError as exc:  # not a record any agent writes: never a target
+                speaks, oldest, error = 1, 1, f"peer {name}: bad fleet record: {exc}"
             out.append(
                 PeerHealth(
                     name=name,
-                    reachable=fresh,
+                    reachable=error is None,
                     draining=member.draining or name in queued,
                     overloaded=bool(member.record.get("overloaded", False)),
                     load1=float(member.record.get("load1", 0.0) or 0.0),
@@ -67,8 +73,9 @@ class FleetPeers:
                     running_containers=member.num("running_containers"),
                     tags=tuple(f"{k}={v}" for k, v in sorted(labels.items())),
                     spread=_spread(view, name) if view is not None else (),
-                    protocol=max(member.num(protocol.KEY), 1),
-                    error=None if fresh else f"peer {name}: {fleet.stale_reason()}",
+                    protocol=speaks,
+                    protocol_oldest=oldest,
+                    error=error,
                 )
             )
         return out

@@ -391,9 +391,19 @@ class TargetHandlers:
     def _quiet_due(self, mid: str) -> None:
         self._quiet.pop(mid, None)
         if mid in self.incoming:
-            task = asyncio.get_running_loop().create_task(self._check_quiet(mid))
+            task = asyncio.get_running_loop().create_task(self._check_quiet_or_again(mid))
             self._cleanup_tasks.add(task)
             task.add_done_callback(self._cleanup_tasks.discard)
+
+    async def _check_quiet_or_again(self, mid: str) -> None:
+        # The only clean-up of an abandoned migration short of a restart: a check
+        # that fails unexpectedly is logged and tried again, never silently lost.
+        try:
+            await self._check_quiet(mid)
+        except Exception as exc:
+            log.error("migration.target.silence_check_failed", migration=mid, error=repr(exc))
+            if mid in self.incoming and mid not in self._quiet:
+                self._arm_quiet(mid, self.quiet_limit)
 
     def _phase_of(self, mid: str) -> str | None:
         with contextlib.suppress(JournalError):
@@ -414,13 +424,18 @@ class TargetHandlers:
         heard = inc.last_heard
         quiet = self.clock.monotonic() - heard
         lock = self._locks.get(mid)
-        if (lock is not None and lock.locked()) or quiet < self.quiet_limit:
+        busy = lock is not None and lock.locked()
+        if busy or quiet < self.quiet_limit:
             # A request (an upload) is running, or the source spoke since the timer was set.
+            if busy:  # an upload longer than the reservation keeps its room
+                self.reservations.extend(mid, RESERVATION_TTL)
             self._arm_quiet(mid, max(self.quiet_limit - quiet, self.quiet_limit / 4))
             return
         verdict = await self.peer_status(inc.peer, mid) if self.peer_status else None
         if verdict is not None and verdict.get("outcome") is None:
+            # Still on (a long dump, a group waiting for its members): its room stays held.
             inc.last_heard = self.clock.monotonic()
+            self.reservations.extend(mid, RESERVATION_TTL)
             self._arm_quiet(mid, self.quiet_limit)
             return
         async with self._lock(mid):
@@ -435,7 +450,8 @@ class TargetHandlers:
                 else f"has ended it ({verdict.get('outcome')})"
             )
             reason = (
-                f"the source {inc.peer} sent nothing for {quiet:.0f}s and {why}; nothing ran here"
+                f"the source {inc.peer} sent nothing for {quiet:.0f}s and {why}; "
+                "it was never told of a restored copy here, so none is kept"
             )
             log.warning("migration.target.source_silent", migration=mid, reason=reason)
             await self._discard(inc, reason)

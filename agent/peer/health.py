@@ -64,6 +64,7 @@ def health_from_answer(name: str, answer: Mapping[str, Any]) -> PeerHealth:
             raise ValueError("spread must be a list of strings")
         values["spread"] = tuple(spread)
     values["protocol"] = protocol.of(answer)
+    values["protocol_oldest"] = protocol.of(answer, protocol.OLDEST_KEY)
     return PeerHealth(name=name, reachable=True, **values)
 
 

@@ -20,17 +20,31 @@ from typing import Any
 PROTOCOL = 1  # what this agent speaks
 OLDEST = 1  # the oldest peer protocol this agent still migrates with
 KEY = "protocol"
+OLDEST_KEY = "protocol_oldest"  # in health answers: placement skips a peer too new for us
 
 
-def of(doc: Mapping[str, Any]) -> int:
+def of(doc: Mapping[str, Any], key: str = KEY) -> int:
     """The protocol a peer's body or answer declares; 1 if it says none.
 
     Raises ValueError for a value that is not a positive whole number.
     """
-    value = doc.get(KEY, 1)
+    value = doc.get(key, 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{KEY} must be a whole number >= 1, not {value!r}")
+        raise ValueError(f"{key} must be a whole number >= 1, not {value!r}")
     return value
+
+
+def mismatch(speaks: int, oldest: int) -> str | None:
+    """Why a peer that speaks `speaks` and still migrates with `oldest` cannot pair with
+    this agent, from either side; None if it can."""
+    if speaks < OLDEST:
+        return f"speaks peer protocol {speaks}, older than {OLDEST}: upgrade it"
+    if oldest > PROTOCOL:
+        return (
+            f"needs peer protocol {oldest} or newer, this agent speaks {PROTOCOL}: "
+            "upgrade this host"
+        )
+    return None
 
 
 def too_old(peer: str, here: str, protocol: int) -> str | None:

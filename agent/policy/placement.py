@@ -41,9 +41,7 @@ def peer_rejection(peer: PeerHealth, allowed: str | Sequence[str], self_name: st
         return "draining"
     if peer.overloaded:
         return "overloaded"
-    if peer.protocol < protocol.OLDEST:
-        return f"speaks peer protocol {peer.protocol}, older than {protocol.OLDEST}: upgrade it"
-    return ""
+    return protocol.mismatch(peer.protocol, peer.protocol_oldest) or ""
 
 
 @dataclass

@@ -54,7 +54,10 @@ class Movability:
 
     def _peers_key(self) -> tuple[Any, ...]:
         return tuple(
-            sorted((p.name, p.reachable, p.draining, p.overloaded) for p in self._peers.peers())
+            sorted(
+                (p.name, p.reachable, p.draining, p.overloaded, p.protocol, p.protocol_oldest)
+                for p in self._peers.peers()
+            )
         )
 
     def fingerprint(

@@ -76,6 +76,7 @@ def local_health(name: str, store: SignalView, draining: bool, overloaded: bool)
         "disk_free_bytes": int(val("disk.docker.free_bytes")),
         "running_containers": int(val("containers.running")),
         protocol.KEY: protocol.PROTOCOL,
+        protocol.OLDEST_KEY: protocol.OLDEST,
         # Replicas here, so a peer never places a second one of the same service here.
         "spread": sorted(
             {

@@ -226,13 +226,14 @@ async def check_peers(probe: PeerProbe, timeout: float = 10.0) -> list[PrereqPro
         ]
     problems = []
     for peer in peers:
-        if peer.reachable and peer.protocol < protocol.OLDEST:
+        mismatch = protocol.mismatch(peer.protocol, peer.protocol_oldest)
+        if peer.reachable and mismatch:
+            older = peer.name if peer.protocol < protocol.OLDEST else "this host"
             problems.append(
                 PrereqProblem(
                     f"peer:{peer.name}",
-                    f"speaks Ferry peer protocol {peer.protocol}; this agent needs at least "
-                    f"{protocol.OLDEST}, so no container moves between them",
-                    f"upgrade the agent on {peer.name}",
+                    f"{mismatch.partition(':')[0]}, so no container moves between them",
+                    f"upgrade the agent on {older}",
                     fatal=False,
                 )
             )

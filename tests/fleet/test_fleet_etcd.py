@@ -33,6 +33,7 @@ def make(
     budget: int = 1,
     spread: list[str] | None = None,
     etcd: Etcd | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Fleet:
     local: dict[str, Any] = {
         "mem_available_bytes": mem,
@@ -40,6 +41,7 @@ def make(
         "running_containers": 0,
         "draining": False,
         "spread": spread or [],
+        **(extra or {}),
     }
     return Fleet(
         etcd or client(cluster),
@@ -59,13 +61,19 @@ def test_members_discover_each_other_and_a_dead_one_leaves(
 ) -> None:
     async def scenario() -> None:
         a, b = make(etcd_cluster, prefix, "a"), make(etcd_cluster, prefix, "b")
+        odd = make(etcd_cluster, prefix, "c", extra={"protocol": "two"})
         await a.beat()
         await b.beat()
+        await odd.beat()
         view = await a.refresh()
-        assert set(view.members) == {"a", "b"}
+        assert set(view.members) == {"a", "b", "c"}
         assert view.members["b"].record["labels"] == {"rack": "r1"}
         peers = {p.name: p for p in FleetPeers(NoStatic(), a).peers()}
         assert peers["b"].reachable and peers["b"].mem_available_bytes == 8 * GIB
+        # A record no agent writes is listed with why, and never chosen as a target.
+        assert not peers["c"].reachable
+        assert "bad fleet record: protocol must be" in (peers["c"].error or "")
+        await odd.leave()
         # b stops renewing (crashed or cut off): its lease expires and it is gone.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10

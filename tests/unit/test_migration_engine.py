@@ -25,7 +25,7 @@ from agent.journal import Journal
 from agent.migration import MigrationFailed, MigrationRefused, MigrationService
 from agent.migration.held import ProcState
 from agent.migration.report import ProgressEvent
-from agent.migration.target import T_RESTORE
+from agent.migration.target import T_POSTCOPY, T_RESTORE, T_RESTORED
 from agent.peer.api import HandlerError
 from agent.peer.client import PeerRefused, PeerUnavailable
 from tests.helpers import FakeClock, run_async, until
@@ -795,13 +795,44 @@ def test_a_silent_source_that_says_its_migration_is_on_is_waited_for(
     async def scenario() -> None:
         await handlers.prepare("a", body)
         clock.now += 121
-        await until(lambda: asked == ["m-slow"], what="the source asked")
+        await until(lambda: asked[:1] == ["m-slow"], what="the source asked")
         assert "m-slow" in handlers.incoming
+        clock.now += 500  # past the reservation taken at prepare: each answer extends it
+        assert handlers.reservations.active()
         await handlers.close()
 
     run_async(scenario())
     assert b.journal.get("m-slow").outcome is None
     assert handlers.reservations.active()
+
+
+@pytest.mark.parametrize("phase", [T_RESTORED, T_POSTCOPY])
+def test_a_held_or_running_copy_is_never_dropped_for_a_silent_source(
+    hosts: tuple[Host, Host], phase: str
+) -> None:
+    """Only the source's decision (held) or the page watchdog (post-copy) ends these."""
+    _, b = hosts
+    clock, asked = _silent_source(b, None)
+    handlers = b.service.handlers
+    body = {"migration_id": "m-kept", "container_id": "f" * 64, "name": "web", "image_id": IMAGE_ID}
+
+    async def scenario() -> None:
+        await handlers.prepare("a", body)
+        await handlers.stage("a", "m-kept", {"spec": stage_spec()})
+        b.journal.set_phase("m-kept", phase)
+        clock.now += 3600
+        # Due after the short quiet limit; done once its task is, and not armed again.
+        await until(
+            lambda: "m-kept" not in handlers._quiet and not handlers._cleanup_tasks,
+            what="the silence check ran",
+        )
+        await handlers.close()
+
+    run_async(scenario())
+    assert asked == []
+    assert "m-kept" in handlers.incoming
+    assert b.journal.get("m-kept").outcome is None
+    assert b.docker.find_container("web") is not None
 
 
 def test_a_restore_whose_handler_died_is_dropped_when_its_source_falls_silent(
@@ -833,6 +864,7 @@ def test_a_restore_whose_handler_died_is_dropped_when_its_source_falls_silent(
     rec = b.journal.get("m-died")
     assert rec.outcome == "aborted"
     assert "has ended it (rolled_back)" in (rec.reason or "")
+    assert "never told of a restored copy" in (rec.reason or "")
     assert b.docker.find_container("web") is None
     assert not handlers.reservations.active()
 

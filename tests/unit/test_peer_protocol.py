@@ -126,13 +126,31 @@ def test_placement_and_preflight_name_a_peer_too_old(newer: None) -> None:
 
     problems = run_async(check_peers(probe))
     assert [(p.check, p.fatal) for p in problems] == [("peer:b", False)]
-    assert "speaks Ferry peer protocol 1" in problems[0].message
-    assert "upgrade the agent on b" in problems[0].fix
+    assert problems[0].message == (
+        "speaks peer protocol 1, older than 2, so no container moves between them"
+    )
+    assert problems[0].fix == "upgrade the agent on b"
+
+
+def test_a_peer_too_new_for_this_agent_is_skipped_with_the_host_to_upgrade() -> None:
+    """This agent speaks 1; the peer speaks 3 and no longer migrates with 1 or 2."""
+    new = health_from_answer("c", {"protocol": 3, "protocol_oldest": 3})
+    assert peer_rejection(new, "any", "a") == (
+        "needs peer protocol 3 or newer, this agent speaks 1: upgrade this host"
+    )
+
+    async def probe() -> list[PeerHealth]:
+        return [new]
+
+    problems = run_async(check_peers(probe))
+    assert [p.fix for p in problems] == ["upgrade the agent on this host"]
 
 
 def test_status_shows_a_peer_too_old(newer: None) -> None:
     from agent.cli.ops_cmds import _peer_health
 
-    assert _peer_health({"reachable": True}) == "[red]too old: peer protocol 1[/]"
+    assert _peer_health({"reachable": True, "draining": True}) == (
+        "[red]speaks peer protocol 1, older than 2: upgrade it[/]"
+    )
     assert _peer_health({"reachable": True, "protocol": 2}) == "[green]ok[/]"
     assert _peer_health({"reachable": False, "protocol": 2}) == "[red]unreachable[/]"
