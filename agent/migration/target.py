@@ -873,6 +873,11 @@ class TargetHandlers:
                     "digest_mismatch",
                     422,
                 )
+            wanted = body.get("postcopy")
+            if isinstance(wanted, dict) and isinstance(wanted.get("port"), int):
+                # Journalled with the phase: a post-copy copy runs at once, so an agent that
+                # dies before "postcopy" is written must still know this one may run.
+                inc.postcopy_port = int(wanted["port"])
             await self._phase(inc, T_RESTORE)
             t0 = self.clock.monotonic()
             timings: dict[str, float] = {}
@@ -885,9 +890,7 @@ class TargetHandlers:
                 if inc.aborted:
                     raise _refuse("the source aborted this migration", "aborted")
                 t1 = self.clock.monotonic()
-                wanted = body.get("postcopy")
-                if isinstance(wanted, dict) and isinstance(wanted.get("port"), int):
-                    inc.postcopy_port = int(wanted["port"])
+                if inc.postcopy_port is not None:
                     await asyncio.to_thread(self._start_postcopy, inc)
                 else:
                     await asyncio.to_thread(self._start_held, inc)
@@ -1662,8 +1665,12 @@ class TargetHandlers:
         if inc.container_id:
             info = await asyncio.to_thread(self.adapter.find_container, inc.container_id)
         running = bool(info and (info.get("State") or {}).get("Running"))
-        if rec.phase == T_POSTCOPY:
-            verdict = await self.peer_status(rec.source, rec.id) if self.peer_status else None
+        if rec.phase == T_POSTCOPY or (rec.phase == T_RESTORE and inc.postcopy_port is not None):
+            # A post-copy restore runs as soon as it starts, "restore" or not; only one the
+            # source was told of (phase "postcopy") can have been committed.
+            verdict = None
+            if rec.phase == T_POSTCOPY and self.peer_status is not None:
+                verdict = await self.peer_status(rec.source, rec.id)
             if running and verdict is not None and verdict.get("decision") == "commit":
                 await to_thread_to_the_end(
                     self.journal.finish, rec.id, "succeeded", reason="post-copy committed"

@@ -736,6 +736,39 @@ def test_reconcile_removes_half_made_target_containers(hosts: tuple[Host, Host])
     assert b.docker.find_container("web") is None
 
 
+def test_reconcile_stops_a_post_copy_copy_whose_agent_died_before_saying_so(
+    hosts: tuple[Host, Host],
+) -> None:
+    """A post-copy restore runs at once. An agent killed after the start and before
+    journalling "postcopy" finds phase "restore" and a copy running on pages it may
+    never get: it is stopped and removed (the paused source is the copy), never kept
+    as if a commit had continued it."""
+    _, b = hosts
+    handlers = b.service.handlers
+    body = {"migration_id": "m-pc", "container_id": "f" * 64, "name": "web", "image_id": IMAGE_ID}
+
+    async def crash_in_the_window() -> None:
+        await handlers.prepare("a", body)
+        await handlers.stage("a", "m-pc", {"spec": stage_spec()})
+        inc = handlers.incoming["m-pc"]
+        inc.postcopy_port = 7001  # as restore journals it, with the phase
+        await handlers._phase(inc, T_RESTORE)
+        await handlers.close()
+
+    run_async(crash_in_the_window())
+    copy = b.docker._get("web")
+    copy["State"]["Running"] = True  # started, and running: post-copy holds nothing stopped
+    restarted_b = MigrationService(
+        b.docker, b.config, b.journal, b.peers, processes=FakeProcesses(b.docker)
+    )  # type: ignore[arg-type]
+    results = run_async(restarted_b.reconcile())
+    assert results == [
+        {"migration_id": "m-pc", "role": "target", "outcome": "removed: post-copy interrupted"}
+    ]
+    assert b.docker.find_container("web") is None
+    assert b.journal.get("m-pc").outcome == "aborted"
+
+
 def _silent_source(b: Host, source_says: Any) -> tuple[Any, list[str]]:
     """b's handlers with a fake clock, a short quiet limit and a recorded source status."""
     clock = FakeClock()
