@@ -31,6 +31,7 @@ BEFORE_DECISION = "before-decision"  # source: target holds its copy stopped; no
 AFTER_DECISION = "after-decision"  # source: "commit" journalled, not yet sent
 BEFORE_CONTINUE = "before-continue"  # target: commit received, processes still stopped
 LAZY_DAEMON = "lazy-daemon"  # target: lazy-pages daemon listening, restore not started
+POSTCOPY_STARTED = "postcopy-started"  # target: post-copy copy running, not yet journalled
 MID_TRANSFER_BYTES = 8 << 20
 
 

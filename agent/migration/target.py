@@ -892,6 +892,12 @@ class TargetHandlers:
                 t1 = self.clock.monotonic()
                 if inc.postcopy_port is not None:
                     await asyncio.to_thread(self._start_postcopy, inc)
+                    await hooks.gate(
+                        Path(self.config.state_dir),
+                        hooks.POSTCOPY_STARTED,
+                        self.clock,
+                        {"migration": migration_id},
+                    )
                 else:
                     await asyncio.to_thread(self._start_held, inc)
                     self._start_fill_watch(inc.migration_id)

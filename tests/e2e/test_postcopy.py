@@ -245,6 +245,32 @@ def test_target_agent_killed(
     )
 
 
+def test_target_agent_killed_before_it_journalled_the_running_copy(
+    cluster: tuple[list[Host], Agents],
+    docker_clients: dict[str, docker.DockerClient],
+    hog: list[tuple[int, str]],
+) -> None:
+    """The copy runs on the target, but its agent dies before writing "postcopy": at
+    restart it must stop that copy (its pages may never come), and the paused source
+    goes on with the memory it kept."""
+    (h1, h2), agents = cluster
+    faults.rate_limit(h2, 40)  # pages come slowly: nowhere near all in when the agent dies
+    with Gate(h2, "postcopy-started") as started:
+        cli = migrate_in_background(h1, NAME, h2.name)
+        mid = started.wait(timeout=120)
+        agents.stop(h2, signal.SIGKILL)
+    faults.clear_rate_limit(h2)
+    agents.start(h2)
+    cli.communicate(timeout=300)
+    assert _one_copy_goes_on(docker_clients, hog) == h1.name
+    wait_for(
+        lambda: history(h1, mid)[0].outcome == "rolled_back",
+        timeout=120,
+        what="the source to roll back",
+    )
+    assert history(h2, mid)[0].outcome == "aborted"
+
+
 def _pages_of(h: Host, mid: str) -> dict[str, Any] | None:
     for m in status(h).get("migrations") or []:
         if m.get("id") == mid and isinstance(m.get("pages"), dict):
