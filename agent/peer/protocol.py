@@ -15,6 +15,7 @@ does not do; raise OLDEST when this agent no longer speaks an older protocol.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 PROTOCOL = 1  # what this agent speaks
@@ -34,15 +35,25 @@ def of(doc: Mapping[str, Any], key: str = KEY) -> int:
     return value
 
 
-def mismatch(speaks: int, oldest: int) -> str | None:
+@dataclass(frozen=True)
+class Mismatch:
+    """Why a peer cannot pair with this agent, and which side is behind."""
+
+    what: str  # "speaks peer protocol 1, older than 2"
+    peer_is_older: bool  # else this host is the one to upgrade
+
+    def __str__(self) -> str:
+        return f"{self.what}: upgrade {'it' if self.peer_is_older else 'this host'}"
+
+
+def mismatch(speaks: int, oldest: int) -> Mismatch | None:
     """Why a peer that speaks `speaks` and still migrates with `oldest` cannot pair with
     this agent, from either side; None if it can."""
     if speaks < OLDEST:
-        return f"speaks peer protocol {speaks}, older than {OLDEST}: upgrade it"
+        return Mismatch(f"speaks peer protocol {speaks}, older than {OLDEST}", True)
     if oldest > PROTOCOL:
-        return (
-            f"needs peer protocol {oldest} or newer, this agent speaks {PROTOCOL}: "
-            "upgrade this host"
+        return Mismatch(
+            f"needs peer protocol {oldest} or newer, this agent speaks {PROTOCOL}", False
         )
     return None
 

@@ -41,7 +41,8 @@ def peer_rejection(peer: PeerHealth, allowed: str | Sequence[str], self_name: st
         return "draining"
     if peer.overloaded:
         return "overloaded"
-    return protocol.mismatch(peer.protocol, peer.protocol_oldest) or ""
+    behind = protocol.mismatch(peer.protocol, peer.protocol_oldest)
+    return str(behind) if behind else ""
 
 
 @dataclass

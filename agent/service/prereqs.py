@@ -226,14 +226,13 @@ async def check_peers(probe: PeerProbe, timeout: float = 10.0) -> list[PrereqPro
         ]
     problems = []
     for peer in peers:
-        mismatch = protocol.mismatch(peer.protocol, peer.protocol_oldest)
-        if peer.reachable and mismatch:
-            older = peer.name if peer.protocol < protocol.OLDEST else "this host"
+        behind = protocol.mismatch(peer.protocol, peer.protocol_oldest)
+        if peer.reachable and behind:
             problems.append(
                 PrereqProblem(
                     f"peer:{peer.name}",
-                    f"{mismatch.partition(':')[0]}, so no container moves between them",
-                    f"upgrade the agent on {older}",
+                    f"{behind.what}, so no container moves between them",
+                    f"upgrade the agent on {peer.name if behind.peer_is_older else 'this host'}",
                     fatal=False,
                 )
             )

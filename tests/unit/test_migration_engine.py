@@ -386,6 +386,13 @@ def stage_spec(name: str = "web", **host_config: Any) -> dict[str, Any]:
     }
 
 
+async def stage_web(handlers: Any, mid: str) -> None:
+    """Prepare and stage stage_spec's container "web" on `handlers`, as source "a" does."""
+    body = {"migration_id": mid, "container_id": "f" * 64, "name": "web", "image_id": IMAGE_ID}
+    await handlers.prepare("a", body)
+    await handlers.stage("a", mid, {"spec": stage_spec()})
+
+
 class Host:
     def __init__(
         self,
@@ -745,11 +752,9 @@ def test_reconcile_stops_a_post_copy_copy_whose_agent_died_before_saying_so(
     as if a commit had continued it."""
     _, b = hosts
     handlers = b.service.handlers
-    body = {"migration_id": "m-pc", "container_id": "f" * 64, "name": "web", "image_id": IMAGE_ID}
 
     async def crash_in_the_window() -> None:
-        await handlers.prepare("a", body)
-        await handlers.stage("a", "m-pc", {"spec": stage_spec()})
+        await stage_web(handlers, "m-pc")
         inc = handlers.incoming["m-pc"]
         inc.postcopy_port = 7001  # as restore journals it, with the phase
         await handlers._phase(inc, T_RESTORE)
@@ -793,16 +798,9 @@ def test_a_silent_source_that_cannot_be_reached_is_dropped_before_its_reservatio
     _, b = hosts
     clock, asked = _silent_source(b, None)  # unreachable, or it never heard of it
     handlers = b.service.handlers
-    body = {
-        "migration_id": "m-quiet",
-        "container_id": "f" * 64,  # stage_spec's container
-        "name": "web",
-        "image_id": IMAGE_ID,
-    }
 
     async def scenario() -> None:
-        await handlers.prepare("a", body)
-        await handlers.stage("a", "m-quiet", {"spec": stage_spec()})
+        await stage_web(handlers, "m-quiet")
         assert b.docker.find_container("web") is not None  # the half-made container
         clock.now += 121  # far less than the 600 s reservation
         await until(lambda: "m-quiet" not in handlers.incoming, what="the migration dropped")
@@ -847,11 +845,9 @@ def test_a_held_or_running_copy_is_never_dropped_for_a_silent_source(
     _, b = hosts
     clock, asked = _silent_source(b, None)
     handlers = b.service.handlers
-    body = {"migration_id": "m-kept", "container_id": "f" * 64, "name": "web", "image_id": IMAGE_ID}
 
     async def scenario() -> None:
-        await handlers.prepare("a", body)
-        await handlers.stage("a", "m-kept", {"spec": stage_spec()})
+        await stage_web(handlers, "m-kept")
         b.journal.set_phase("m-kept", phase)
         clock.now += 3600
         # Due after the short quiet limit; done once its task is, and not armed again.
@@ -877,16 +873,9 @@ def test_a_restore_whose_handler_died_is_dropped_when_its_source_falls_silent(
     _, b = hosts
     clock, asked = _silent_source(b, {"outcome": "rolled_back"})
     handlers = b.service.handlers
-    body = {
-        "migration_id": "m-died",
-        "container_id": "f" * 64,  # stage_spec's container
-        "name": "web",
-        "image_id": IMAGE_ID,
-    }
 
     async def scenario() -> None:
-        await handlers.prepare("a", body)
-        await handlers.stage("a", "m-died", {"spec": stage_spec()})
+        await stage_web(handlers, "m-died")
         b.journal.set_phase("m-died", T_RESTORE)  # what a handler that died mid-restore leaves
         clock.now += 121
         await until(lambda: "m-died" not in handlers.incoming, what="the migration dropped")
