@@ -5,9 +5,7 @@ every one of its processes is in state T (stopped). While they all are, none
 can fork or exit, so one listing of the container's cgroup is complete.
 `SIGCONT` to PID 1 alone is not enough: each process was stopped on its own.
 
-Processes are found through /proc/<pid>/cgroup, which names the container's id
-whatever the cgroup layout (v1 cgroupfs `/docker/<id>`, v2 systemd
-`docker-<id>.scope`), in the agent's own PID namespace.
+Processes are found as agent.procfs finds them, in the agent's own PID namespace.
 """
 
 from __future__ import annotations
@@ -16,38 +14,20 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-PROC = Path("/proc")
+from agent.procfs import PROC, ProcState, container_processes
 
-
-@dataclass(frozen=True)
-class ProcState:
-    pid: int
-    state: str  # the one-letter state from /proc/<pid>/stat
-
-
-def container_processes(container_id: str, proc: Path = PROC) -> list[ProcState]:
-    """Every process in the container's cgroup, with its state."""
-    if len(container_id) < 12:
-        raise ValueError(f"container id {container_id!r} is too short to match cgroups safely")
-    found: list[ProcState] = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cgroups = (entry / "cgroup").read_text()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone while we looked
-        if container_id not in cgroups:
-            continue
-        # The state follows the command name, which is in parentheses and may hold spaces.
-        rest = stat[stat.rfind(")") + 2 :]
-        found.append(ProcState(int(entry.name), rest[:1]))
-    return found
+__all__ = [
+    "HostProcesses",
+    "ProcState",
+    "ProcessTable",
+    "all_stopped",
+    "container_processes",
+    "continue_all",
+    "dump_in_progress",
+]
 
 
 def all_stopped(procs: Iterable[ProcState]) -> bool:

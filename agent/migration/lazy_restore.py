@@ -51,7 +51,9 @@ class LazyRestore:
 
     def __post_init__(self) -> None:
         work = self.root.daemon_path(*self._rel("work"))
-        self.daemon = LazyPagesDaemon(self.criu_command, self.work_dir, work)
+        # No stall limit: the pages come from this host's disk, and a held copy may
+        # wait for its commit without touching any.
+        self.daemon = LazyPagesDaemon(self.criu_command, self.work_dir, work, self.container_id)
 
     @property
     def proc(self) -> subprocess.Popen[bytes] | None:
@@ -139,6 +141,9 @@ class LazyRestore:
     def poll(self) -> int | None:
         """The daemon's exit code, None while it runs (or when none was started here)."""
         return self.daemon.poll()
+
+    def pulled(self) -> int:
+        return self.daemon.pulled()
 
     def kill_orphan(self) -> None:
         """Kill a daemon a previous agent left running for this migration, if any."""

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import structlog
 
+from agent import procfs
 from agent.migration.criu_config import CRIU_DIR
-from agent.migration.lazy_daemon import DaemonError, LazyPagesDaemon, is_error
+from agent.migration.lazy_daemon import DaemonError, LazyPagesDaemon, is_error, with_env
 from agent.migration.paths import DataRoot
 
 log = structlog.get_logger(__name__)
@@ -40,22 +41,6 @@ TLS_DIR = ("ferry", "tls")
 
 class PostcopyError(Exception):
     pass
-
-
-def with_env(command: Sequence[str], name: str, value: str) -> list[str]:
-    """`command` such that the program it runs sees `name`=`value` in its environment.
-
-    systemd-run starts its command as a transient service of systemd's, with
-    systemd's environment, not its caller's: without --setenv, CRIU would not
-    see its TLS options and would serve pages to anyone who connects. Other
-    wrappers (nsenter, env) pass the caller's environment on.
-    """
-    out = list(command)
-    for i, word in enumerate(out):
-        if Path(word).name == "systemd-run":
-            out.insert(i + 1, f"--setenv={name}={value}")
-            break
-    return out
 
 
 def preflight(proc: Path = Path("/proc")) -> str | None:
@@ -129,30 +114,12 @@ def free_port(host: str, first: int, count: int = 16) -> int:
 
 def tree_rchar(pid: int, proc: Path = Path("/proc")) -> int:
     """Bytes read so far by a process and its descendants: page-pulling progress."""
-    return _tree_io(pid, "rchar:", proc)
+    return procfs.tree_io(pid, "rchar:", proc)
 
 
 def _tree_wchar(pid: int, proc: Path = Path("/proc")) -> int:
     """Bytes written so far by a process and its descendants: page-serving progress."""
-    return _tree_io(pid, "wchar:", proc)
-
-
-def _tree_io(pid: int, key: str, proc: Path) -> int:
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        with contextlib.suppress(OSError, ValueError):
-            for line in (proc / str(p) / "io").read_text().splitlines():
-                if line.startswith(key):
-                    total += int(line.split()[1])
-        with contextlib.suppress(OSError, ValueError):
-            for task in (proc / str(p) / "task").iterdir():
-                kids = (task / "children").read_text().split()
-                todo.extend(int(k) for k in kids)
-    return total
+    return procfs.tree_io(pid, "wchar:", proc)
 
 
 @dataclass
@@ -308,11 +275,17 @@ class PageClient:
     address: str
     port: int
     tls: TlsFiles
+    container_id: str  # the copy its guard kills when the pages stop
+    stall: float  # migration.postcopy_stall_timeout
     daemon: LazyPagesDaemon = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.daemon = LazyPagesDaemon(
-            self.criu_command, self.work, self.root.daemon_path(*self._rel())
+            self.criu_command,
+            self.work,
+            self.root.daemon_path(*self._rel()),
+            self.container_id,
+            self.stall,
         )
 
     @property
@@ -348,6 +321,9 @@ class PageClient:
     def wait(self) -> int:
         assert self.proc is not None
         return self.proc.wait()
+
+    def pulled(self) -> int:
+        return self.daemon.pulled()
 
     def kill(self) -> None:
         self.daemon.stop()

@@ -509,7 +509,7 @@ class TargetHandlers:
             client = self._page_clients.get(rec.id)
             pulled = 0
             if client is not None and client.proc is not None:
-                pulled = postcopy.tree_rchar(client.proc.pid)
+                pulled = client.pulled()
             out["postcopy"] = {
                 "bytes_pulled": pulled,
                 "bytes_total": _lazy_bytes(inc_now.timings if inc_now else target.get("timings")),
@@ -1138,9 +1138,8 @@ class TargetHandlers:
         task.add_done_callback(self._cleanup_tasks.discard)
 
     def _fill_bytes(self, fill: _Fill) -> dict[str, int]:
-        proc = fill.lazy.proc
         total = _lazy_bytes(fill.inc.timings)
-        done = total if fill.pages_in else postcopy.tree_rchar(proc.pid) if proc else 0
+        done = total if fill.pages_in else fill.lazy.pulled()
         return {"bytes_done": min(done, total) if total else done, "bytes_total": total}
 
     def page_progress(self) -> dict[str, dict[str, Any]]:
@@ -1151,7 +1150,7 @@ class TargetHandlers:
             if inc is None or client.proc is None:
                 continue
             total = _lazy_bytes(inc.timings)
-            done = postcopy.tree_rchar(client.proc.pid)
+            done = client.pulled()
             out[mid] = {
                 "container": inc.name,
                 "how": "post-copy",
@@ -1343,6 +1342,8 @@ class TargetHandlers:
             self._source_host(inc.peer),
             inc.postcopy_port,
             tls,
+            inc.container_id,
+            float(self.config.migration.postcopy_stall_timeout),
         )
         conf = criu_config.for_migration(root, inc.migration_id)
         conf.write(
@@ -1383,7 +1384,7 @@ class TargetHandlers:
                 rc = proc.poll()
                 if rc is not None:
                     return rc, client.error_words()
-                now_read = postcopy.tree_rchar(proc.pid)
+                now_read = client.pulled()
                 if now_read != moved:
                     last, moved = time.monotonic(), now_read
                 elif time.monotonic() - last > stall:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from tests.e2e.migration_support import (
     result_of,
 )
 from tests.helpers import wait_for
+from tests.testbed import agents as testbed_agents
+from tests.testbed import procs
 from tests.testbed.layout import Host
 
 pytestmark = [pytest.mark.testbed, pytest.mark.e2e]
@@ -113,7 +116,12 @@ def _lazy_daemons(mid: str) -> list[int]:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"lazy-pages" in argv and any(mid.encode() in a for a in argv):
+            # CRIU itself: not its page guard, nor the nsenter between them.
+            if (
+                Path(argv[0].decode()).name == "criu"
+                and b"lazy-pages" in argv
+                and any(mid.encode() in a for a in argv)
+            ):
                 pids.append(int(entry.name))
     return pids
 
@@ -159,45 +167,72 @@ def _stop_live(pids: list[int]) -> list[int]:
     return stopped
 
 
+@contextlib.contextmanager
+def _big_hog(
+    clients: dict[str, docker.DockerClient], h1: Host, name: str
+) -> Iterator[docker.models.containers.Container]:
+    """A 1 GiB memhog: its daemon takes about a second to fill it, time to stop it."""
+    try:
+        yield clients[h1.name].containers.run(
+            MEMHOG, name=name, detach=True, environment={"MEMHOG_MIB": "1024"}
+        )
+    finally:
+        for client in clients.values():
+            c = container_or_none(client, name)
+            if c is not None:
+                c.remove(force=True)
+
+
+def _running_with_pages_missing(
+    h1: Host, h2: Host, hog: docker.models.containers.Container
+) -> tuple[subprocess.Popen[str], str, list[tuple[int, str]], list[int]]:
+    """Migrate `hog` with the target's daemon stopped while the copy is held, and return
+    once the commit let the copy run with pages still missing: (the CLI, the migration,
+    the readings before, the stopped daemon's pids, which the caller kills)."""
+    before = wait_for(lambda: len(r := readings(hog)) >= 2 and r, timeout=120, what="readings")
+    gate = Gate(h1, "before-decision").arm()
+    try:
+        cli = migrate_in_background(h1, hog.name, h2.name)
+        mid = gate.wait(timeout=120)  # the target holds its copy
+        stopped = _stop_live(_lazy_daemons(mid))
+        assert stopped, "the daemon had filled every page in before it could be stopped"
+    finally:
+        gate.release()
+    try:
+        wait_for(
+            lambda: any(
+                e["migration"] == mid and e.get("filling")
+                for e in log_events(h2, "migration.target.running")
+            ),
+            timeout=120,
+            what="the commit while pages are still missing",
+        )
+    except BaseException:
+        _kill(stopped)
+        raise
+    return cli, mid, before, stopped
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_daemon_dying_while_the_copy_runs_is_replaced_and_the_copy_restored_again(
     agents: list[Host],
     docker_clients: dict[str, docker.DockerClient],
 ) -> None:
-    """The daemon is stopped while the copy is held (1 GiB takes it about a second to
-    fill), so pages are still missing when the commit lets the copy run: its
-    page faults wait. Then the daemon is killed. The copy must not run on zero pages:
-    it is killed and restored again from the local images, and continued."""
+    """The daemon is stopped while the copy is held, so pages are still missing when
+    the commit lets the copy run: its page faults wait. Then the daemon is killed. The
+    copy must not run on zero pages: it is killed and restored again from the local
+    images, and continued."""
     h1, h2 = agents
     name = "lazy-hog-big"
-    hog = docker_clients[h1.name].containers.run(
-        MEMHOG, name=name, detach=True, environment={"MEMHOG_MIB": "1024"}
-    )
     ctrd = _ctrd_copies(h2)
-    gate = Gate(h1, "before-decision")
-    stopped: list[int] = []
-    try:
-        before = wait_for(lambda: len(r := readings(hog)) >= 2 and r, timeout=120, what="readings")
-        gate.arm()
-        try:
-            cli = migrate_in_background(h1, name, h2.name)
-            mid = gate.wait(timeout=120)  # the target holds its copy
-            stopped = _stop_live(_lazy_daemons(mid))
-            assert stopped, "the daemon had filled every page in before it could be stopped"
-        finally:
-            gate.release()
-        try:
-            wait_for(
-                lambda: any(
-                    e["migration"] == mid and e.get("filling")
-                    for e in log_events(h2, "migration.target.running")
-                ),
-                timeout=120,
-                what="the commit while pages are still missing",
-            )
-        finally:
-            for pid in stopped:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+    with _big_hog(docker_clients, h1, name) as hog:
+        cli, mid, before, stopped = _running_with_pages_missing(h1, h2, hog)
+        _kill(stopped)
         _, err = cli.communicate(timeout=300)
         assert cli.returncode == 0, err
         failed = [
@@ -207,8 +242,43 @@ def test_a_daemon_dying_while_the_copy_runs_is_replaced_and_the_copy_restored_ag
         assert container_or_none(docker_clients[h1.name], name) is None
         _continues(before, docker_clients[h2.name].containers.get(name))
         _no_lazy_leftovers(h2, ctrd)
-    finally:
-        for client in docker_clients.values():
-            c = container_or_none(client, name)
-            if c is not None:
-                c.remove(force=True)
+
+
+def test_a_daemon_dying_while_the_agent_is_dead_takes_the_running_copy_with_it(
+    agents: list[Host],
+    docker_clients: dict[str, docker.DockerClient],
+) -> None:
+    """As above, but the target's agent is dead when the daemon dies, and stays dead: the
+    copy must not run on. Its page guard kills it; a copy blocked on a missing page
+    may crash on the zero page the kernel hands it first (this memhog does: exit 139),
+    which the guard cannot outrun. Either way it stays down until the restarted agent
+    restores it again from the local images and lets it go on. (The post-copy tests
+    show the guard's kill where the copy would run on.)"""
+    h1, h2 = agents
+    name = "lazy-hog-orphan"
+    with _big_hog(docker_clients, h1, name) as hog:
+        cli, mid, before, stopped = _running_with_pages_missing(h1, h2, hog)
+        try:
+            testbed_agents.stop_agent(h2, signal.SIGKILL)
+        finally:
+            _kill(stopped)
+        try:
+            copy = docker_clients[h2.name].containers.get(name)
+            wait_for(
+                lambda: (copy.reload(), copy.status)[1] == "exited",
+                timeout=30,
+                what="the copy to stop",
+            )
+            assert not procs.alive(h2.agent_pid)  # its agent did not stop it
+            source = container_or_none(docker_clients[h1.name], name)
+            assert source is None or source.status != "running"  # the commit was final
+        finally:
+            testbed_agents.start_agent(h2)
+        wait_for(
+            lambda: any(e["migration"] == mid for e in log_events(h2, "migration.target.refill")),
+            timeout=120,
+            what="the restarted agent to restore the copy again",
+        )
+        _continues(before, docker_clients[h2.name].containers.get(name))
+        _, err = cli.communicate(timeout=300)
+        assert cli.returncode == 0, err

@@ -271,6 +271,46 @@ def test_target_agent_killed_before_it_journalled_the_running_copy(
     assert history(h2, mid)[0].outcome == "aborted"
 
 
+@pytest.mark.parametrize("fault", ["source CRIU killed", "link cut"])
+def test_target_agent_dead_when_the_source_gives_up(
+    cluster: tuple[list[Host], Agents],
+    docker_clients: dict[str, docker.DockerClient],
+    hog: list[tuple[int, str]],
+    fault: str,
+) -> None:
+    """The target's agent is dead, and stays dead, when the pages stop. The source cannot
+    hear that the target copy is gone and resumes after the stall timeout; the target's
+    page guard, not its agent, must have killed that copy, so the two never both run."""
+    (h1, h2), agents = cluster
+    cli, mid = _start(h1, h2)
+    agents.stop(h2, signal.SIGKILL)
+    if fault == "link cut":
+        faults.cut_link(h2)
+    else:
+        for pid in _criu_pids(b"dump"):
+            os.kill(pid, signal.SIGKILL)
+    try:
+        _, err = cli.communicate(timeout=300)
+        assert cli.returncode == 1, err
+        assert "rolled back" in err, err
+        # Still no agent on the target: only its guard can have stopped the copy there.
+        assert not procs.alive(h2.agent_pid)
+        assert _one_copy_goes_on(docker_clients, hog) == h1.name
+        stopped = docker_clients[h2.name].containers.get(NAME)
+        assert stopped.status == "exited", stopped.status  # killed, not removed: for reconcile
+    finally:
+        faults.restore_link(h2)
+    faults.clear_rate_limit(h2)
+    agents.start(h2)
+    wait_for(
+        lambda: (r := history(h2, mid)) and r[0].outcome == "aborted",
+        timeout=120,
+        what="the restarted target agent to abort its part",
+    )
+    assert history(h1, mid)[0].outcome == "rolled_back"
+    assert _one_copy_goes_on(docker_clients, hog) == h1.name
+
+
 def _pages_of(h: Host, mid: str) -> dict[str, Any] | None:
     for m in status(h).get("migrations") or []:
         if m.get("id") == mid and isinstance(m.get("pages"), dict):

@@ -445,3 +445,15 @@ def test_postcopy_under_the_unit_serves_pages_over_criu_tls(
     after = counter(h2, 18083, at_least=before["counter"] + 1)
     assert after["nonce"] == before["nonce"], "a fresh process, not the migrated one"
     assert containers_named(clients, "sd-postcopy") == {h1.name: [], h2.name: ["running"]}
+    # The target's page daemon ran under its guard, in a transient unit of systemd's:
+    # outside ferry.service, so a restart of the agent cannot take the guard with it.
+    pid1 = run_in(h2, ["journalctl", "-o", "json", "--no-pager", "_PID=1"]).stdout.splitlines()
+    entries = [json.loads(x) for x in pid1 if x.startswith("{")]
+    guards = {
+        e["UNIT"]
+        for e in entries
+        if "agent.page_guard" in str(e.get("MESSAGE")) and str(e.get("UNIT")).startswith("run-")
+    }
+    assert guards, "systemd started no page guard on the target"
+    ended = {e["UNIT"] for e in entries if "Deactivated successfully" in str(e.get("MESSAGE"))}
+    assert guards <= ended, (guards, ended)

@@ -27,6 +27,9 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 def _spawn(procs: list[subprocess.Popen[bytes]], *extra: str) -> subprocess.Popen[bytes]:
     p = subprocess.Popen([*SLEEPER, *extra], start_new_session=True)
     procs.append(p)
+    # Popen can return while the kernel still shows an empty command line.
+    cmdline = Path(f"/proc/{p.pid}/cmdline")
+    wait_for(lambda: cmdline.read_bytes().endswith(b"\0"), timeout=10, what="the exec")
     return p
 
 

@@ -1,0 +1,238 @@
+"""Keep a restored copy from running on memory that will never come, with or without the agent.
+
+A lazily restored copy gets its memory pages from a `criu lazy-pages` daemon as
+it touches them. If that daemon dies, the kernel drops the copy's userfaultfd
+and every page not yet in reads as zeros: the copy runs on, wrong. The agent
+watches for that, but the daemon outlives it (it runs in a session of its own,
+or as a transient systemd service), so a dead or hung agent would leave such a
+copy running, in post-copy beside the source that resumed.
+
+This guard is the daemon's parent and lives where it lives. When the daemon
+exits non-zero, reads nothing for --stall seconds once the copy exists, or the
+guard itself is told to terminate, it kills every process of the container
+before it exits. Docker then shows the copy exited; Ferry keeps the container's
+restart policy at "no" until every page is in, so nothing starts it again.
+
+For the agent, which may not see the daemon's processes (systemd-run), it keeps
+<work>/guard.json up to date: its token, state, bytes CRIU has read and why it
+acted. `<work>/guard-<token>.stop` makes it stop the daemon and exit 143
+without touching the container: the agent then decides what happens to it.
+
+    python -m agent.page_guard --work DIR --token T [--container ID] [--stall S] -- CRIU...
+
+Exit: the daemon's code (0: every page is in), 128+N for a signal, 124 after a
+stall, 143 on a stop request or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from agent import procfs
+
+STATUS = "guard.json"
+TICK = 0.1
+STALLED = 124
+STOPPED = 143
+
+
+def stop_file(work: Path, token: str) -> Path:
+    return work / f"guard-{token}.stop"
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace: whether a reader of the status can trust "pid"."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+class Guard:
+    def __init__(
+        self,
+        command: list[str],
+        work: Path,
+        token: str,
+        container: str | None,
+        stall: float,
+        proc: Path = procfs.PROC,  # where the container's processes are looked up
+    ) -> None:
+        self.command = command
+        self.work = work
+        self.token = token
+        self.container = container
+        self.stall = stall
+        self.proc = proc
+        self.child: subprocess.Popen[bytes] | None = None
+        self.read = 0
+        self.terminated = False
+        self._pidfds: list[int] = []  # the wrapper's, then CRIU's: readable once they exit
+        self._fired: set[int] = set()
+
+    def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            for fd in self._pidfds:
+                os.close(fd)
+            self._pidfds = []
+
+    def _run(self) -> int:
+        self.child = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        )
+        self._write("running")
+        armed_at: float | None = None  # the stall clock runs once the copy exists
+        last_change = time.monotonic()
+        while True:
+            if self.terminated:
+                return self._fail("the page guard was told to terminate", STOPPED)
+            if stop_file(self.work, self.token).exists():
+                self._kill_daemon()
+                self._write("stopped", "the agent stopped the daemon")
+                stop_file(self.work, self.token).unlink(missing_ok=True)
+                return STOPPED
+            rc = self.child.poll()
+            if rc == 0:
+                self._write("done")
+                return 0
+            if rc is not None:
+                return self._fail(f"criu lazy-pages exited {rc}", 128 - rc if rc < 0 else rc)
+            dead = self._dead_criu()
+            if dead is not None:
+                # Its wrapper has not said so (nsenter stops itself when CRIU was
+                # stopped, and then never reaps it): CRIU's own exit status decides.
+                return self._fail(dead[0], dead[1])
+            now = time.monotonic()
+            read = procfs.tree_io(self.child.pid, "rchar:", comm="criu")
+            if read != self.read:
+                self.read, last_change = read, now
+                self._write("running")
+            if self.stall > 0 and armed_at is None and self._copy_exists():
+                armed_at = last_change = now
+            if armed_at is not None and now - last_change > self.stall:
+                return self._fail(f"no page arrived for {self.stall:g}s", STALLED)
+            self._wait()
+
+    def _wait(self) -> None:
+        """One tick, cut short the moment the wrapper or CRIU exits (pidfds): the kernel
+        hands the copy zero pages as soon as CRIU's userfaultfd closes, so every
+        millisecond before the kill counts."""
+        assert self.child is not None
+        if not self._pidfds:
+            with contextlib.suppress(OSError):
+                self._pidfds.append(os.pidfd_open(self.child.pid))
+        if len(self._pidfds) < 2:
+            for pid in procfs.descendants(self.child.pid):
+                st = procfs.stat(pid)
+                if st is not None and st.comm == "criu":
+                    with contextlib.suppress(OSError):
+                        self._pidfds.append(os.pidfd_open(pid))
+                    break
+        # One that fired stays readable: wait on it once, then on the clock.
+        waiting = [fd for fd in self._pidfds if fd not in self._fired]
+        if waiting:
+            ready, _, _ = select.select(waiting, [], [], TICK)
+            self._fired.update(ready)
+        else:
+            time.sleep(TICK)
+
+    def _dead_criu(self) -> tuple[str, int] | None:
+        """A CRIU under a wrapper that ended badly: (why, exit code); None otherwise."""
+        assert self.child is not None
+        for pid in procfs.descendants(self.child.pid):
+            st = procfs.stat(pid)
+            if st is None or st.comm != "criu" or st.state != "Z" or st.exit_code == 0:
+                continue
+            sig, code = st.exit_code & 0x7F, st.exit_code >> 8 & 0xFF
+            if sig:
+                return f"criu lazy-pages was killed by signal {sig}", 128 + sig
+            return f"criu lazy-pages exited {code}", code
+        return None
+
+    def terminate(self, signum: int, frame: FrameType | None) -> None:
+        self.terminated = True
+
+    def _copy_exists(self) -> bool:
+        return bool(self.container) and bool(self._container_pids())
+
+    def _container_pids(self) -> list[int]:
+        if not self.container:
+            return []
+        procs = procfs.container_processes(self.container, self.proc)
+        return [p.pid for p in procs if p.state != "Z"]  # a zombie is dead, only unreaped
+
+    def _fail(self, why: str, code: int) -> int:
+        # The copy first: a daemon that goes first would let it read zero pages.
+        killed = self._kill_copy()
+        self._kill_daemon()
+        what = f"killed {killed} process(es) of the copy" if killed else "no copy was running"
+        self._write("failed", f"{why}; {what}")
+        return code
+
+    def _kill_copy(self) -> int:
+        """SIGKILL the container's processes until none is left (a fork may race us)."""
+        killed: set[int] = set()
+        deadline = time.monotonic() + 10.0
+        while (pids := self._container_pids()) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+            time.sleep(0.02)
+        return len(killed)
+
+    def _kill_daemon(self) -> None:
+        child = self.child
+        if child is None or child.poll() is not None:
+            return
+        # Children first (a wrapper such as nsenter -p forks CRIU), then the wrapper.
+        for pid in [*reversed(procfs.descendants(child.pid)), child.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=10)
+
+    def _write(self, state: str, reason: str = "") -> None:
+        body = {
+            "token": self.token,
+            "pid": os.getpid(),
+            "pidns": pid_namespace(),
+            "state": state,
+            "read": self.read,
+        }
+        if reason:
+            body["reason"] = reason
+        tmp = self.work / f".{STATUS}.{os.getpid()}"
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(body))
+            os.replace(tmp, self.work / STATUS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.page_guard", description=__doc__)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--container")
+    parser.add_argument("--stall", type=float, default=0.0)
+    parser.add_argument("command", nargs="+")
+    args = parser.parse_args(argv)
+    guard = Guard(args.command, args.work, args.token, args.container, args.stall)
+    signal.signal(signal.SIGTERM, guard.terminate)
+    signal.signal(signal.SIGINT, guard.terminate)
+    return guard.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
