@@ -1692,7 +1692,15 @@ class TargetHandlers:
             return "removed: post-copy interrupted"
         if running and rec.phase in (T_RESTORE, T_RESTORED):
             procs = await asyncio.to_thread(self.procs.processes, str(inc.container_id))
-            if procs and not any(p.state in ("T", "t") for p in procs):
+            continued = bool(procs) and not any(p.state in ("T", "t") for p in procs)
+            if continued and rec.phase == T_RESTORE:
+                # Running, though no commit can have let it: the source never heard "held"
+                # (that answer follows the phase "restored"), and may have resumed.
+                with contextlib.suppress(DockerError):
+                    await asyncio.to_thread(self.adapter.kill, str(inc.container_id))
+                await self._discard(inc, "the restored copy ran before any commit; removed")
+                return "removed: ran before any commit"
+            if continued:
                 # Continued, then the agent died before journalling it: only a commit does that.
                 await to_thread_to_the_end(
                     self.journal.finish,

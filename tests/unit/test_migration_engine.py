@@ -774,6 +774,35 @@ def test_reconcile_stops_a_post_copy_copy_whose_agent_died_before_saying_so(
     assert b.journal.get("m-pc").outcome == "aborted"
 
 
+def test_reconcile_removes_a_copy_that_runs_though_the_source_never_heard_held(
+    hosts: tuple[Host, Host],
+) -> None:
+    """Phase "restore" and a copy that runs, not held: only a commit continues a copy,
+    and none can have come (the source hears "held" after the phase "restored"). The
+    source may have resumed its own: this one goes, never kept as committed."""
+    _, b = hosts
+    handlers = b.service.handlers
+
+    async def crash_in_the_window() -> None:
+        await stage_web(handlers, "m-run")
+        await handlers._phase(handlers.incoming["m-run"], T_RESTORE)
+        await handlers.close()
+
+    run_async(crash_in_the_window())
+    copy = b.docker._get("web")
+    copy["State"]["Running"] = True  # CRIU did not leave it stopped
+    copy["held"] = False
+    restarted_b = MigrationService(
+        b.docker, b.config, b.journal, b.peers, processes=FakeProcesses(b.docker)
+    )  # type: ignore[arg-type]
+    results = run_async(restarted_b.reconcile())
+    assert results == [
+        {"migration_id": "m-run", "role": "target", "outcome": "removed: ran before any commit"}
+    ]
+    assert b.docker.find_container("web") is None
+    assert b.journal.get("m-run").outcome == "aborted"
+
+
 def _silent_source(b: Host, source_says: Any) -> tuple[Any, list[str]]:
     """b's handlers with a fake clock, a short quiet limit and a recorded source status."""
     clock = FakeClock()
