@@ -44,7 +44,9 @@ pytestmark = [pytest.mark.testbed, pytest.mark.e2e]
 
 NAME = "pc-hog"
 PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
-STALL = 25  # the 10 s cut plus TCP's retransmission backoff after it must stay below it
+# The 10 s cut plus TCP's retransmission backoff after it must stay below it. Behind the
+# 40 Mbit/s shaping the RTO grows large: once in a few runs nothing moved for 25 s.
+STALL = 35
 OVERRIDES = {
     "migration": {
         "postcopy_stall_timeout": f"{STALL}s",

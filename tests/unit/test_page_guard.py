@@ -25,6 +25,8 @@ from agent.migration.lazy_daemon import (
     LazyPagesDaemon,
     split_systemd_run,
 )
+from agent.page_guard import __main__ as guard_main
+from agent.page_guard.watch import Guard
 from tests.helpers import wait_for
 
 CID = "c0ffee" * 10 + "beef"
@@ -87,7 +89,7 @@ def copy(tmp_path: Path) -> Iterator[Copy]:
     c.close()
 
 
-def _run(guard: page_guard.Guard) -> tuple[threading.Thread, list[int]]:
+def _run(guard: Guard) -> tuple[threading.Thread, list[int]]:
     out: list[int] = []
     t = threading.Thread(target=lambda: out.append(guard.run()))
     t.start()
@@ -98,8 +100,8 @@ def _status(work: Path) -> dict[str, object]:
     return dict(json.loads((work / page_guard.STATUS).read_text()))
 
 
-def _guard(tmp_path: Path, command: list[str], copy: Copy, stall: float = 0.0) -> page_guard.Guard:
-    return page_guard.Guard(command, tmp_path, "t0k", CID, stall, proc=copy.root)
+def _guard(tmp_path: Path, command: list[str], copy: Copy, stall: float = 0.0) -> Guard:
+    return Guard(command, tmp_path, "t0k", CID, stall, proc=copy.root)
 
 
 def test_a_daemon_that_fails_takes_the_copy_with_it(
@@ -320,3 +322,30 @@ def test_a_daemon_started_here_reports_what_criu_read(tmp_path: Path, criu_dir: 
     assert wait_for(lambda: d.poll() is not None, timeout=10, what="the daemon to end")
     assert d.poll() == 0
     d.stop()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--work", "/w", "--", "criu"],  # no token
+        ["--work", "/w", "--token", "t", "criu"],  # no "--" before the command
+        ["--work", "/w", "--token", "t", "--"],  # no command
+        ["--work", "/w", "--token", "t", "--stall", "soon", "--", "criu"],
+        ["--work", "/w", "--token", "t", "--what", "x", "--", "criu"],
+    ],
+)
+def test_the_entry_point_refuses_what_it_cannot_run(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert guard_main.main(argv) == 2
+    assert "usage: python -m agent.page_guard" in capsys.readouterr().err
+
+
+def test_the_entry_point_runs_the_command_under_the_guard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # not pytest's handlers
+    argv = ["--work", str(tmp_path), "--token", "t", "--stall", "5", "--", "true"]
+    assert guard_main.main(argv) == 0
+    assert _status(tmp_path)["state"] == "done"

@@ -1,61 +1,20 @@
-"""Keep a restored copy from running on memory that will never come, with or without the agent.
-
-A lazily restored copy gets its memory pages from a `criu lazy-pages` daemon as
-it touches them. If that daemon dies, the kernel drops the copy's userfaultfd
-and every page not yet in reads as zeros: the copy runs on, wrong. The agent
-watches for that, but the daemon outlives it (it runs in a session of its own,
-or as a transient systemd service), so a dead or hung agent would leave such a
-copy running, in post-copy beside the source that resumed.
-
-This guard is the daemon's parent and lives where it lives. When the daemon
-exits non-zero, reads nothing for --stall seconds once the copy exists, or the
-guard itself is told to terminate, it kills every process of the container
-before it exits. Docker then shows the copy exited; Ferry keeps the container's
-restart policy at "no" until every page is in, so nothing starts it again.
-
-For the agent, which may not see the daemon's processes (systemd-run), it keeps
-<work>/guard.json up to date: its token, state, bytes CRIU has read and why it
-acted. `<work>/guard-<token>.stop` makes it stop the daemon and exit 143
-without touching the container: the agent then decides what happens to it.
-
-    python -m agent.page_guard --work DIR --token T [--container ID] [--stall S] -- CRIU...
-
-Exit: the daemon's code (0: every page is in), 128+N for a signal, 124 after a
-stall, 143 on a stop request or SIGTERM.
-"""
+"""The page guard's watch: the daemon's exit, CRIU's progress, the copy's processes."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import select
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import FrameType
 
 from agent import procfs
+from agent.page_guard import STALLED, STOPPED, pid_namespace, spawn, stop_file, write_status
 
-STATUS = "guard.json"
 TICK = 0.1
-STALLED = 124
-STOPPED = 143
-
-
-def stop_file(work: Path, token: str) -> Path:
-    return work / f"guard-{token}.stop"
-
-
-def pid_namespace() -> str:
-    """This process's PID namespace: whether a reader of the status can trust "pid"."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
 
 
 class Guard:
@@ -67,6 +26,7 @@ class Guard:
         container: str | None,
         stall: float,
         proc: Path = procfs.PROC,  # where the container's processes are looked up
+        child: int | None = None,  # the daemon, when already started (else run starts it)
     ) -> None:
         self.command = command
         self.work = work
@@ -74,7 +34,8 @@ class Guard:
         self.container = container
         self.stall = stall
         self.proc = proc
-        self.child: subprocess.Popen[bytes] | None = None
+        self.child = child
+        self.returncode: int | None = None
         self.read = 0
         self.terminated = False
         self._pidfds: list[int] = []  # the wrapper's, then CRIU's: readable once they exit
@@ -88,10 +49,18 @@ class Guard:
                 os.close(fd)
             self._pidfds = []
 
+    def poll(self) -> int | None:
+        """The daemon's exit code (negative: the signal that ended it); None while it runs."""
+        if self.returncode is None and self.child is not None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(self.child, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
     def _run(self) -> int:
-        self.child = subprocess.Popen(
-            self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
-        )
+        if self.child is None:
+            self.child = spawn(self.command)
         self._write("running")
         armed_at: float | None = None  # the stall clock runs once the copy exists
         last_change = time.monotonic()
@@ -103,7 +72,7 @@ class Guard:
                 self._write("stopped", "the agent stopped the daemon")
                 stop_file(self.work, self.token).unlink(missing_ok=True)
                 return STOPPED
-            rc = self.child.poll()
+            rc = self.poll()
             if rc == 0:
                 self._write("done")
                 return 0
@@ -115,7 +84,7 @@ class Guard:
                 # stopped, and then never reaps it): CRIU's own exit status decides.
                 return self._fail(dead[0], dead[1])
             now = time.monotonic()
-            read = procfs.tree_io(self.child.pid, "rchar:", comm="criu")
+            read = procfs.tree_io(self.child, "rchar:", comm="criu")
             if read != self.read:
                 self.read, last_change = read, now
                 self._write("running")
@@ -132,9 +101,9 @@ class Guard:
         assert self.child is not None
         if not self._pidfds:
             with contextlib.suppress(OSError):
-                self._pidfds.append(os.pidfd_open(self.child.pid))
+                self._pidfds.append(os.pidfd_open(self.child))
         if len(self._pidfds) < 2:
-            for pid in procfs.descendants(self.child.pid):
+            for pid in procfs.descendants(self.child):
                 st = procfs.stat(pid)
                 if st is not None and st.comm == "criu":
                     with contextlib.suppress(OSError):
@@ -151,7 +120,7 @@ class Guard:
     def _dead_criu(self) -> tuple[str, int] | None:
         """A CRIU under a wrapper that ended badly: (why, exit code); None otherwise."""
         assert self.child is not None
-        for pid in procfs.descendants(self.child.pid):
+        for pid in procfs.descendants(self.child):
             st = procfs.stat(pid)
             if st is None or st.comm != "criu" or st.state != "Z" or st.exit_code == 0:
                 continue
@@ -194,15 +163,15 @@ class Guard:
         return len(killed)
 
     def _kill_daemon(self) -> None:
-        child = self.child
-        if child is None or child.poll() is not None:
+        if self.child is None or self.poll() is not None:
             return
         # Children first (a wrapper such as nsenter -p forks CRIU), then the wrapper.
-        for pid in [*reversed(procfs.descendants(child.pid)), child.pid]:
+        for pid in [*reversed(procfs.descendants(self.child)), self.child]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=10)
+        deadline = time.monotonic() + 10.0
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _write(self, state: str, reason: str = "") -> None:
         body = {
@@ -214,25 +183,4 @@ class Guard:
         }
         if reason:
             body["reason"] = reason
-        tmp = self.work / f".{STATUS}.{os.getpid()}"
-        with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(body))
-            os.replace(tmp, self.work / STATUS)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.page_guard", description=__doc__)
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--token", required=True)
-    parser.add_argument("--container")
-    parser.add_argument("--stall", type=float, default=0.0)
-    parser.add_argument("command", nargs="+")
-    args = parser.parse_args(argv)
-    guard = Guard(args.command, args.work, args.token, args.container, args.stall)
-    signal.signal(signal.SIGTERM, guard.terminate)
-    signal.signal(signal.SIGINT, guard.terminate)
-    return guard.run()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        write_status(str(self.work), json.dumps(body))
