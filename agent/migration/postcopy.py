@@ -27,7 +27,6 @@ from pathlib import Path
 
 import structlog
 
-from agent import procfs
 from agent.migration.criu_config import CRIU_DIR
 from agent.migration.lazy_daemon import DaemonError, LazyPagesDaemon, is_error, with_env
 from agent.migration.paths import DataRoot
@@ -112,16 +111,6 @@ def free_port(host: str, first: int, count: int = 16) -> int:
     raise PostcopyError(f"no free page-server port in {first}..{first + count - 1}")
 
 
-def tree_rchar(pid: int, proc: Path = Path("/proc")) -> int:
-    """Bytes read so far by a process and its descendants: page-pulling progress."""
-    return procfs.tree_io(pid, "rchar:", proc)
-
-
-def _tree_wchar(pid: int, proc: Path = Path("/proc")) -> int:
-    """Bytes written so far by a process and its descendants: page-serving progress."""
-    return procfs.tree_io(pid, "wchar:", proc)
-
-
 @dataclass
 class PageServerDump:
     """Source side: a lazy dump that serves pages until the target has them all."""
@@ -197,9 +186,6 @@ class PageServerDump:
                 )
             if time.monotonic() > deadline:
                 raise PostcopyError(f"the lazy dump did not finish in {timeout:.0f}s")
-
-    def served(self) -> int:
-        return _tree_wchar(self.proc.pid) if self.proc is not None else 0
 
     def poll(self) -> int | None:
         return self.proc.poll() if self.proc is not None else None
