@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from agent.page_guard import spawn, starting
+from agent.page_guard import spawn, starting, write_status
 
 USAGE = (
     "usage: python -m agent.page_guard --work DIR --token T [--container ID] [--stall S] -- CMD..."
 )
 
 
-def parse(argv: list[str]) -> dict[str, str] | None:
-    """The options and, under "command", the index where the command starts; None: bad."""
+def parse(argv: list[str]) -> tuple[dict[str, str], list[str]] | None:
+    """(the options, the command after "--"); None when they cannot be run."""
     opts: dict[str, str] = {}
     i = 0
     while i < len(argv) and argv[i] != "--":
@@ -21,28 +21,34 @@ def parse(argv: list[str]) -> dict[str, str] | None:
             return None
         opts[key] = argv[i + 1]
         i += 2
-    if i + 1 >= len(argv) or "work" not in opts or "token" not in opts:
-        return None
+    command = argv[i + 1 :]
+    if not command or "work" not in opts or not opts.get("token", "").isalnum():
+        return None  # the token goes into JSON unescaped, and into file names
     try:
         float(opts.get("stall", "0"))
     except ValueError:
         return None
-    opts["command"] = str(i + 1)
-    return opts
+    return opts, command
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    opts = parse(args)
-    if opts is None:
+    parsed = parse(sys.argv[1:] if argv is None else argv)
+    if parsed is None:
         print(USAGE, file=sys.stderr)
         return 2
-    command = args[int(opts["command"]) :]
-    if not opts["token"].isalnum():
-        print(USAGE, file=sys.stderr)
-        return 2
+    opts, command = parsed
     starting(opts["work"], opts["token"])
-    pid = spawn(command)
+    try:
+        pid = spawn(command)
+    except OSError as exc:
+        import json
+
+        why = f"cannot run {command[0]}: {exc}"
+        write_status(
+            opts["work"], json.dumps({"token": opts["token"], "state": "failed", "reason": why})
+        )
+        print(why, file=sys.stderr)
+        return 127
     # Only now the rest: CRIU starts up meanwhile.
     import signal
     from pathlib import Path

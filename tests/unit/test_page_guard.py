@@ -333,6 +333,7 @@ def test_a_daemon_started_here_reports_what_criu_read(tmp_path: Path, criu_dir: 
         ["--work", "/w", "--token", "t", "--"],  # no command
         ["--work", "/w", "--token", "t", "--stall", "soon", "--", "criu"],
         ["--work", "/w", "--token", "t", "--what", "x", "--", "criu"],
+        ["--work", "/w", "--token", "a/b", "--", "criu"],
     ],
 )
 def test_the_entry_point_refuses_what_it_cannot_run(
@@ -349,3 +350,11 @@ def test_the_entry_point_runs_the_command_under_the_guard(
     argv = ["--work", str(tmp_path), "--token", "t", "--stall", "5", "--", "true"]
     assert guard_main.main(argv) == 0
     assert _status(tmp_path)["state"] == "done"
+
+
+def test_a_command_that_cannot_run_is_said_in_the_status(tmp_path: Path) -> None:
+    argv = ["--work", str(tmp_path), "--token", "t", "--", str(tmp_path / "no-criu")]
+    assert guard_main.main(argv) == 127
+    status = _status(tmp_path)
+    assert status["state"] == "failed"
+    assert f"cannot run {tmp_path / 'no-criu'}" in str(status["reason"])
