@@ -32,14 +32,13 @@ def container_processes(container_id: str, proc: Path = PROC) -> list[ProcState]
             continue
         try:
             cgroups = (entry / "cgroup").read_text()
-            stat = (entry / "stat").read_text()
         except OSError:
             continue  # gone while we looked
         if container_id not in cgroups:
             continue
-        # The state follows the command name, which is in parentheses and may hold spaces.
-        rest = stat[stat.rfind(")") + 2 :]
-        found.append(ProcState(int(entry.name), rest[:1]))
+        st = stat(int(entry.name), proc)
+        if st is not None:
+            found.append(ProcState(int(entry.name), st.state))
     return found
 
 
@@ -63,25 +62,22 @@ def stat(pid: int, proc: Path = PROC) -> Stat | None:
     return Stat(comm, rest[0], code)
 
 
+def io_counter(pid: int, key: str, proc: Path = PROC) -> int:
+    """The `key` counter of /proc/<pid>/io ("rchar:", "wchar:"); 0 once it is gone."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in (proc / str(pid) / "io").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
+
+
 def tree_io(pid: int, key: str, proc: Path = PROC, comm: str | None = None) -> int:
-    """The `key` counter of /proc/<pid>/io ("rchar:", "wchar:") summed over the process
-    and its descendants; with `comm`, only over those of that name (a wrapper's own
-    reads of /proc are not progress)."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        base = proc / str(p)
-        with contextlib.suppress(OSError, ValueError):
-            if comm is None or (base / "comm").read_text().strip() == comm:
-                for line in (base / "io").read_text().splitlines():
-                    if line.startswith(key):
-                        total += int(line.split()[1])
-        with contextlib.suppress(OSError, ValueError):
-            for task in (base / "task").iterdir():
-                todo.extend(int(k) for k in (task / "children").read_text().split())
+    """io_counter summed over the process and its descendants; with `comm`, only over
+    those of that name (a wrapper's own reads of /proc are not progress)."""
+    total = 0
+    for p in [pid, *descendants(pid, proc)]:
+        if comm is None or ((st := stat(p, proc)) is not None and st.comm == comm):
+            total += io_counter(p, key, proc)
     return total
 
 

@@ -78,13 +78,14 @@ class Guard:
                 return 0
             if rc is not None:
                 return self._fail(f"criu lazy-pages exited {rc}", 128 - rc if rc < 0 else rc)
-            dead = self._dead_criu()
+            criu = self._criu()
+            dead = _dead_criu(criu)
             if dead is not None:
                 # Its wrapper has not said so (nsenter stops itself when CRIU was
                 # stopped, and then never reaps it): CRIU's own exit status decides.
                 return self._fail(dead[0], dead[1])
             now = time.monotonic()
-            read = procfs.tree_io(self.child, "rchar:", comm="criu")
+            read = sum(procfs.io_counter(pid, "rchar:") for pid, _ in criu)
             if read != self.read:
                 self.read, last_change = read, now
                 self._write("running")
@@ -92,9 +93,19 @@ class Guard:
                 armed_at = last_change = now
             if armed_at is not None and now - last_change > self.stall:
                 return self._fail(f"no page arrived for {self.stall:g}s", STALLED)
-            self._wait()
+            self._wait(criu)
 
-    def _wait(self) -> None:
+    def _criu(self) -> list[tuple[int, procfs.Stat]]:
+        """CRIU's processes: the child itself, or under a wrapper (nsenter -p forks)."""
+        assert self.child is not None
+        out = []
+        for pid in [self.child, *procfs.descendants(self.child)]:
+            st = procfs.stat(pid)
+            if st is not None and st.comm == "criu":
+                out.append((pid, st))
+        return out
+
+    def _wait(self, criu: list[tuple[int, procfs.Stat]]) -> None:
         """One tick, cut short the moment the wrapper or CRIU exits (pidfds): the kernel
         hands the copy zero pages as soon as CRIU's userfaultfd closes, so every
         millisecond before the kill counts."""
@@ -102,13 +113,10 @@ class Guard:
         if not self._pidfds:
             with contextlib.suppress(OSError):
                 self._pidfds.append(os.pidfd_open(self.child))
-        if len(self._pidfds) < 2:
-            for pid in procfs.descendants(self.child):
-                st = procfs.stat(pid)
-                if st is not None and st.comm == "criu":
-                    with contextlib.suppress(OSError):
-                        self._pidfds.append(os.pidfd_open(pid))
-                    break
+        under = [pid for pid, _ in criu if pid != self.child]
+        if len(self._pidfds) < 2 and under:
+            with contextlib.suppress(OSError):
+                self._pidfds.append(os.pidfd_open(under[0]))
         # One that fired stays readable: wait on it once, then on the clock.
         waiting = [fd for fd in self._pidfds if fd not in self._fired]
         if waiting:
@@ -116,19 +124,6 @@ class Guard:
             self._fired.update(ready)
         else:
             time.sleep(TICK)
-
-    def _dead_criu(self) -> tuple[str, int] | None:
-        """A CRIU under a wrapper that ended badly: (why, exit code); None otherwise."""
-        assert self.child is not None
-        for pid in procfs.descendants(self.child):
-            st = procfs.stat(pid)
-            if st is None or st.comm != "criu" or st.state != "Z" or st.exit_code == 0:
-                continue
-            sig, code = st.exit_code & 0x7F, st.exit_code >> 8 & 0xFF
-            if sig:
-                return f"criu lazy-pages was killed by signal {sig}", 128 + sig
-            return f"criu lazy-pages exited {code}", code
-        return None
 
     def terminate(self, signum: int, frame: FrameType | None) -> None:
         self.terminated = True
@@ -184,3 +179,15 @@ class Guard:
         if reason:
             body["reason"] = reason
         write_status(str(self.work), json.dumps(body))
+
+
+def _dead_criu(criu: list[tuple[int, procfs.Stat]]) -> tuple[str, int] | None:
+    """A CRIU that ended badly, its wrapper not yet saying so: (why, exit code)."""
+    for _, st in criu:
+        if st.state != "Z" or st.exit_code == 0:
+            continue
+        sig, code = st.exit_code & 0x7F, st.exit_code >> 8 & 0xFF
+        if sig:
+            return f"criu lazy-pages was killed by signal {sig}", 128 + sig
+        return f"criu lazy-pages exited {code}", code
+    return None
