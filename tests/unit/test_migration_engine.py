@@ -665,16 +665,22 @@ def _crash_after_freeze(a: Host, b: Host) -> tuple[str, str]:
     return cid, rec.id
 
 
+def _reconcile_restarted(h: Host) -> list[dict[str, Any]]:
+    """What a restarted agent on `h` (same Docker, journal and peers) reconciles."""
+    docker: Any = h.docker  # the fake adapter
+    restarted = MigrationService(
+        docker, h.config, h.journal, h.peers, processes=FakeProcesses(h.docker)
+    )
+    return run_async(restarted.reconcile())
+
+
 def test_reconcile_restores_a_frozen_container_exactly_once(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     cid, mid = _crash_after_freeze(a, b)
     assert not a.docker.containers[cid]["State"]["Running"]
     assert b.docker.find_container("web") is not None  # half-made on the target
 
-    restarted = MigrationService(
-        a.docker, a.config, a.journal, a.peers, processes=FakeProcesses(a.docker)
-    )  # type: ignore[arg-type]
-    results = run_async(restarted.reconcile())
+    results = _reconcile_restarted(a)
     assert results[0]["outcome"].startswith("rolled back")
     assert a.docker.containers[cid]["State"]["Running"]
     assert b.docker.find_container("web") is None
@@ -719,10 +725,7 @@ def test_reconcile_finishes_a_journalled_commit(hosts: tuple[Host, Host]) -> Non
     held_copy = b.docker._get("web")
     assert held_copy["held"], "the target copy must stay stopped until the commit"
 
-    restarted = MigrationService(
-        a.docker, a.config, a.journal, a.peers, processes=FakeProcesses(a.docker)
-    )  # type: ignore[arg-type]
-    run_async(restarted.reconcile())
+    _reconcile_restarted(a)
     assert cid not in a.docker.containers
     assert not b.docker._get("web")["held"] and b.docker._get("web")["State"]["Running"]
     assert a.journal.get(mid).outcome == "succeeded"
@@ -733,10 +736,7 @@ def test_reconcile_removes_half_made_target_containers(hosts: tuple[Host, Host])
     a, b = hosts
     _, mid = _crash_after_freeze(a, b)
     b.peers["a"].down = True  # the source is away; a created-only container is garbage anyway
-    restarted_b = MigrationService(
-        b.docker, b.config, b.journal, b.peers, processes=FakeProcesses(b.docker)
-    )  # type: ignore[arg-type]
-    results = run_async(restarted_b.reconcile())
+    results = _reconcile_restarted(b)
     assert results == [
         {"migration_id": mid, "role": "target", "outcome": "removed half-made container"}
     ]
@@ -763,10 +763,7 @@ def test_reconcile_stops_a_post_copy_copy_whose_agent_died_before_saying_so(
     run_async(crash_in_the_window())
     copy = b.docker._get("web")
     copy["State"]["Running"] = True  # started, and running: post-copy holds nothing stopped
-    restarted_b = MigrationService(
-        b.docker, b.config, b.journal, b.peers, processes=FakeProcesses(b.docker)
-    )  # type: ignore[arg-type]
-    results = run_async(restarted_b.reconcile())
+    results = _reconcile_restarted(b)
     assert results == [
         {"migration_id": "m-pc", "role": "target", "outcome": "removed: post-copy interrupted"}
     ]
@@ -792,10 +789,7 @@ def test_reconcile_removes_a_copy_that_runs_though_the_source_never_heard_held(
     copy = b.docker._get("web")
     copy["State"]["Running"] = True  # CRIU did not leave it stopped
     copy["held"] = False
-    restarted_b = MigrationService(
-        b.docker, b.config, b.journal, b.peers, processes=FakeProcesses(b.docker)
-    )  # type: ignore[arg-type]
-    results = run_async(restarted_b.reconcile())
+    results = _reconcile_restarted(b)
     assert results == [
         {"migration_id": "m-run", "role": "target", "outcome": "removed: ran before any commit"}
     ]
