@@ -213,6 +213,10 @@ class MigrationConfig(_Model):
     # longer grows with containerd copying every page).
     # "docker": plain `docker start --checkpoint` of the full images.
     restore_via: Annotated[Literal["lazy", "docker"], BeforeValidator(_lower)] = "lazy"
+    # Lazy restore only pays for checkpoints with at least this much memory in them:
+    # below it, starting the lazy-pages daemon costs more (0.07-0.2 s) than Docker
+    # copying the few pages, and the plain restore is used. 0: always lazy.
+    lazy_min_bytes: Annotated[ByteSize, size_in(0, PIB)] = ByteSize(8 * MIB)
     # checkpoint_via runc: stream CRIU's page images to the target while the dump
     # still writes them, instead of after it (the dump's own time leaves the downtime).
     stream_during_dump: bool = True

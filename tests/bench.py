@@ -8,7 +8,8 @@ memory) the same container is moved host1 -> host2 by:
 - engine: `ferry migrate` with `checkpoint_via: engine`, `restore_via: docker`;
 - runc: `checkpoint_via: runc`, `restore_via: docker` (the plain Docker restore);
 - lazy: `checkpoint_via: runc`, `restore_via: lazy`, Ferry's default (local
-  lazy restore: Docker never copies the pages);
+  lazy restore: Docker never copies the pages; a checkpoint under
+  `lazy_min_bytes`, the counter's, restores the plain way);
 - postcopy: a column kept for post-copy, filled once it exists (POSTCOPY below).
 
 For each: downtime (freeze -> running on the target), "all pages in" (the same
@@ -203,8 +204,8 @@ def _report(
     out = ["", "Ferry vs the manual procedure (host1 -> host2, one run, same machine)"]
     out.append(
         "engine/runc: checkpoint_via, both with restore_via docker; lazy: runc + restore_via "
-        "lazy (the default); postcopy: migration.postcopy always (downtime ends when it runs "
-        "on the target, 'all pages in' later)"
+        "lazy (the default; plain under lazy_min_bytes); postcopy: migration.postcopy always "
+        "(downtime ends when it runs on the target, 'all pages in' later)"
     )
     head = f"{'workload':14} {'':13}" + "".join(f"{c:>10}" for c in COLUMNS)
     out.append(head + f"{'manual/lazy':>13}{'docker/lazy':>13}{'engine/runc':>13}")

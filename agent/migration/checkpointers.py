@@ -236,6 +236,7 @@ class RuncCheckpointer:
             self.adapter.pause(container_id)
         except DockerError as exc:
             raise CheckpointError(op, f"could not pause it before the dump: {exc.message}") from exc
+        paused = time.monotonic()
         try:
             proc = self.run(argv, self.timeout)
         except FileNotFoundError:
@@ -259,6 +260,7 @@ class RuncCheckpointer:
             container=container_id,
             checkpoint=name,
             options=list(self.options),
+            pause_s=round(paused - started, 3),
             dump_s=round(time.monotonic() - started, 3),
         )
 

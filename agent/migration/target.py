@@ -1062,6 +1062,23 @@ class TargetHandlers:
             self.config.docker.criu_command,
         )
 
+    def _restores_lazily(self, inc: Incoming) -> bool:
+        migration = self.config.migration
+        if migration.restore_via != "lazy":
+            return False
+        assert inc.container_id
+        pages = _page_bytes(self.data_root.get().checkpoint_dir(inc.container_id, inc.checkpoint))
+        inc.timings["page_bytes"] = pages
+        if pages >= migration.lazy_min_bytes:
+            return True
+        log.info(
+            "migration.target.restore_plain",
+            migration=inc.migration_id,
+            page_bytes=pages,
+            reason=f"under migration.lazy_min_bytes ({int(migration.lazy_min_bytes)})",
+        )
+        return False
+
     def _start_held(self, inc: Incoming) -> None:
         """Restore (lazily when it can), and prove that nothing of it runs yet."""
         assert inc.container_id
@@ -1069,7 +1086,7 @@ class TargetHandlers:
         lazy: LazyRestore | None = None
         assert inc.spec
         extra = _dump_matched(ContainerSpec.from_dict(inc.spec))
-        if self.config.migration.restore_via == "lazy":
+        if self._restores_lazily(inc):
             lazy = self._lazy(inc)
             try:
                 kept, left = lazy.prepare()
@@ -1737,6 +1754,10 @@ class _Counting:
                     "at most migration.max_image_bytes)"
                 )
             yield chunk
+
+
+def _page_bytes(checkpoint_dir: Path) -> int:
+    return sum(p.stat().st_size for p in checkpoint_dir.glob("pages-*.img"))
 
 
 def _incoming_from_record(rec: Any) -> Incoming:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.config import FerryConfig
 from agent.docker_adapter import CheckpointError, DockerError, DockerNotFound, DockerUnavailable
@@ -459,6 +460,34 @@ def test_successful_migration_moves_state_and_writable_layer(hosts: tuple[Host, 
     assert a.journal.get(report.migration_id).outcome == "succeeded"
     assert b.journal.get(report.migration_id).outcome == "succeeded"
     assert a.journal.get(report.migration_id).report["downtime_s"] == report.downtime_s
+
+
+@pytest.mark.parametrize(
+    ("lazy_min_bytes", "path"), [("8MiB", "plain"), ("4KiB", "lazy"), (0, "lazy")]
+)
+def test_lazy_restore_is_tried_only_for_checkpoints_with_enough_memory(
+    tmp_path: Path, lazy_min_bytes: Any, path: str
+) -> None:
+    a = Host(tmp_path, "a", "b", (IMAGE_ID,))
+    b = Host(tmp_path, "b", "a", (IMAGE_ID,), {"lazy_min_bytes": lazy_min_bytes})
+    a.peers["b"] = DirectPeer("b", b.service.handlers, "a")
+    b.peers["a"] = DirectPeer("a", a.service.handlers, "b")
+    a.docker.add_running("web")  # the fake dumps one 4 KiB pages file
+    with capture_logs() as logs:
+        report = run_async(a.service.migrate("web", "b"))
+    a.journal.close()
+    b.journal.close()
+
+    assert report.outcome == "succeeded"
+    assert report.details["target_timings"]["page_bytes"] == 4096
+    events = {e["event"]: e for e in logs}
+    if path == "plain":
+        assert "8388608" in events["migration.target.restore_plain"]["reason"]
+        assert "migration.target.lazy_unavailable" not in events
+    else:
+        # Tried: the fake's images have no page maps, so it falls back and says why.
+        assert "page maps" in events["migration.target.lazy_unavailable"]["reason"]
+        assert "migration.target.restore_plain" not in events
 
 
 def test_refusal_before_the_freeze_leaves_the_source_untouched(hosts: tuple[Host, Host]) -> None:
