@@ -20,7 +20,7 @@ import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,24 +48,25 @@ from agent.journal import Journal, JournalError
 from agent.migration import (
     admission,
     criu_config,
-    criu_images,
     criu_log,
     fresh_start,
     held,
     hooks,
     networks,
-    postcopy,
 )
 from agent.migration.accept import DaemonFacts, SpecShapeError, check_spec, parse_spec
 from agent.migration.checkpointers import restore_options_for
-from agent.migration.criu_config import CRIU_DIR
 from agent.migration.ctrd import CtrdSweeper
 from agent.migration.disk_space import target_need
 from agent.migration.image_upload import TagStripper, loaded_ids, split_tag
+from agent.migration.incoming import Incoming, incoming_from_record, lazy_bytes
 from agent.migration.lazy_restore import LazyRestore, LazyRestoreError
 from agent.migration.paths import DataRootResolver
 from agent.migration.resources import CapacityRefused, Reservations, state_cap
 from agent.migration.spec import DEFAULT_NETWORKS, ContainerSpec
+from agent.migration.target_fill import CopyActions, LazyFills
+from agent.migration.target_postcopy import PostcopyPulls
+from agent.migration.target_quiet import SilenceCheck
 from agent.model import Clock, SystemClock
 from agent.peer import protocol
 from agent.peer.api import BodyTooLarge, ByteStream, HandlerError, valid_migration_id
@@ -87,71 +88,7 @@ T_POSTCOPY = "postcopy"  # running, pulling its pages from the paused source
 # gone silent on may be dropped then. T_RESTORE with no request running is a
 # restore whose handler failed past its own clean-up; its answer never said "held".
 _DROPPABLE = (T_PREPARED, T_IMAGE, T_STAGED, T_RECEIVED, T_RESTORE)
-# How long a source may say nothing (no request) before the target asks it whether
-# the migration is still on; a dump of a big container sends nothing for a while.
-QUIET_LIMIT = 120.0
 DECISION_POLL_MAX = 30.0
-
-
-@dataclass
-class Incoming:
-    """What the target knows about one migration it is receiving."""
-
-    migration_id: str
-    peer: str
-    name: str
-    source_container_id: str
-    checkpoint: str = ""
-    container_id: str | None = None
-    spec: dict[str, Any] | None = None
-    upper_dir: str | None = None  # local path
-    volume_dirs: dict[str, str] = field(default_factory=dict)  # section -> local path
-    created_volumes: list[str] = field(default_factory=list)
-    network_specs: list[dict[str, Any]] = field(default_factory=list)  # from prepare
-    created_networks: list[str] = field(default_factory=list)
-    group_id: str | None = None  # members of one group migration share it
-    postcopy_port: int | None = None  # the source's page server, for a post-copy restore
-    pages_in: bool = False  # post-copy: every page arrived (the daemon exited 0)
-    page_failure: str | None = None
-    staging_dirs: list[str] = field(default_factory=list)  # state unpacked, not yet in place
-    archive_digest: str | None = None
-    archive_bytes: int = 0
-    image_bytes: int = 0
-    image_id: str = ""  # as prepared; the staged spec must name the same image
-    state_cap: int = 0  # what the state may unpack to: the declared estimate plus slack
-    image_cap: int = 0  # what the image upload may be
-    loaded_image: str | None = None  # an image this migration loaded (removed if unused)
-    added_tags: list[str] = field(default_factory=list)  # tags this migration added
-    aborted: bool = False  # set by abort at once, even while a restore holds the lock
-    timings: dict[str, float] = field(default_factory=dict)
-    last_heard: float = 0.0  # monotonic: the source's latest request
-
-    def journal_report(self) -> dict[str, Any]:
-        # The spec stays: a restarted agent needs its restart policy and health check.
-        return {"target": asdict(self)}
-
-
-def _lazy_bytes(timings: Any) -> int:
-    """Bytes of the pages a lazy restore left to its daemon (0 when not known)."""
-    pages = (timings or {}).get("lazy_pages") if isinstance(timings, dict) else None
-    return int(pages) * criu_images.PAGE_SIZE if isinstance(pages, int | float) else 0
-
-
-FILL_POLL = 0.05  # how often a fill's daemon is looked at: a dead one is acted on this fast
-FILL_RETRIES = 2  # restores from the local images after the first daemon failure
-
-
-@dataclass
-class _Fill:
-    """A lazy restore whose daemon is still filling pages in."""
-
-    lazy: LazyRestore
-    inc: Incoming
-    since: float  # monotonic: the copy restored (held) by this attempt
-    attempts: int = 0
-    pages_in: bool = False
-    took: float | None = None  # held -> every page in
-    failed: str | None = None
 
 
 def _refuse(reason: str, code: str = "refused", status: int = 409) -> HandlerError:
@@ -196,13 +133,41 @@ class TargetHandlers:
         # Held copies waiting for the source's word: who asks when it does not come.
         self._watchers: dict[str, asyncio.Task[None]] = {}
         # Post-copy restores: the daemon pulling each one's pages.
-        self._page_clients: dict[str, postcopy.PageClient] = {}
+        self.pulls = PostcopyPulls(
+            config=config,
+            journal=journal,
+            adapter=adapter,
+            data_root=self.data_root,
+            ctrd=self.ctrd,
+            lock=self._lock,
+            discard=self._discard,
+            tasks=self._cleanup_tasks,
+        )
         # Lazy restores whose pages are still being filled in from local disk.
-        self._fills: dict[str, _Fill] = {}
-        self._filled: dict[str, float] = {}  # migration -> seconds from held to the last page
-        # Timers (not tasks: nothing waits while none is due) that ask a silent source.
-        self._quiet: dict[str, asyncio.TimerHandle] = {}
-        self.quiet_limit = QUIET_LIMIT
+        self.fills = LazyFills(
+            config,
+            journal,
+            adapter,
+            self.data_root,
+            self.clock,
+            CopyActions(
+                self._lock, self._lazy, self._restore_once, self._continue, self._after_commit
+            ),
+            self._cleanup_tasks,
+        )
+        # Asks a source that went silent before any hold whether its migration is on.
+        self.silence = SilenceCheck(
+            incoming=self.incoming,
+            journal=journal,
+            locks=self._locks,
+            reservations=self.reservations,
+            reservation_ttl=RESERVATION_TTL,
+            droppable=_DROPPABLE,
+            peer_status=peer_status,
+            discard=self._discard,
+            clock=self.clock,
+            tasks=self._cleanup_tasks,
+        )
 
     # ------------------------------------------------------------ helpers
 
@@ -228,9 +193,7 @@ class TargetHandlers:
         await to_thread_to_the_end(self.journal.update_report, inc.migration_id, report)
 
     async def close(self) -> None:
-        for timer in self._quiet.values():
-            timer.cancel()
-        self._quiet.clear()
+        self.silence.close()
         for task in list(self._cleanup_tasks):
             task.cancel()
         await asyncio.gather(*self._cleanup_tasks, return_exceptions=True)
@@ -317,7 +280,7 @@ class TargetHandlers:
             raise _refuse(str(exc), "conflict") from exc
         inc.last_heard = self.clock.monotonic()
         self.incoming[mid] = inc
-        self._arm_quiet(mid, self.quiet_limit)
+        self.silence.arm(mid)
         log.info("migration.target.prepared", migration=mid, peer=peer, container=name)
         return {
             "accepted": True,
@@ -379,83 +342,6 @@ class TargetHandlers:
         refused = await self._accept_reasons(spec)
         return [f"{self.config.name} does not accept: {r}" for r in refused]
 
-    def _arm_quiet(self, mid: str, delay: float) -> None:
-        self._disarm_quiet(mid)
-        self._quiet[mid] = asyncio.get_running_loop().call_later(delay, self._quiet_due, mid)
-
-    def _disarm_quiet(self, mid: str) -> None:
-        timer = self._quiet.pop(mid, None)
-        if timer is not None:
-            timer.cancel()
-
-    def _quiet_due(self, mid: str) -> None:
-        self._quiet.pop(mid, None)
-        if mid in self.incoming:
-            task = asyncio.get_running_loop().create_task(self._check_quiet_or_again(mid))
-            self._cleanup_tasks.add(task)
-            task.add_done_callback(self._cleanup_tasks.discard)
-
-    async def _check_quiet_or_again(self, mid: str) -> None:
-        # The only clean-up of an abandoned migration short of a restart: a check
-        # that fails unexpectedly is logged and tried again, never silently lost.
-        try:
-            await self._check_quiet(mid)
-        except Exception as exc:
-            log.error("migration.target.silence_check_failed", migration=mid, error=repr(exc))
-            if mid in self.incoming and mid not in self._quiet:
-                self._arm_quiet(mid, self.quiet_limit)
-
-    def _phase_of(self, mid: str) -> str | None:
-        with contextlib.suppress(JournalError):
-            rec = self.journal.get(mid)
-            return rec.phase if rec.outcome is None else None
-        return None
-
-    async def _check_quiet(self, mid: str) -> None:
-        """Drop a migration whose source went silent before a copy was held here.
-
-        Asked first: a source still dumping or sending says its migration is on.
-        One that is unreachable, or that ended it, gets nothing restored here
-        any more, so the half-made container and the reservation go now.
-        """
-        inc = self.incoming.get(mid)
-        if inc is None or self._phase_of(mid) not in _DROPPABLE:
-            return  # held or pulling its pages (the source decides), or ended: the timer stops
-        heard = inc.last_heard
-        quiet = self.clock.monotonic() - heard
-        lock = self._locks.get(mid)
-        busy = lock is not None and lock.locked()
-        if busy or quiet < self.quiet_limit:
-            # A request (an upload) is running, or the source spoke since the timer was set.
-            if busy:  # an upload longer than the reservation keeps its room
-                self.reservations.extend(mid, RESERVATION_TTL)
-            self._arm_quiet(mid, max(self.quiet_limit - quiet, self.quiet_limit / 4))
-            return
-        verdict = await self.peer_status(inc.peer, mid) if self.peer_status else None
-        if verdict is not None and verdict.get("outcome") is None:
-            # Still on (a long dump, a group waiting for its members): its room stays held.
-            inc.last_heard = self.clock.monotonic()
-            self.reservations.extend(mid, RESERVATION_TTL)
-            self._arm_quiet(mid, self.quiet_limit)
-            return
-        async with self._lock(mid):
-            if self.incoming.get(mid) is not inc or self._phase_of(mid) not in _DROPPABLE:
-                return
-            if inc.last_heard != heard:
-                self._arm_quiet(mid, self.quiet_limit)  # the source spoke while we asked
-                return
-            why = (
-                "cannot be reached"
-                if verdict is None
-                else f"has ended it ({verdict.get('outcome')})"
-            )
-            reason = (
-                f"the source {inc.peer} sent nothing for {quiet:.0f}s and {why}; "
-                "it was never told of a restored copy here, so none is kept"
-            )
-            log.warning("migration.target.source_silent", migration=mid, reason=reason)
-            await self._discard(inc, reason)
-
     def _prepare_checks(
         self, body: dict[str, Any], name: str, image_id: str
     ) -> tuple[list[str], bool]:
@@ -506,24 +392,17 @@ class TargetHandlers:
         if rec.role == "target" and rec.phase == T_POSTCOPY:
             target = (rec.report or {}).get("target") or {}
             inc_now = self.incoming.get(rec.id)
-            client = self._page_clients.get(rec.id)
-            pulled = 0
-            if client is not None and client.proc is not None:
-                pulled = client.pulled()
             out["postcopy"] = {
-                "bytes_pulled": pulled,
-                "bytes_total": _lazy_bytes(inc_now.timings if inc_now else target.get("timings")),
+                "bytes_pulled": self.pulls.pulled(rec.id),
+                "bytes_total": lazy_bytes(inc_now.timings if inc_now else target.get("timings")),
                 "pages_in": bool(inc_now.pages_in if inc_now else target.get("pages_in")),
                 "failed": (inc_now.page_failure if inc_now else None)
                 or (rec.reason if rec.outcome not in (None, "succeeded") else None),
             }
         cid = (rec.report.get("target") or {}).get("container_id") if rec.role == "target" else None
-        fill = self._fills.get(rec.id)
-        if fill is not None:
-            out["fill"] = {"pending": not fill.pages_in, "failed": fill.failed}
-            out["fill"].update(self._fill_bytes(fill))
-        elif rec.role == "target" and rec.id in self._filled:
-            out["fill"] = {"pending": False, "pages_in_s": self._filled[rec.id]}
+        fill = self.fills.status(rec.id)
+        if fill is not None and rec.role == "target":
+            out["fill"] = fill
         if cid:
             out["container_id"] = cid
             try:
@@ -891,7 +770,7 @@ class TargetHandlers:
                     raise _refuse("the source aborted this migration", "aborted")
                 t1 = self.clock.monotonic()
                 if inc.postcopy_port is not None:
-                    await asyncio.to_thread(self._start_postcopy, inc)
+                    await asyncio.to_thread(self.pulls.start, inc)
                     await hooks.gate(
                         Path(self.config.state_dir),
                         hooks.POSTCOPY_STARTED,
@@ -900,7 +779,7 @@ class TargetHandlers:
                     )
                 else:
                     await asyncio.to_thread(self._start_held, inc)
-                    self._start_fill_watch(inc.migration_id)
+                    self.fills.watch(inc.migration_id)
                 timings["start_s"] = round(self.clock.monotonic() - t1, 4)
                 timings.update(inc.timings)  # how many pages the lazy path left to its daemon
             except HandlerError as exc:
@@ -914,7 +793,7 @@ class TargetHandlers:
             inc.timings = timings
             if inc.postcopy_port is not None:
                 await self._phase(inc, T_POSTCOPY, {"timings": timings})
-                self._watch_pages(inc)
+                self.pulls.watch(inc)
                 log.info("migration.target.postcopy_running", migration=migration_id)
                 return {"postcopy": True, "running": True, "timings": timings}
             await self._phase(inc, T_RESTORED, {"timings": timings})
@@ -943,7 +822,7 @@ class TargetHandlers:
             raise _refuse(f"no migration {migration_id} here", "unknown_migration", 404) from None
         if rec.source != peer:
             raise _refuse(f"migration {migration_id} belongs to another peer", "forbidden", 403)
-        inc = self.incoming.get(migration_id) or _incoming_from_record(rec)
+        inc = self.incoming.get(migration_id) or incoming_from_record(rec)
         async with self._lock(migration_id):
             if rec.outcome is None:
                 await self._confirm_commit(rec)
@@ -959,7 +838,7 @@ class TargetHandlers:
         if decision == "commit":
             return
         if decision == "rollback":
-            inc = self.incoming.get(rec.id) or _incoming_from_record(rec)
+            inc = self.incoming.get(rec.id) or incoming_from_record(rec)
             await self._discard(inc, "a late commit; the source's journal says rollback")
             raise _refuse(f"migration {rec.id}: the source's journal says rollback now", "not_held")
         raise _refuse(
@@ -973,7 +852,7 @@ class TargetHandlers:
             self.journal.finish, rec.id, "succeeded", report=inc.journal_report()
         )
         self._forget(rec.id)
-        self._page_clients.pop(rec.id, None)
+        self.pulls.finished(rec.id)
         await asyncio.to_thread(self._after_commit, inc)
         log.info("migration.target.running", migration=rec.id, container_id=inc.container_id)
         return {"running": True, "container_id": inc.container_id}
@@ -1002,7 +881,7 @@ class TargetHandlers:
         )
         t0 = self.clock.monotonic()
         try:
-            await self._ensure_fill(inc, continued=False)
+            await self.fills.ensure(inc, continued=False)
             await asyncio.to_thread(self._continue, inc)
         except (DockerError, LazyRestoreError) as exc:
             # Still stopped and still ours: the source retries, or an operator resolves.
@@ -1021,8 +900,7 @@ class TargetHandlers:
         )
         self._forget(migration_id)
         await self._stop_watcher(migration_id)
-        fill = self._fills.get(migration_id)
-        if fill is not None and not fill.pages_in:
+        if self.fills.pending(migration_id):
             # Running, its pages still filling in: the rest of the clean-up (restart
             # policy, checkpoint, config) waits for the last page, as a retry needs them.
             log.info("migration.target.running", migration=migration_id, filling=True)
@@ -1032,7 +910,7 @@ class TargetHandlers:
                 "timings": timings,
                 "filling": True,
             }
-        self._fill_finished(migration_id)
+        self.fills.finished(migration_id)
         lost = await asyncio.to_thread(self._after_commit, inc)
         log.info("migration.target.running", migration=migration_id, container_id=inc.container_id)
         answer = {"running": True, "container_id": inc.container_id, "timings": timings}
@@ -1123,7 +1001,7 @@ class TargetHandlers:
                 else:
                     # The copy stays held until the commit; the fill goes on meanwhile,
                     # watched by _watch_fill from here on.
-                    self._fills[inc.migration_id] = _Fill(lazy, inc, t1)
+                    self.fills.track(lazy, inc, t1)
                 return
             except (DockerError, LazyRestoreError) as exc:
                 # The copy may hold zero-filled pages: it must never run. Kill it and
@@ -1145,286 +1023,15 @@ class TargetHandlers:
                 first = exc
                 lazy.start_daemon()
 
-    # ------------------------------------------------------------ lazy fill
-
-    def _start_fill_watch(self, mid: str) -> None:
-        if mid not in self._fills:
-            return
-        task = asyncio.get_running_loop().create_task(self._watch_fill(mid))
-        self._cleanup_tasks.add(task)
-        task.add_done_callback(self._cleanup_tasks.discard)
-
-    def _fill_bytes(self, fill: _Fill) -> dict[str, int]:
-        total = _lazy_bytes(fill.inc.timings)
-        done = total if fill.pages_in else fill.lazy.pulled()
-        return {"bytes_done": min(done, total) if total else done, "bytes_total": total}
+    # ------------------------------------------------------------ pages still coming
 
     def page_progress(self) -> dict[str, dict[str, Any]]:
         """Migrations whose memory pages are still coming in here, and how far they are."""
-        out: dict[str, dict[str, Any]] = {}
-        for mid, client in list(self._page_clients.items()):
-            inc = self.incoming.get(mid)
-            if inc is None or client.proc is None:
-                continue
-            total = _lazy_bytes(inc.timings)
-            done = client.pulled()
-            out[mid] = {
-                "container": inc.name,
-                "how": "post-copy",
-                "bytes_done": min(done, total) if total else done,
-                "bytes_total": total,
-            }
-        for mid, fill in list(self._fills.items()):
-            if not fill.pages_in:
-                out[mid] = {
-                    "container": fill.inc.name,
-                    "how": "lazy fill",
-                    **self._fill_bytes(fill),
-                }
-        return out
-
-    def _committed(self, mid: str) -> bool:
-        try:
-            return bool(self.journal.get(mid).outcome == "succeeded")
-        except JournalError:
-            return False
-
-    def _refill(self, inc: Incoming, lazy: LazyRestore, continued: bool) -> None:
-        """Kill whatever copy there is and restore it again from the local images."""
-        assert inc.container_id
-        lazy.stop_daemon()
-        with contextlib.suppress(DockerError):
-            self.adapter.kill(inc.container_id)
-        lazy.start_daemon()
-        self._restore_once(inc)
-        if continued:
-            self._continue(inc)
-
-    async def _ensure_fill(self, inc: Incoming, continued: bool) -> None:
-        """A lazy copy whose fill nobody here watches (the agent restarted): its daemon may
-        have died with pages missing, so restore it again before it may run. Under the
-        migration's lock."""
-        mid = inc.migration_id
-        if mid in self._fills:
-            failed = self._fills[mid].failed
-            if failed:
-                raise LazyRestoreError(f"its pages could not be filled in: {failed}")
-            return
-        if not inc.container_id:
-            return
-        lazy = self._lazy(inc)
-        if not await asyncio.to_thread(lambda: lazy.pending):
-            return
-        log.warning("migration.target.refill", migration=mid, continued=continued)
-        await asyncio.to_thread(self._refill, inc, lazy, continued)
-        self._fills[mid] = _Fill(lazy, inc, self.clock.monotonic())
-        self._start_fill_watch(mid)
-
-    async def _refill_if_unconfirmed(self, inc: Incoming) -> bool:
-        """After a restart: a committed lazy copy whose last page was never confirmed is
-        restored again from the local images and continued (its memory is then right)."""
-        async with self._lock(inc.migration_id):
-            before = inc.migration_id in self._fills
-            await self._ensure_fill(inc, continued=True)
-            return not before and inc.migration_id in self._fills
+        return self.pulls.progress(self.incoming) | self.fills.progress()
 
     async def reconcile_fills(self) -> list[str]:
         """At agent start: every committed lazy restore still holding its full images."""
-        root = await asyncio.to_thread(self.data_root.get)
-        base = root.local_root.joinpath(*CRIU_DIR)
-        found = await asyncio.to_thread(
-            lambda: (
-                sorted(p.name[: -len(".images")] for p in base.glob("*.images"))
-                if base.is_dir()
-                else []
-            )
-        )
-        done = []
-        for mid in found:
-            try:
-                rec = self.journal.get(mid)
-            except JournalError:
-                log.warning("migration.target.unknown_images", migration=mid, dir=str(base))
-                continue
-            if rec.role != "target" or rec.outcome != "succeeded":
-                continue  # unfinished ones are reconcile_record's; others' images go there
-            inc = _incoming_from_record(rec)
-            try:
-                if await self._refill_if_unconfirmed(inc):
-                    done.append(mid)
-            except (DockerError, LazyRestoreError) as exc:
-                log.error(
-                    "migration.target.refill_failed",
-                    migration=mid,
-                    error=str(exc),
-                    state=str(base / f"{mid}.images"),
-                )
-        return done
-
-    async def _watch_fill(self, mid: str) -> None:
-        """Until the daemon reports every page in, the copy runs only while it is healthy."""
-        fill = self._fills.get(mid)
-        timeout = float(self.config.migration.restore_timeout)
-        while fill is not None and self._fills.get(mid) is fill:
-            code = fill.lazy.poll()
-            if code is None and self.clock.monotonic() - fill.since <= timeout:
-                await asyncio.sleep(FILL_POLL)
-                continue
-            if code == 0:
-                await self._fill_done(mid, fill)
-                return
-            why = (
-                f"criu lazy-pages exited {code}: {fill.lazy.tail()}"
-                if code is not None
-                else f"not every page was in after {timeout:.0f}s"
-            )
-            async with self._lock(mid):
-                if self._fills.get(mid) is not fill:
-                    return
-                await self._fill_failed(mid, fill, why)
-
-    async def _fill_done(self, mid: str, fill: _Fill) -> None:
-        async with self._lock(mid):
-            if self._fills.get(mid) is not fill:
-                return
-            fill.took = round(self.clock.monotonic() - fill.since, 4)
-            log.info("migration.target.pages_in", migration=mid, seconds=fill.took)
-            if not self._committed(mid):
-                fill.pages_in = True
-                return  # the commit finishes the clean-up
-            await asyncio.to_thread(self._after_commit, fill.inc)
-            fill.pages_in = True
-            self._fill_finished(mid)
-
-    def _fill_finished(self, mid: str) -> None:
-        fill = self._fills.pop(mid, None)
-        if fill is not None and fill.took is not None:
-            self._filled[mid] = fill.took
-            while len(self._filled) > 256:  # for status calls soon after; not a history
-                self._filled.pop(next(iter(self._filled)))
-
-    async def _fill_failed(self, mid: str, fill: _Fill, why: str) -> None:
-        committed = self._committed(mid)
-        fill.attempts += 1
-        log.error(
-            "migration.target.lazy_failed",
-            migration=mid,
-            attempt=fill.attempts,
-            running=committed,
-            error=why,
-        )
-        if fill.attempts <= FILL_RETRIES:
-            try:
-                await asyncio.to_thread(self._refill, fill.inc, fill.lazy, committed)
-                fill.since = self.clock.monotonic()
-                return
-            except (DockerError, LazyRestoreError) as exc:
-                why = str(exc)
-        fill.failed = why
-        fill.lazy.stop_daemon()
-        with contextlib.suppress(DockerError):
-            if fill.inc.container_id:
-                await asyncio.to_thread(self.adapter.kill, fill.inc.container_id)
-        if committed:
-            # Nothing runs; every byte stays on disk for the next agent start to restore.
-            self._fills.pop(mid, None)
-            log.error(
-                "migration.target.fill_gave_up",
-                migration=mid,
-                reason=why,
-                state=str(fill.lazy.full_dir),
-                next="restored again from these images when the agent restarts",
-            )
-
-    def _source_host(self, peer: str) -> str:
-        for p in self.config.peers:
-            if p.name == peer:
-                host = str(p.address).removeprefix("https://").rpartition(":")[0]
-                return host.strip("[]")
-        raise DockerError("restore", f"no address for peer {peer} in this host's config")
-
-    def _start_postcopy(self, inc: Incoming) -> None:
-        """Restore running at once; a lazy-pages daemon pulls every page from the source."""
-        assert inc.container_id and inc.postcopy_port is not None
-        root = self.data_root.get()
-        tls = postcopy.TlsFiles(root)
-        t = self.config.tls
-        assert t.ca and t.cert and t.key
-        tls.install(t.ca, t.cert, t.key)
-        client = postcopy.PageClient(
-            root,
-            self.config.docker.criu_command,
-            inc.migration_id,
-            root.daemon_checkpoint_dir(inc.container_id, inc.checkpoint),
-            self._source_host(inc.peer),
-            inc.postcopy_port,
-            tls,
-            inc.container_id,
-            float(self.config.migration.postcopy_stall_timeout),
-        )
-        conf = criu_config.for_migration(root, inc.migration_id)
-        conf.write(
-            criu_config.restore_options(
-                conf.daemon_log, leave_stopped=False, extra=client.criu_options()
-            )
-        )
-        try:
-            client.start()
-        except postcopy.PostcopyError as exc:
-            raise DockerError("restore", str(exc)) from exc
-        self._page_clients[inc.migration_id] = client
-        with contextlib.suppress(OSError, criu_images.ImageFormatError):
-            # For progress only: how much the daemon has to pull.
-            ckpt = root.checkpoint_dir(inc.container_id, inc.checkpoint)
-            inc.timings["lazy_pages"] = criu_images.lazy_pages_in(ckpt)
-        try:
-            with self.ctrd.restoring():
-                self.adapter.start(inc.container_id, checkpoint=inc.checkpoint)
-            self.adapter.wait_running(
-                inc.container_id, timeout=self.config.migration.restore_timeout
-            )
-        except DockerError:
-            client.kill()
-            raise
-
-    def _watch_pages(self, inc: Incoming) -> None:
-        """The copy runs only while its pages keep coming: any failure kills it at once."""
-        client = self._page_clients.get(inc.migration_id)
-        assert client is not None and client.proc is not None
-
-        def wait() -> tuple[int, str]:
-            # The page guard decides a stall (postcopy_stall_timeout) and kills the copy
-            # before the daemon; stopping the daemon from here would do it the other
-            # way round. Its exit, whatever the cause, is what this acts on.
-            proc = client.proc
-            assert proc is not None
-            while (rc := proc.poll()) is None:
-                time.sleep(0.25)
-            return rc, client.error_words()
-
-        async def watch() -> None:
-            rc, words = await asyncio.to_thread(wait)
-            if rc == 0:
-                inc.pages_in = True
-                with contextlib.suppress(JournalError):
-                    await to_thread_to_the_end(
-                        self.journal.update_report, inc.migration_id, inc.journal_report()
-                    )
-                log.info("migration.target.pages_in", migration=inc.migration_id)
-                return
-            inc.page_failure = f"page daemon exited {rc}: {words}"
-            log.error(
-                "migration.target.pages_failed", migration=inc.migration_id, reason=inc.page_failure
-            )
-            # Running on missing pages is worse than not running: kill it now.
-            with contextlib.suppress(DockerError):
-                await asyncio.to_thread(self.adapter.kill, str(inc.container_id))
-            async with self._lock(inc.migration_id):
-                await self._discard(inc, inc.page_failure)
-
-        task = asyncio.get_running_loop().create_task(watch())
-        self._cleanup_tasks.add(task)
-        task.add_done_callback(self._cleanup_tasks.discard)
+        return await self.fills.reconcile()
 
     def _restore_once(self, inc: Incoming) -> None:
         assert inc.container_id
@@ -1539,7 +1146,7 @@ class TargetHandlers:
             verdict = await self.peer_status(rec.source, migration_id)
         if verdict is None:
             return "waiting"
-        inc = _incoming_from_record(rec)
+        inc = incoming_from_record(rec)
         decision = verdict.get("decision")
         if decision == "commit":
             async with self._lock(migration_id):
@@ -1567,7 +1174,7 @@ class TargetHandlers:
                     f"migration {migration_id} already finished: the container runs here",
                     "already_running",
                 )
-            inc = _incoming_from_record(rec)
+            inc = incoming_from_record(rec)
         elif inc.peer != peer:
             raise _refuse(f"migration {migration_id} belongs to another peer", "forbidden", 403)
         inc.aborted = True
@@ -1624,10 +1231,8 @@ class TargetHandlers:
         for vol in inc.created_volumes:
             with contextlib.suppress(DockerNotFound):
                 self.adapter.remove_volume(vol)
-        client = self._page_clients.pop(inc.migration_id, None)
-        if client is not None:
-            client.cleanup()
-        self._fills.pop(inc.migration_id, None)  # its watcher sees that and stops
+        self.pulls.drop(inc.migration_id)
+        self.fills.drop(inc.migration_id)
         with contextlib.suppress(DockerError, OSError):
             criu_config.for_migration(self.data_root.get(), inc.migration_id).remove()
             if inc.container_id:
@@ -1664,7 +1269,7 @@ class TargetHandlers:
         task.add_done_callback(self._cleanup_tasks.discard)
 
     def _forget(self, mid: str) -> None:
-        self._disarm_quiet(mid)
+        self.silence.disarm(mid)
         self.incoming.pop(mid, None)
         self._locks.pop(mid, None)
         self.reservations.release(mid)
@@ -1677,7 +1282,7 @@ class TargetHandlers:
         Raises while the source's decision cannot be learned: the caller retries,
         and the copy stays stopped meanwhile.
         """
-        inc = _incoming_from_record(rec)
+        inc = incoming_from_record(rec)
         info = None
         if inc.container_id:
             info = await asyncio.to_thread(self.adapter.find_container, inc.container_id)
@@ -1718,7 +1323,7 @@ class TargetHandlers:
                     "succeeded",
                     reason="continued; confirmed at reconcile",
                 )
-                if await self._refill_if_unconfirmed(inc):
+                if await self.fills.refill_if_unconfirmed(inc):
                     return "kept: running here; its pages were filled in again"
                 await asyncio.to_thread(self._after_commit, inc)
                 return "kept: running here"
@@ -1758,16 +1363,6 @@ class _Counting:
 
 def _page_bytes(checkpoint_dir: Path) -> int:
     return sum(p.stat().st_size for p in checkpoint_dir.glob("pages-*.img"))
-
-
-def _incoming_from_record(rec: Any) -> Incoming:
-    data = dict((rec.report or {}).get("target") or {})
-    known = {k: v for k, v in data.items() if k in Incoming.__dataclass_fields__}
-    known.setdefault("migration_id", rec.id)
-    known.setdefault("peer", rec.source)
-    known.setdefault("name", rec.container_name)
-    known.setdefault("source_container_id", rec.container_id)
-    return Incoming(**known)
 
 
 def _dump_matched(spec: ContainerSpec) -> list[str]:

@@ -830,9 +830,9 @@ def _silent_source(b: Host, source_says: Any) -> tuple[Any, list[str]]:
     """b's handlers with a fake clock, a short quiet limit and a recorded source status."""
     clock = FakeClock()
     handlers = b.service.handlers
-    handlers.clock = clock
+    handlers.clock = handlers.silence.clock = clock
     handlers.reservations.clock = clock
-    handlers.quiet_limit = 0.05  # real seconds on the loop's timer; quiet is on `clock`
+    handlers.silence.limit = 0.05  # real seconds on the loop's timer; quiet is on `clock`
     asked: list[str] = []
 
     async def status(peer: str, mid: str) -> dict[str, Any] | None:
@@ -840,7 +840,7 @@ def _silent_source(b: Host, source_says: Any) -> tuple[Any, list[str]]:
         clock.now += 1  # the question itself takes a while
         return source_says
 
-    handlers.peer_status = status
+    handlers.peer_status = handlers.silence.peer_status = status
     return clock, asked
 
 
@@ -904,7 +904,7 @@ def test_a_held_or_running_copy_is_never_dropped_for_a_silent_source(
         clock.now += 3600
         # Due after the short quiet limit; done once its task is, and not armed again.
         await until(
-            lambda: "m-kept" not in handlers._quiet and not handlers._cleanup_tasks,
+            lambda: "m-kept" not in handlers.silence.timers and not handlers._cleanup_tasks,
             what="the silence check ran",
         )
         await handlers.close()
