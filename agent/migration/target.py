@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +33,7 @@ from agent.archive import (
     UnsafeArchive,
 )
 from agent.backoff import Backoff
-from agent.bridges import feed_blocking_consumer, to_thread_to_the_end
+from agent.bridges import to_thread_to_the_end
 from agent.config import FerryConfig
 from agent.docker_adapter import (
     CHECKPOINT_NAME_RE,
@@ -58,13 +57,13 @@ from agent.migration.accept import DaemonFacts, SpecShapeError, check_spec, pars
 from agent.migration.checkpointers import restore_options_for
 from agent.migration.ctrd import CtrdSweeper
 from agent.migration.disk_space import target_need
-from agent.migration.image_upload import TagStripper, loaded_ids, split_tag
 from agent.migration.incoming import Incoming, incoming_from_record, lazy_bytes
 from agent.migration.lazy_restore import LazyRestore, LazyRestoreError
 from agent.migration.paths import DataRootResolver
 from agent.migration.resources import CapacityRefused, Reservations, state_cap
 from agent.migration.spec import DEFAULT_NETWORKS, ContainerSpec
 from agent.migration.target_fill import CopyActions, LazyFills
+from agent.migration.target_image import ImageReceiver
 from agent.migration.target_postcopy import PostcopyPulls
 from agent.migration.target_quiet import SilenceCheck
 from agent.model import Clock, SystemClock
@@ -74,7 +73,6 @@ from agent.peer.api import BodyTooLarge, ByteStream, HandlerError, valid_migrati
 log = structlog.get_logger(__name__)
 
 RESERVATION_TTL = 600.0
-_IMAGE_ID_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 # Target-side journal phases.
 T_PREPARED = "prepared"
@@ -132,6 +130,7 @@ class TargetHandlers:
         self._staged: dict[str, StagedUnpack] = {}
         # Held copies waiting for the source's word: who asks when it does not come.
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self.images = ImageReceiver(adapter, config.name)
         # Post-copy restores: the daemon pulling each one's pages.
         self.pulls = PostcopyPulls(
             config=config,
@@ -579,100 +578,13 @@ class TargetHandlers:
             inc = self._get(peer, migration_id)
             self.reservations.extend(migration_id, RESERVATION_TTL)
             try:
-                return await self._load_image(inc, stream, meta)
+                declared = self.images.expected(inc, meta)
+                await self._phase(inc, T_IMAGE)
+                return await self.images.load(inc, stream, declared, self._save)
             except (HandlerError, BodyTooLarge) as exc:
                 # A refused upload leaves nothing behind, now rather than at the source's abort.
                 await self._discard(inc, getattr(exc, "reason", None) or str(exc))
                 raise
-
-    async def _load_image(
-        self, inc: Incoming, stream: ByteStream, meta: dict[str, Any]
-    ) -> dict[str, Any]:
-        here = self.config.name
-        declared = str(meta.get("image_id") or "")
-        if not _IMAGE_ID_RE.match(declared):
-            raise _refuse(
-                "image upload: image_id must be sha256:<64 hex digits>", "bad_request", 400
-            )
-        if inc.image_id and declared != inc.image_id:
-            raise _refuse(
-                f"image upload: {declared} is not the prepared {inc.image_id}", "bad_request", 400
-            )
-        if not inc.image_cap:
-            raise _refuse(f"{here} has image {declared} already; none was expected", "bad_order")
-        await self._phase(inc, T_IMAGE)
-        before = await asyncio.to_thread(self.adapter.image_ids)
-        counted = _Counting(stream, inc.image_cap)
-        strippers: list[TagStripper] = []
-
-        def load(chunks: Any) -> list[str]:
-            strippers.append(TagStripper(chunks))
-            return self.adapter.image_load(strippers[0])
-
-        def made(ids: set[str]) -> list[str]:
-            return sorted(i for i in ids if i and i not in before)
-
-        try:
-            lines = await feed_blocking_consumer(counted, load)
-        except BaseException as exc:
-            stripper = strippers[0] if strippers else None
-            if stripper is not None and stripper.manifest is not None:
-                await asyncio.to_thread(self._remove_images, made({stripper.manifest.image_id}))
-            if stripper is not None and stripper.error is not None:
-                raise _refuse(
-                    f"image refused by {here}: {stripper.error}", "unsafe_image", 422
-                ) from exc
-            if isinstance(exc, _TooBig):
-                raise _refuse(str(exc), "too_large", 413) from exc
-            if isinstance(exc, DockerError):
-                raise _refuse(f"docker load failed on {here}: {exc.message}") from exc
-            raise
-        inc.image_bytes = counted.count
-        manifest = strippers[0].manifest
-        assert manifest is not None  # the stripper raises without one
-        got = loaded_ids(lines) or {manifest.image_id}
-        if got != {declared} or not await asyncio.to_thread(self.adapter.has_image, declared):
-            await asyncio.to_thread(self._remove_images, made(got))
-            raise _refuse(
-                f"the uploaded image is {', '.join(sorted(got))}, not the declared {declared}",
-                "image_mismatch",
-                422,
-            )
-        inc.loaded_image = declared if declared not in before else None
-        await self._save(inc)
-        await asyncio.to_thread(self._add_absent_tags, inc, manifest.repo_tags)
-        await self._save(inc)
-        log.info(
-            "migration.target.image_loaded",
-            migration=inc.migration_id,
-            bytes=counted.count,
-            tags_added=inc.added_tags,
-        )
-        return {"loaded": True, "bytes": counted.count, "tags_added": inc.added_tags}
-
-    def _add_absent_tags(self, inc: Incoming, tags: list[str]) -> None:
-        """Tag the loaded image only with names that point nowhere here yet."""
-        for tag in tags:
-            try:
-                current = self.adapter.inspect_image(tag).get("Id")
-            except DockerNotFound:
-                repo, name = split_tag(tag)
-                try:
-                    self.adapter.tag_image(inc.image_id, repo, name)
-                except DockerError as exc:
-                    # A name this daemon will not take is only a missing tag: the
-                    # container is created from the ID.
-                    log.warning("migration.target.tag_refused", tag=tag, error=exc.message)
-                    continue
-                inc.added_tags.append(tag)
-                continue
-            if current != inc.image_id:
-                log.info("migration.target.tag_kept", tag=tag, points_to=current)
-
-    def _remove_images(self, ids: list[str]) -> None:
-        for image in ids:
-            with contextlib.suppress(DockerNotFound, DockerConflict):
-                self.adapter.remove_image(image)
 
     async def receive_state(
         self, peer: str, migration_id: str, stream: ByteStream, digest: str | None
@@ -1244,7 +1156,7 @@ class TargetHandlers:
                 if self.adapter.inspect_image(tag).get("Id") == inc.image_id:
                     self.adapter.remove_image(tag)
         if inc.loaded_image:
-            self._remove_images([inc.loaded_image])
+            self.images.remove([inc.loaded_image])
 
     def _spawn_cleanup(self, inc: Incoming, reason: str) -> None:
         async def retry() -> None:
@@ -1338,27 +1250,6 @@ class TargetHandlers:
             return outcome
         await self._discard(inc, "half-made container removed at agent start")
         return "removed half-made container"
-
-
-class _TooBig(Exception):
-    pass
-
-
-class _Counting:
-    def __init__(self, stream: ByteStream, limit: int) -> None:
-        self._stream = stream
-        self.limit = limit
-        self.count = 0
-
-    async def __aiter__(self) -> Any:
-        async for chunk in self._stream:
-            self.count += len(chunk)
-            if self.count > self.limit:
-                raise _TooBig(
-                    f"image upload exceeds {self.limit} bytes (its declared size with slack, "
-                    "at most migration.max_image_bytes)"
-                )
-            yield chunk
 
 
 def _page_bytes(checkpoint_dir: Path) -> int:
