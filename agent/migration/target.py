@@ -53,8 +53,7 @@ from agent.migration import (
     hooks,
     networks,
 )
-from agent.migration.accept import DaemonFacts, SpecShapeError, check_spec, parse_spec
-from agent.migration.checkpointers import restore_options_for
+from agent.migration.accept import SpecShapeError, parse_spec
 from agent.migration.ctrd import CtrdSweeper
 from agent.migration.disk_space import target_need
 from agent.migration.incoming import Incoming, incoming_from_record, lazy_bytes
@@ -66,6 +65,7 @@ from agent.migration.target_fill import CopyActions, LazyFills
 from agent.migration.target_image import ImageReceiver
 from agent.migration.target_postcopy import PostcopyPulls
 from agent.migration.target_quiet import SilenceCheck
+from agent.migration.target_stage import Stager, dump_matched
 from agent.model import Clock, SystemClock
 from agent.peer import protocol
 from agent.peer.api import BodyTooLarge, ByteStream, HandlerError, valid_migration_id
@@ -130,6 +130,7 @@ class TargetHandlers:
         self._staged: dict[str, StagedUnpack] = {}
         # Held copies waiting for the source's word: who asks when it does not come.
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self.stager = Stager(adapter, config, journal, self.data_root)
         self.images = ImageReceiver(adapter, config.name)
         # Post-copy restores: the daemon pulling each one's pages.
         self.pulls = PostcopyPulls(
@@ -338,7 +339,7 @@ class TargetHandlers:
             spec = parse_spec(data)
         except SpecShapeError as exc:
             return [str(exc)]
-        refused = await self._accept_reasons(spec)
+        refused = await self.stager.accept_reasons(spec)
         return [f"{self.config.name} does not accept: {r}" for r in refused]
 
     def _prepare_checks(
@@ -418,8 +419,8 @@ class TargetHandlers:
             inc = self._get(peer, migration_id)
             self.reservations.extend(migration_id, RESERVATION_TTL)
             try:
-                spec = await self._accepted_spec(inc, body.get("spec"))
-                result = await asyncio.to_thread(self._create, inc, spec)
+                spec = await self.stager.accepted_spec(inc, body.get("spec"))
+                result = await asyncio.to_thread(self.stager.create, inc, spec)
             except HandlerError as exc:
                 await self._discard(inc, exc.reason)
                 raise
@@ -436,140 +437,6 @@ class TargetHandlers:
                 "migration.target.staged", migration=migration_id, container_id=inc.container_id
             )
             return result
-
-    async def _accepted_spec(self, inc: Incoming, data: Any) -> ContainerSpec:
-        """The staged spec, if it is well-formed and this host's migration.accept allows it."""
-        here = self.config.name
-        try:
-            spec = parse_spec(data)
-        except SpecShapeError as exc:
-            raise _refuse(str(exc), "bad_request", 400) from None
-        if spec.name != inc.name:
-            raise _refuse(
-                f"spec.name {spec.name!r} is not the prepared {inc.name!r}", "bad_request", 400
-            )
-        if inc.image_id and spec.image_id != inc.image_id:
-            raise _refuse(
-                f"spec.image_id {spec.image_id} is not the prepared {inc.image_id}",
-                "bad_request",
-                400,
-            )
-        reasons = await self._accept_reasons(spec)
-        if reasons:
-            raise _refuse(
-                f"{here} does not accept this container: " + "; ".join(reasons), "not_accepted", 403
-            )
-        existing = await asyncio.to_thread(
-            lambda: [v.name for v in spec.volumes if self._volume_exists(v.name)]
-        )
-        if existing:
-            # Its data section would be unpacked into a volume that is not this migration's.
-            raise _refuse(f"volume(s) {', '.join(existing)} already exist on {here}")
-        return spec
-
-    async def _accept_reasons(self, spec: ContainerSpec) -> list[str]:
-        """What in `spec` this host's migration.accept refuses (empty: all of it is allowed)."""
-        host_config = spec.body.get("HostConfig")
-        notes = host_config.get("Annotations") if isinstance(host_config, dict) else None
-        if (
-            isinstance(host_config, dict)
-            and isinstance(notes, dict)
-            and criu_config.ANNOTATION in notes
-        ):
-            # The source's own CRIU config, set by Ferry when that host received the
-            # container. Never passed on: _create sets this host's.
-            host_config["Annotations"] = {
-                k: v for k, v in notes.items() if k != criu_config.ANNOTATION
-            }
-        facts = DaemonFacts()
-        if isinstance(host_config, dict) and host_config.get("CgroupnsMode") == "host":
-            info = await asyncio.to_thread(self.adapter.info)
-            facts = DaemonFacts(cgroup_version=str(info.get("CgroupVersion") or "2"))
-        return check_spec(spec, self.config.migration.accept, facts)
-
-    def _create(self, inc: Incoming, spec: ContainerSpec) -> dict[str, Any]:
-        if not self.adapter.has_image(spec.image_id):
-            raise DockerError("stage", f"image {spec.image_ref or spec.image_id} is not here")
-        body = dict(spec.body)
-        # By ID: a tag on this host may name another image than the source's.
-        body["Image"] = spec.image_id
-        # The copy must stay stopped after its restore until the source commits, and
-        # Docker must not restart it on its own before then.
-        conf = criu_config.for_migration(self.data_root.get(), inc.migration_id)
-        conf.write(criu_config.restore_options(conf.daemon_log, extra=_dump_matched(spec)))
-        host_cfg = dict(body.get("HostConfig") or {})
-        host_cfg["Annotations"] = dict(host_cfg.get("Annotations") or {}) | {
-            criu_config.ANNOTATION: conf.daemon_path
-        }
-        host_cfg["RestartPolicy"] = {"Name": "no", "MaximumRetryCount": 0}
-        body["HostConfig"] = host_cfg
-        self._create_networks(inc, spec)
-        try:
-            cid = self.adapter.create_container(body, name=spec.name)
-        except DockerError as exc:
-            if "bind source path does not exist" in exc.message:
-                raise DockerError(
-                    "stage", f"bind mount source missing on {self.config.name}: {exc.message}"
-                ) from exc
-            raise
-        inc.container_id = cid
-        inc.spec = spec.to_dict()
-        inc.created_volumes = [v.name for v in spec.volumes]
-        # Journal the id right away: a crash from here on must find and remove it.
-        self.journal.update_report(inc.migration_id, inc.journal_report())
-        info = self.adapter.inspect_container(cid)
-        graph = info.get("GraphDriver") or {}
-        if graph.get("Name") != "overlay2":
-            raise DockerError(
-                "stage", f"{self.config.name} uses storage driver {graph.get('Name')}"
-            )
-        root = self.data_root.get()
-        inc.upper_dir = str(root.local(str(graph["Data"]["UpperDir"])))
-        for i, vol in enumerate(spec.volumes):
-            mp = self.adapter.inspect_volume(vol.name).get("Mountpoint")
-            inc.volume_dirs[f"vol{i}"] = str(root.local(str(mp)))
-        if not Path(inc.upper_dir).is_dir():
-            raise DockerError("stage", f"upper dir {inc.upper_dir} is not visible to the agent")
-        return {"container_id": cid, "image": body["Image"]}
-
-    def _create_networks(self, inc: Incoming, spec: ContainerSpec) -> None:
-        """The user-defined networks the container needs and this host lacks."""
-        wanted = {str(n.get("name")): n for n in inc.network_specs}
-        existing = self.adapter.network_names()
-        for name in spec.networks:
-            if name in DEFAULT_NETWORKS or name in existing:
-                continue
-            net = wanted.get(name)
-            if net is None or networks.problems(net):
-                raise DockerError("stage", f"network {name} does not exist on {self.config.name}")
-            self.adapter.create_network(name, net, {networks.LABEL: inc.migration_id})
-            inc.created_networks.append(name)
-            # Journalled at once: a crash from here on must find and remove it.
-            self.journal.update_report(inc.migration_id, inc.journal_report())
-            log.info("migration.target.network_created", migration=inc.migration_id, network=name)
-
-    def _sweep_networks(self) -> None:
-        """Remove networks Ferry made for migrations that were abandoned, once unused."""
-        for net in self.adapter.networks_labelled(networks.LABEL):
-            mid = str((net.get("Labels") or {}).get(networks.LABEL) or "")
-            try:
-                rec = self.journal.get(mid)
-            except JournalError:
-                continue
-            if rec.outcome in (None, "succeeded"):
-                continue
-            with contextlib.suppress(DockerError):
-                info = self.adapter.inspect_network(str(net.get("Id") or net.get("Name")))
-                if not info.get("Containers"):
-                    self.adapter.remove_network(str(info.get("Id")))
-                    log.info("migration.target.network_removed", network=info.get("Name"))
-
-    def _volume_exists(self, name: str) -> bool:
-        try:
-            self.adapter.inspect_volume(name)
-        except DockerNotFound:
-            return False
-        return True
 
     async def receive_image(
         self, peer: str, migration_id: str, stream: ByteStream, meta: dict[str, Any]
@@ -875,7 +742,7 @@ class TargetHandlers:
         conf = criu_config.for_migration(self.data_root.get(), inc.migration_id)
         lazy: LazyRestore | None = None
         assert inc.spec
-        extra = _dump_matched(ContainerSpec.from_dict(inc.spec))
+        extra = dump_matched(ContainerSpec.from_dict(inc.spec))
         if self._restores_lazily(inc):
             lazy = self._lazy(inc)
             try:
@@ -1127,7 +994,7 @@ class TargetHandlers:
         self._forget(inc.migration_id)
         # A network another member of the same group still used goes with the last one.
         with contextlib.suppress(DockerError):
-            await asyncio.to_thread(self._sweep_networks)
+            await asyncio.to_thread(self.stager.sweep_networks)
         log.info("migration.target.aborted", migration=inc.migration_id, reason=reason)
         return True
 
@@ -1172,7 +1039,7 @@ class TargetHandlers:
                         self.journal.finish, inc.migration_id, "aborted", reason=reason
                     )
                 with contextlib.suppress(DockerError):
-                    await asyncio.to_thread(self._sweep_networks)
+                    await asyncio.to_thread(self.stager.sweep_networks)
                 log.info("migration.target.cleanup_done", migration=inc.migration_id)
                 return
 
@@ -1254,15 +1121,3 @@ class TargetHandlers:
 
 def _page_bytes(checkpoint_dir: Path) -> int:
     return sum(p.stat().st_size for p in checkpoint_dir.glob("pages-*.img"))
-
-
-def _dump_matched(spec: ContainerSpec) -> list[str]:
-    """Restore options the source's dump options need (checkpointers.restore_options_for).
-
-    tcp-close for tcp-established (the address changes), file-locks for file-locks
-    (restoring lock images without it silently drops the locks).
-    """
-    try:
-        return restore_options_for(spec.dump_options)
-    except ValueError as exc:
-        raise DockerError("stage", f"cannot restore this dump here: {exc}") from exc
