@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import secrets
-import shutil
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -35,9 +32,7 @@ from agent.journal import Journal, JournalError, MigrationRecord
 from agent.migration import held, hooks, networks, postcopy
 from agent.migration import report as rp
 from agent.migration.checkpointers import (
-    WORK_PREFIX,
     Checkpointer,
-    in_daemon_namespaces,
     make_checkpointer,
 )
 from agent.migration.disk_space import shortfall, source_need
@@ -51,6 +46,8 @@ from agent.migration.rollback import (
     restore_locally,
     wait_checkpoint_settled,
 )
+from agent.migration.source_messages import IN_DOUBT, PeerLike, PeerMessages
+from agent.migration.source_recovery import Recovery
 from agent.migration.spec import (
     DEFAULT_NETWORKS,
     ContainerSpec,
@@ -66,26 +63,6 @@ from agent.peer.api import MIGRATIONS_PATH, migration_path
 from agent.peer.client import PeerError, PeerRefused, PeerUnavailable
 
 log = structlog.get_logger(__name__)
-
-
-class PeerLike(Protocol):
-    """The part of agent.peer.client.PeerClient the engine uses."""
-
-    name: str
-
-    async def post_json(
-        self, path: str, body: dict[str, Any], *, timeout: float | None = None
-    ) -> dict[str, Any]: ...
-
-    async def get_json(self, path: str, *, timeout: float | None = None) -> dict[str, Any]: ...
-
-    async def upload_state(
-        self, migration_id: str, chunks: Any, digest: str | None = None
-    ) -> dict[str, Any]: ...
-
-    async def upload_image(
-        self, migration_id: str, chunks: Any, meta: dict[str, Any]
-    ) -> dict[str, Any]: ...
 
 
 def group_of(inspect: dict[str, Any]) -> str | None:
@@ -181,6 +158,20 @@ class MigrationService:
             self.clock,
             peer_status=self._peer_status,
             processes=self.procs,
+        )
+        self.messages = PeerMessages(self.clock, self._spawn, ABORT_RETRY_FOR)
+        self.recovery = Recovery(
+            adapter=adapter,
+            config=config,
+            journal=journal,
+            peers=peers,
+            data_root=self.data_root,
+            procs=self.procs,
+            ctrd=self.handlers.ctrd,
+            messages=self.messages,
+            active=self.active,
+            clock=self.clock,
+            spawn=self._spawn,
         )
 
     async def close(self) -> None:
@@ -940,12 +931,14 @@ class MigrationService:
             Path(self.config.state_dir), hooks.AFTER_DECISION, self.clock, {"migration": run.mid}
         )
         with run.timer.phase(rp.COMMIT):
-            committed = await self._send_commit(run.peer, run.mid, float(mig.commit_timeout))
+            committed = await self.messages.send_commit(
+                run.peer, run.mid, float(mig.commit_timeout)
+            )
         if committed is None:
             raise MigrationFailed(
                 f"{peer.name} held no copy to commit",
             )
-        if committed is _IN_DOUBT:
+        if committed is IN_DOUBT:
             why = (
                 f"committed, but {peer.name} did not confirm within "
                 f"{float(mig.commit_timeout):.0f}s; nothing runs here, state kept"
@@ -1045,7 +1038,7 @@ class MigrationService:
             await asyncio.to_thread(self.adapter.pause, spec.id)
             dump = postcopy.PageServerDump(
                 root,
-                await self._runc_prefix(),
+                await self.recovery.runc_prefix(),
                 spec.id,
                 run.checkpoint,
                 run.mid,
@@ -1153,47 +1146,6 @@ class MigrationService:
                 )
             await asyncio.sleep(0.2)
 
-    async def _runc_prefix(self) -> list[str]:
-        """dockerd's runc, as the runc checkpointer runs it."""
-        command = list(self.config.docker.runc_command)
-        if not self.config.docker.runc_in_daemon_namespaces:
-            return command
-        pid = await asyncio.to_thread(self.adapter.daemon_pid)
-        if pid is None:
-            raise MigrationFailed("cannot tell dockerd's process to run runc in its namespaces")
-        return in_daemon_namespaces(pid, command)
-
-    async def _release_paused_source(self, container_id: str, port: int | None) -> str:
-        """Make CRIU give up a page stream (if one runs) and let the paused source run on."""
-        if port is not None and await asyncio.to_thread(self.procs.dump_in_progress, container_id):
-            deadline = self.clock.monotonic() + 30
-            while await asyncio.to_thread(self.procs.dump_in_progress, container_id):
-                await asyncio.to_thread(postcopy.end_page_stream, port)
-                if self.clock.monotonic() > deadline:
-                    raise MigrationFailed("the page server would not stop", rolled_back=False)
-                await asyncio.sleep(0.5)
-        info = await asyncio.to_thread(self.adapter.inspect_container, container_id)
-        state = info.get("State") or {}
-        if state.get("Paused"):
-            try:
-                await asyncio.to_thread(self.adapter.unpause, container_id)
-            except DockerError as exc:
-                if "not paused" not in exc.message:
-                    raise
-                # CRIU thawed it behind Docker's back (Docker still says paused): freeze it
-                # through runc so both agree, then let Docker thaw it.
-                await asyncio.to_thread(
-                    subprocess.run,
-                    [*await self._runc_prefix(), "pause", container_id],
-                    capture_output=True,
-                    timeout=30,
-                    check=False,
-                )
-                await asyncio.to_thread(self.adapter.unpause, container_id)
-        if not state.get("Running"):
-            raise StateNotRestored("rollback", "the paused source is gone; its state is lost")
-        return "resumed: the paused source runs on"
-
     async def _upload_guarded(
         self, run: _Run, chunks: Any, waiting: Callable[[], bool] = lambda: False
     ) -> None:
@@ -1247,34 +1199,6 @@ class MigrationService:
                 with contextlib.suppress(BaseException):
                     await task
 
-    async def _send_commit(self, peer: PeerLike | None, mid: str, patience: float) -> Any:
-        """Tell the target to run its held copy, retrying for `patience` seconds.
-
-        Returns the target's answer; None when the target proves it holds no
-        copy (then this side may restore its own); _IN_DOUBT when it stayed silent.
-        """
-        if peer is None:
-            return _IN_DOUBT
-        deadline = self.clock.monotonic() + patience
-        backoff = Backoff(0.5, 5.0)
-        while True:
-            try:
-                answer: dict[str, Any] = await peer.post_json(
-                    migration_path(mid, "commit"), {}, timeout=max(5.0, min(30.0, patience))
-                )
-                return answer
-            except PeerRefused as exc:
-                if exc.error in ("not_held", "unknown_migration"):
-                    log.warning("migration.target_holds_nothing", migration=mid, reason=exc.reason)
-                    return None
-                log.warning("migration.commit_refused", migration=mid, error=str(exc))
-            except PeerUnavailable as exc:
-                log.warning("migration.commit_unanswered", migration=mid, error=str(exc))
-            delay = backoff.next()
-            if self.clock.monotonic() + delay > deadline:
-                return _IN_DOUBT
-            await asyncio.sleep(delay)
-
     async def _mark_in_doubt(self, run: _Run, reason: str) -> None:
         log.error(
             "migration.in_doubt",
@@ -1285,141 +1209,7 @@ class MigrationService:
         )
         run.timer.finish()
         await self._end(run, rp.IN_DOUBT, reason)
-        self._spawn(self._resolve_in_doubt(run.mid))
-
-    async def _resolve_in_doubt(self, mid: str) -> None:
-        """Keep asking the target until one side's state is proven (or an operator decides)."""
-        backoff = Backoff(2.0, 30.0)
-        while True:
-            await asyncio.sleep(backoff.next())
-            try:
-                rec = self.journal.get(mid)
-            except JournalError:
-                return
-            if rec.outcome != rp.IN_DOUBT:
-                return
-            try:
-                outcome = await self._settle_commit(rec, patience=0)
-            except Exception as exc:
-                log.warning("migration.in_doubt_retry", migration=mid, error=str(exc))
-                continue
-            if outcome is not None:
-                log.warning("migration.in_doubt_resolved", migration=mid, outcome=outcome)
-                return
-
-    async def _settle_commit(self, rec: MigrationRecord, patience: float) -> str | None:
-        """For a journalled commit: finish it, or restore here if the target has nothing.
-
-        Returns how it ended, or None while the target stays silent.
-        """
-        peer = self.peers.get(rec.target)
-        answer = await self._send_commit(peer, rec.id, patience)
-        if answer is _IN_DOUBT:
-            return None
-        data = dict(rec.report or {})
-        if answer is None:
-            # Proven: the target holds no copy and never will run one. Ours is the state.
-            data["decision"] = rp.DECISION_ROLLBACK
-            await to_thread_to_the_end(self.journal.update_report, rec.id, data)
-            return await self._restore_record(
-                rec, f"{rec.target} proved it holds no copy after the commit; "
-            )
-        info = await asyncio.to_thread(self.adapter.find_container, rec.container_id)
-        if info is not None:
-            with contextlib.suppress(DockerNotFound):
-                await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
-        if (data.get("details") or {}).get("postcopy_port") is not None:
-            with contextlib.suppress(DockerError, OSError):
-                postcopy.cleanup_source(self.data_root.get(), rec.id)
-        await to_thread_to_the_end(
-            self.journal.finish,
-            rec.id,
-            "succeeded",
-            reason="the target confirmed it runs the container",
-            report=data,
-        )
-        return "target runs it; source copy removed"
-
-    async def _restore_record(self, rec: MigrationRecord, why: str = "") -> str:
-        """Roll a journalled migration back here; never starts the container fresh."""
-        data = dict(rec.report or {})
-        checkpoint = str(data.get("checkpoint") or f"ferry-{rec.id}")
-        policy = dict(data.get("restart_policy") or {"Name": "no"})
-        info = await asyncio.to_thread(self.adapter.find_container, rec.container_id)
-        if info is None:
-            await to_thread_to_the_end(
-                self.journal.finish, rec.id, "failed", reason="container gone from the source"
-            )
-            return "container missing"
-        port = (data.get("details") or {}).get("postcopy_port")
-        if port is not None:
-            # Post-copy keeps no images here: the paused container is the state.
-            with contextlib.suppress(DockerError, OSError):
-                postcopy.cleanup_source(self.data_root.get(), rec.id)
-            try:
-                how = await self._release_paused_source(rec.container_id, int(port))
-                if (policy.get("Name") or "no") != "no":
-                    await asyncio.to_thread(
-                        self.adapter.update_restart_policy, rec.container_id, policy
-                    )
-            except StateNotRestored as exc:
-                await to_thread_to_the_end(
-                    self.journal.finish, rec.id, "failed", reason=f"state lost: {exc.message}"
-                )
-                return f"failed: {exc.message}"
-            await to_thread_to_the_end(
-                self.journal.finish, rec.id, "rolled_back", reason=f"{why}{how}", report=data
-            )
-            return f"rolled back: {how}"
-        root = await asyncio.to_thread(self.data_root.get)
-        settled = await asyncio.to_thread(
-            wait_checkpoint_settled,
-            self.adapter,
-            root,
-            rec.container_id,
-            checkpoint,
-            float(self.config.migration.checkpoint_timeout),
-            in_progress=self.procs.dump_in_progress,
-        )
-        # A dump the killed agent left running kept its work dir; the dump is over now.
-        shutil.rmtree(root.local_root / "tmp" / f"{WORK_PREFIX}{checkpoint}", ignore_errors=True)
-        # Frozen in place by the runc checkpointer: restore_locally unpauses it.
-        frozen = bool((info.get("State") or {}).get("Paused"))
-        try:
-            if settled == "running" and not frozen:
-                how = "still running (the checkpoint never completed)"
-                if (policy.get("Name") or "no") != "no":
-                    await asyncio.to_thread(
-                        self.adapter.update_restart_policy, rec.container_id, policy
-                    )
-            else:
-                how = await asyncio.to_thread(
-                    restore_locally,
-                    self.adapter,
-                    root,
-                    rec.container_id,
-                    checkpoint,
-                    policy,
-                    self.config.migration.restore_timeout,
-                    self.handlers.ctrd,
-                )
-        except StateNotRestored as exc:
-            data["state_lost"] = state_lost_sentence(rec.container_name, exc.message)
-            await to_thread_to_the_end(
-                self.journal.finish,
-                rec.id,
-                "failed",
-                reason=f"state not restored: {exc.message}",
-                report=data,
-            )
-            log.error("migration.state_lost", migration=rec.id, reason=exc.message)
-            return f"failed: {data['state_lost']}"
-        data["details"] = dict(data.get("details") or {}) | {"rollback": how}
-        await to_thread_to_the_end(
-            self.journal.finish, rec.id, "rolled_back", reason=f"{why}{how}", report=data
-        )
-        log.warning("migration.rolled_back", migration=rec.id, how=how)
-        return f"rolled back: {how}"
+        self._spawn(self.recovery.resolve_in_doubt(run.mid))
 
     async def _dispose_source(self, run: _Run) -> str:
         spec = run.spec
@@ -1499,7 +1289,7 @@ class MigrationService:
         with run.timer.phase(rp.ROLLBACK):
             if run.postcopy and run.restore_sent:
                 # A post-copy target runs: it must be dead before the source runs on.
-                if not await self._confirmed_abort(run.peer, run.mid, reason):
+                if not await self.messages.confirmed_abort(run.peer, run.mid, reason):
                     # Its own watch kills it once no page came for the stall timeout.
                     await asyncio.sleep(float(self.config.migration.postcopy_stall_timeout) + 2)
             elif await self._abort_target(run, reason):
@@ -1514,7 +1304,7 @@ class MigrationService:
                 if run.frozen_at is None:
                     how = "never frozen: it kept running"
                 elif run.postcopy:
-                    how = await self._release_paused_source(
+                    how = await self.recovery.release_paused_source(
                         run.spec.id, run.report.details.get("postcopy_port")
                     )
                     if run.pagedump is not None:
@@ -1589,51 +1379,7 @@ class MigrationService:
         """Tell the target to drop its copy; True if it says the container already runs there."""
         if not run.staged:
             return False
-        return await self._send_abort(run.peer, run.mid, reason)
-
-    async def _confirmed_abort(self, peer: PeerLike | None, mid: str, reason: str) -> bool:
-        """Abort, and say whether the target confirmed its copy is gone."""
-        if peer is None:
-            return False
-        try:
-            await peer.post_json(migration_path(mid, "abort"), {"reason": reason})
-            return True
-        except PeerRefused as exc:
-            return exc.error in ("unknown_migration",)
-        except PeerError:
-            return False
-
-    async def _send_abort(self, peer: PeerLike | None, mid: str, reason: str) -> bool:
-        if peer is None:
-            return False
-        try:
-            await peer.post_json(migration_path(mid, "abort"), {"reason": reason})
-        except PeerRefused as exc:
-            if exc.error == "already_running":
-                return True
-            log.warning("migration.abort_refused", migration=mid, error=str(exc))
-        except PeerError as exc:
-            # Until the target hears it, it holds a half-made copy (and one of its
-            # incoming slots) for its reservation's lifetime: keep telling it.
-            log.warning("migration.abort_unanswered", migration=mid, error=str(exc))
-            self._spawn(self._abort_until_heard(peer, mid, reason))
-        return False
-
-    async def _abort_until_heard(self, peer: PeerLike, mid: str, reason: str) -> None:
-        delay = 1.0
-        deadline = self.clock.monotonic() + ABORT_RETRY_FOR
-        while self.clock.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 15.0)
-            try:
-                await peer.post_json(migration_path(mid, "abort"), {"reason": reason})
-            except PeerUnavailable:
-                continue
-            except PeerError as exc:
-                log.warning("migration.abort_refused", migration=mid, error=str(exc))
-                return
-            log.info("migration.abort_delivered", migration=mid)
-            return
+        return await self.messages.send_abort(run.peer, run.mid, reason)
 
     async def _end(self, run: _Run, outcome: str, reason: str | None) -> None:
         if run.postcopy:
@@ -1658,112 +1404,12 @@ class MigrationService:
 
         Raises while it cannot be resolved yet; the caller retries.
         """
-        data = dict(rec.report or {})
-        peer = self.peers.get(rec.target)
-        decision = data.get("decision")
-        port = (data.get("details") or {}).get("postcopy_port")
-        if port is not None and decision == rp.DECISION_POSTCOPY and rec.outcome is None:
-            st = None
-            if peer is not None:
-                with contextlib.suppress(PeerError):
-                    st = await peer.get_json(migration_path(rec.id))
-            pc = (st or {}).get("postcopy") or {}
-            if pc.get("pages_in"):
-                data["decision"] = rp.DECISION_COMMIT
-                await to_thread_to_the_end(self.journal.decide, {rec.id: data}, rp.COMMIT)
-                decision = rp.DECISION_COMMIT
-            elif st is not None and st.get("outcome") is None and not pc.get("failed"):
-                raise MigrationFailed(f"{rec.target} is still pulling pages", rolled_back=False)
-        if rec.outcome == rp.IN_DOUBT or decision == rp.DECISION_COMMIT:
-            outcome = await self._settle_commit(rec, patience=0)
-            if outcome is None:
-                if rec.outcome != rp.IN_DOUBT:
-                    await to_thread_to_the_end(
-                        self.journal.finish,
-                        rec.id,
-                        rp.IN_DOUBT,
-                        reason=f"committed; {rec.target} has not confirmed it runs the container",
-                    )
-                    log.error("migration.in_doubt", migration=rec.id, target=rec.target)
-                self._spawn(self._resolve_in_doubt(rec.id))
-                return "in doubt: committed, target silent; nothing runs here, state kept"
-            return outcome
-        if rec.phase not in rp.FROZEN_PHASES:
-            await self._send_abort(peer, rec.id, "source agent restarted before the freeze")
-            await to_thread_to_the_end(
-                self.journal.finish, rec.id, "refused", reason="agent restarted before the freeze"
-            )
-            return "untouched: restarted before the freeze"
-        # No commit was journalled: roll back, and say so first.
-        data["decision"] = rp.DECISION_ROLLBACK
-        await to_thread_to_the_end(self.journal.update_report, rec.id, data)
-        if port is not None:
-            if not await self._confirmed_abort(peer, rec.id, "source rolled back at reconcile"):
-                await asyncio.sleep(float(self.config.migration.postcopy_stall_timeout) + 2)
-            return await self._restore_record(
-                dataclasses.replace(rec, report=data), f"agent restarted during {rec.phase}; "
-            )
-        if await self._send_abort(peer, rec.id, "source rolled back at reconcile"):
-            log.error("migration.target_ran_uncommitted", migration=rec.id, target=rec.target)
-            raise MigrationFailed(
-                f"{rec.target} says it runs a copy that was never committed", rolled_back=False
-            )
-        return await self._restore_record(
-            dataclasses.replace(rec, report=data), f"agent restarted during {rec.phase}; "
-        )
+        return await self.recovery.reconcile_record(rec)
 
     async def resolve(self, migration_id: str, keep: str) -> str:
         """An operator ends an in-doubt migration: keep the source's or the target's copy."""
-        try:
-            rec = self.journal.get(migration_id)
-        except JournalError:
-            raise MigrationRefused(f"no migration {migration_id}", bad_input=True) from None
-        if rec.role != "source":
-            raise MigrationRefused(
-                f"{migration_id} was received here; resolve it on its source {rec.source}",
-                bad_input=True,
-            )
-        if rec.outcome not in (None, rp.IN_DOUBT):
-            raise MigrationRefused(f"{migration_id} already ended: {rec.outcome}", bad_input=True)
-        if rec.outcome is None and rec.id in self.active.values():
-            raise MigrationRefused(f"{migration_id} is still running", bad_input=True)
-        peer = self.peers.get(rec.target)
-        data = dict(rec.report or {})
-        if keep == "target":
-            if peer is not None:
-                with contextlib.suppress(PeerError):
-                    await peer.post_json(migration_path(rec.id, "commit"), {}, timeout=10)
-            data["decision"] = rp.DECISION_COMMIT
-            with contextlib.suppress(DockerNotFound):
-                await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
-            await to_thread_to_the_end(
-                self.journal.finish,
-                rec.id,
-                "succeeded",
-                reason="resolved by an operator: kept the target's copy",
-                report=data,
-            )
-            log.warning("migration.resolved", migration=rec.id, keep="target")
-            return f"kept {rec.target}'s copy; the source copy and its checkpoint are removed"
-        if keep != "source":
-            raise MigrationRefused("keep must be 'source' or 'target'", bad_input=True)
-        if await self._send_abort(peer, rec.id, "an operator kept the source's copy"):
-            raise MigrationRefused(
-                f"{rec.target} reports the container running there: use --keep target"
-            )
-        data["decision"] = rp.DECISION_ROLLBACK
-        await to_thread_to_the_end(self.journal.update_report, rec.id, data)
-        how = await self._restore_record(
-            dataclasses.replace(rec, report=data), "resolved by an operator: kept the source; "
-        )
-        log.warning("migration.resolved", migration=rec.id, keep="source", how=how)
-        lost = (self.journal.get(rec.id).report or {}).get("state_lost")
-        if lost:
-            # Not a resolution to report as one: `ferry resolve` exits 1 with this sentence.
-            raise MigrationFailed(str(lost), rolled_back=False, state_lost=str(lost))
-        return how
+        return await self.recovery.resolve(migration_id, keep)
 
 
-_IN_DOUBT = object()  # _send_commit: the target stayed silent
 # An unheard abort is retried this long: after it the target drops the migration itself.
 ABORT_RETRY_FOR = RESERVATION_TTL
