@@ -40,7 +40,7 @@ from agent.migration.eligibility import Eligibility, EligibilityChecker, admissi
 from agent.migration.errors import MigrationError, MigrationFailed, MigrationRefused
 from agent.migration.fresh_start import check_fresh_start, state_lost_sentence
 from agent.migration.paths import DataRootResolver, PathOutsideDataRoot
-from agent.migration.report import MigrationReport, PhaseTimer, ProgressEvent, ProgressFn
+from agent.migration.report import MigrationReport, ProgressEvent, ProgressFn
 from agent.migration.rollback import (
     StateNotRestored,
     restore_locally,
@@ -48,6 +48,7 @@ from agent.migration.rollback import (
 )
 from agent.migration.source_messages import IN_DOUBT, PeerLike, PeerMessages
 from agent.migration.source_recovery import Recovery
+from agent.migration.source_run import Run, await_pages
 from agent.migration.spec import (
     DEFAULT_NETWORKS,
     ContainerSpec,
@@ -82,31 +83,6 @@ def _dir_size(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, f)).st_size
     return total
-
-
-class _Run:
-    """State of one outgoing migration."""
-
-    def __init__(
-        self, mid: str, spec: ContainerSpec, peer: PeerLike, report: MigrationReport, clock: Clock
-    ) -> None:
-        self.mid = mid
-        self.spec = spec
-        self.peer = peer
-        self.report = report
-        self.timer = PhaseTimer(report, clock)
-        self.checkpoint = f"ferry-{mid}"
-        self.frozen_at: float | None = None
-        self.staged = False
-        self.restore_sent = False
-        self.frozen_ok = False  # the checkpointer returned: the images are whole
-        self.group_id: str | None = None  # the lead member's migration id
-        self.decision: str | None = None
-        self.held_at: float | None = None  # monotonic: the target's copy restored
-        self.filling = False  # committed while the target still fills pages in
-        self.last_emit = float("-inf")  # monotonic: the last rate-limited progress line
-        self.postcopy = False
-        self.pagedump: postcopy.PageServerDump | None = None
 
 
 class MigrationService:
@@ -187,7 +163,7 @@ class MigrationService:
         if self.owns_adapter:
             await asyncio.to_thread(self.adapter.close)
 
-    def _every(self, run: _Run, seconds: float) -> bool:
+    def _every(self, run: Run, seconds: float) -> bool:
         """True at most once per `seconds` for this run: progress lines, not a flood."""
         now = self.clock.monotonic()
         if now - run.last_emit < seconds:
@@ -355,12 +331,12 @@ class MigrationService:
 
     async def _start_run(
         self, spec: ContainerSpec, peer: PeerLike, group: str | None = None
-    ) -> _Run:
+    ) -> Run:
         mid = new_migration_id(self.clock)
         report = MigrationReport(mid, spec.name, self.config.name, peer.name)
         if group is not None:
             report.details["group"] = group
-        run = _Run(mid, spec, peer, report, self.clock)
+        run = Run(mid, spec, peer, report, self.clock)
         # Claimed before the journal write yields the loop: a second request for the
         # same container meanwhile is refused by _check_source, not run twice.
         self.active[spec.id] = mid
@@ -430,7 +406,7 @@ class MigrationService:
                 # Lasting, like a single container's: drain does not retry the group for it.
                 refused.eligibility = blocked[0]
             raise refused
-        runs: list[_Run] = []
+        runs: list[Run] = []
         try:
             for spec, _ in specs:
                 runs.append(await self._start_run(spec, peer, group))
@@ -453,7 +429,7 @@ class MigrationService:
     async def _run_group(
         self,
         group: str,
-        runs: list[_Run],
+        runs: list[Run],
         inspects: list[dict[str, Any]],
         emits: dict[str, Callable[..., None]],
     ) -> MigrationReport:
@@ -517,7 +493,7 @@ class MigrationService:
         log.info("migration.group_succeeded", group=group, downtime_s=report.downtime_s)
         return report
 
-    def _group_report(self, group: str, runs: list[_Run]) -> MigrationReport:
+    def _group_report(self, group: str, runs: list[Run]) -> MigrationReport:
         """The lead member's report, with the whole group's outcome in details."""
         lead = runs[0].report
         outcomes = {r.spec.name: r.report.outcome for r in runs}
@@ -533,7 +509,7 @@ class MigrationService:
             lead.downtime_s = round(lead.downtime_s, 4)
         return lead
 
-    def _emitter(self, run: _Run, progress: ProgressFn | None) -> Callable[..., None]:
+    def _emitter(self, run: Run, progress: ProgressFn | None) -> Callable[..., None]:
         def emit(phase: str, message: str = "", done: int = 0, total: int | None = None) -> None:
             if progress is None:
                 return
@@ -549,7 +525,7 @@ class MigrationService:
         return emit
 
     @staticmethod
-    def _journal_data(run: _Run) -> dict[str, Any]:
+    def _journal_data(run: Run) -> dict[str, Any]:
         data = run.report.to_dict()
         data["checkpoint"] = run.checkpoint
         data["restart_policy"] = run.spec.restart_policy
@@ -558,12 +534,12 @@ class MigrationService:
         data["decision"] = run.decision
         return data
 
-    async def _save(self, run: _Run) -> None:
+    async def _save(self, run: Run) -> None:
         with contextlib.suppress(JournalError):
             await to_thread_to_the_end(self.journal.update_report, run.mid, self._journal_data(run))
 
     async def _phase(
-        self, run: _Run, phase: str, emit: Callable[..., None], message: str = ""
+        self, run: Run, phase: str, emit: Callable[..., None], message: str = ""
     ) -> None:
         # One commit: the phase and the report so far, off the loop, durable before it starts.
         await to_thread_to_the_end(self.journal.set_phase, run.mid, phase, self._journal_data(run))
@@ -571,7 +547,7 @@ class MigrationService:
         emit(phase, message)
 
     async def _run(
-        self, run: _Run, inspect: dict[str, Any], emit: Callable[..., None]
+        self, run: Run, inspect: dict[str, Any], emit: Callable[..., None]
     ) -> MigrationReport:
         try:
             await self._before_freeze(run, inspect, emit)
@@ -623,7 +599,7 @@ class MigrationService:
     # ------------------------------------------------------------ before freeze
 
     async def _before_freeze(
-        self, run: _Run, inspect: dict[str, Any], emit: Callable[..., None]
+        self, run: Run, inspect: dict[str, Any], emit: Callable[..., None]
     ) -> None:
         spec, peer = run.spec, run.peer
         emit(rp.PREPARE, f"asking {peer.name}")
@@ -695,7 +671,7 @@ class MigrationService:
         return out
 
     async def _ship_image(
-        self, run: _Run, image: dict[str, Any], size: int, emit: Callable[..., None]
+        self, run: Run, image: dict[str, Any], size: int, emit: Callable[..., None]
     ) -> None:
         spec = run.spec
         tags = [t for t in image.get("RepoTags") or [] if t and t != "<none>:<none>"]
@@ -733,7 +709,7 @@ class MigrationService:
 
     # ------------------------------------------------------------ freeze and move
 
-    async def _freeze_and_move(self, run: _Run, emit: Callable[..., None]) -> None:
+    async def _freeze_and_move(self, run: Run, emit: Callable[..., None]) -> None:
         if run.postcopy:
             await self._postcopy(run, emit)
             return
@@ -755,7 +731,7 @@ class MigrationService:
 
     async def _freeze(
         self,
-        run: _Run,
+        run: Run,
         emit: Callable[..., None],
         dumped: Callable[[], None] | None = None,
     ) -> None:
@@ -774,7 +750,7 @@ class MigrationService:
             Path(self.config.state_dir), hooks.AFTER_FREEZE, self.clock, {"migration": run.mid}
         )
 
-    async def _state_sections(self, run: _Run) -> dict[str, Path]:
+    async def _state_sections(self, run: Run) -> dict[str, Path]:
         spec = run.spec
         root = await asyncio.to_thread(self.data_root.get)
         sections = {
@@ -786,7 +762,7 @@ class MigrationService:
         return sections
 
     def _progress(
-        self, run: _Run, emit: Callable[..., None], sections: Mapping[str, Path]
+        self, run: Run, emit: Callable[..., None], sections: Mapping[str, Path]
     ) -> Callable[[int, int], None]:
         estimate = [sum(_dir_size(p) for p in sections.values())]
 
@@ -800,7 +776,7 @@ class MigrationService:
 
         return on_progress
 
-    async def _transfer(self, run: _Run, emit: Callable[..., None]) -> None:
+    async def _transfer(self, run: Run, emit: Callable[..., None]) -> None:
         await self._phase(run, rp.TRANSFER, emit, "streaming state")
         sections = await self._state_sections(run)
         with run.timer.phase(rp.TRANSFER):
@@ -808,7 +784,7 @@ class MigrationService:
             await self._uploaded(run, self._upload_guarded(run, packer.aiter()))
         run.report.details["digest"] = packer.digest
 
-    async def _uploaded(self, run: _Run, upload: Awaitable[None]) -> None:
+    async def _uploaded(self, run: Run, upload: Awaitable[None]) -> None:
         try:
             await upload
         except PeerRefused as exc:
@@ -818,7 +794,7 @@ class MigrationService:
         except ArchiveError as exc:
             raise MigrationFailed(f"cannot pack the state: {exc}") from exc
 
-    async def _freeze_streaming(self, run: _Run, emit: Callable[..., None]) -> None:
+    async def _freeze_streaming(self, run: Run, emit: Callable[..., None]) -> None:
         """The dump and the transfer at once: CRIU's page images go out as it writes them.
 
         The upload starts with the freeze; the packer sends each pages-N.img's
@@ -847,7 +823,7 @@ class MigrationService:
             await self._uploaded(run, upload)
         run.report.details["digest"] = packer.digest
 
-    async def _restore_held(self, run: _Run, emit: Callable[..., None]) -> None:
+    async def _restore_held(self, run: Run, emit: Callable[..., None]) -> None:
         peer = run.peer
         digest = run.report.details["digest"]
         run.restore_sent = True
@@ -869,7 +845,7 @@ class MigrationService:
         )
 
     async def _ask_restore(
-        self, run: _Run, body: dict[str, Any], *, watched: bool
+        self, run: Run, body: dict[str, Any], *, watched: bool
     ) -> dict[str, Any]:
         """The restore call; `watched`: given up once the target answers nothing at all."""
         peer = run.peer
@@ -888,7 +864,7 @@ class MigrationService:
             raise MigrationFailed(f"the restore call to {peer.name} broke: {exc}") from exc
         return answer
 
-    async def _while_target_answers(self, run: _Run, call: Awaitable[Any]) -> Any:
+    async def _while_target_answers(self, run: Run, call: Awaitable[Any]) -> Any:
         """Await a long peer call (the restore) while the target still answers at all.
 
         A restore may rightly take minutes (restore_timeout), but a cut link must not
@@ -923,7 +899,7 @@ class MigrationService:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _commit(self, run: _Run, emit: Callable[..., None]) -> None:
+    async def _commit(self, run: Run, emit: Callable[..., None]) -> None:
         """Tell the target to run its copy; the commit is already journalled."""
         assert run.decision == rp.DECISION_COMMIT and run.frozen_at is not None
         peer, mig = run.peer, self.config.migration
@@ -956,7 +932,7 @@ class MigrationService:
             log.error("migration.state_lost", migration=run.mid, reason=run.report.state_lost)
         emit(rp.COMMIT, f"running on {peer.name}")
 
-    async def _finish(self, run: _Run, emit: Callable[..., None]) -> None:
+    async def _finish(self, run: Run, emit: Callable[..., None]) -> None:
         spec, peer = run.spec, run.peer
         await self._phase(run, rp.FINISH, emit, "cleaning up the source")
         with run.timer.phase(rp.FINISH):
@@ -977,7 +953,7 @@ class MigrationService:
         )
         emit("done", "succeeded")
 
-    async def _await_fill(self, run: _Run, emit: Callable[..., None]) -> None:
+    async def _await_fill(self, run: Run, emit: Callable[..., None]) -> None:
         """For the report: the target runs already and fills its pages in from its own disk.
 
         Nothing here depends on it (the target retries a failed fill itself); a target
@@ -1014,7 +990,7 @@ class MigrationService:
 
     # ------------------------------------------------------------ post-copy
 
-    async def _postcopy(self, run: _Run, emit: Callable[..., None]) -> None:
+    async def _postcopy(self, run: Run, emit: Callable[..., None]) -> None:
         """Freeze all but memory, restore at once on the target, serve pages behind it.
 
         The source stays paused (not killed) until the target has every page and
@@ -1076,7 +1052,15 @@ class MigrationService:
         await self._phase(run, rp.POSTCOPY, emit, f"running on {peer.name}; pulling pages")
         with run.timer.phase(rp.POSTCOPY):
             try:
-                await self._await_pages(run, dump, emit)
+                await await_pages(
+                    run,
+                    dump,
+                    emit,
+                    stall=float(mig.postcopy_stall_timeout),
+                    clock=self.clock,
+                    serving=self._serving,
+                    mark_in_doubt=self._mark_in_doubt,
+                )
             finally:
                 self._serving.pop(run.mid, None)
         run.report.details["all_pages_in_s"] = round(self.clock.monotonic() - run.frozen_at, 4)
@@ -1088,66 +1072,8 @@ class MigrationService:
         dump.cleanup()
         await self._finish(run, emit)
 
-    async def _await_pages(
-        self, run: _Run, dump: postcopy.PageServerDump, emit: Callable[..., None]
-    ) -> None:
-        """Until the target has every page: any failure raises (and so rolls back)."""
-        stall = float(self.config.migration.postcopy_stall_timeout)
-        served, last_progress, asked_at = -1, self.clock.monotonic(), 0.0
-        exited_at: float | None = None
-        while True:
-            now = self.clock.monotonic()
-            rc = dump.poll()
-            if rc is not None and rc != 0:
-                raise MigrationFailed(f"the source's page server failed: {dump.error_words()}")
-            if rc == 0 and exited_at is None:
-                exited_at = now
-            if now - asked_at >= 0.5:
-                asked_at = now
-                try:
-                    st: dict[str, Any] | None = await run.peer.get_json(
-                        migration_path(run.mid), timeout=2.0
-                    )
-                except PeerError:
-                    st = None
-                pc = (st or {}).get("postcopy") or {}
-                # CRIU sends pages with splice (no write counters): the target counts them.
-                pulled = int(pc.get("bytes_pulled") or 0)
-                total = int(pc.get("bytes_total") or 0) or None
-                self._serving[run.mid] = {
-                    "container": run.spec.name,
-                    "how": "post-copy",
-                    "bytes_done": pulled,
-                    "bytes_total": total or 0,
-                }
-                if pulled != served:
-                    served, last_progress = pulled, self.clock.monotonic()
-                    emit(rp.POSTCOPY, "pulling pages", served, total)
-                if pc.get("failed") or (st or {}).get("outcome") == "aborted":
-                    raise MigrationFailed(
-                        f"{run.peer.name}: {pc.get('failed') or (st or {}).get('reason')}"
-                    )
-                if pc.get("pages_in"):
-                    run.report.details["pages_served_bytes"] = served
-                    return
-            if exited_at is not None and now - exited_at > stall:
-                # Every page went out, but the target never said it has them: nobody can
-                # tell which copy is whole. Stay paused, keep everything: in doubt.
-                why = (
-                    f"the page server finished but {run.peer.name} did not confirm every page "
-                    f"within {stall:.0f}s; the source stays paused with its state"
-                )
-                run.decision = rp.DECISION_COMMIT
-                await self._mark_in_doubt(run, why)
-                raise MigrationFailed(why, in_doubt=True)
-            if exited_at is None and now - last_progress > stall:
-                raise MigrationFailed(
-                    f"no page moved for {stall:.0f}s (migration.postcopy_stall_timeout)"
-                )
-            await asyncio.sleep(0.2)
-
     async def _upload_guarded(
-        self, run: _Run, chunks: Any, waiting: Callable[[], bool] = lambda: False
+        self, run: Run, chunks: Any, waiting: Callable[[], bool] = lambda: False
     ) -> None:
         """Send the state; give up when nothing moves for migration.stall_timeout.
 
@@ -1199,7 +1125,7 @@ class MigrationService:
                 with contextlib.suppress(BaseException):
                     await task
 
-    async def _mark_in_doubt(self, run: _Run, reason: str) -> None:
+    async def _mark_in_doubt(self, run: Run, reason: str) -> None:
         log.error(
             "migration.in_doubt",
             migration=run.mid,
@@ -1211,7 +1137,7 @@ class MigrationService:
         await self._end(run, rp.IN_DOUBT, reason)
         self._spawn(self.recovery.resolve_in_doubt(run.mid))
 
-    async def _dispose_source(self, run: _Run) -> str:
+    async def _dispose_source(self, run: Run) -> str:
         spec = run.spec
         keep = float(self.config.migration.keep_source_copy_for)
         try:
@@ -1276,7 +1202,7 @@ class MigrationService:
 
     async def _roll_back(
         self,
-        run: _Run,
+        run: Run,
         reason: str,
         emit: Callable[..., None],
         before: dict[str, Any] | None = None,
@@ -1347,7 +1273,7 @@ class MigrationService:
         log.warning("migration.rolled_back", migration=run.mid, reason=reason, how=how)
         emit("done", f"rolled back: {reason}")
 
-    async def _restore_here(self, run: _Run) -> str:
+    async def _restore_here(self, run: Run) -> str:
         root = await asyncio.to_thread(self.data_root.get)
         if not run.frozen_ok:
             # The dump may still run (a timed-out API call) or be writing its images.
@@ -1375,13 +1301,13 @@ class MigrationService:
             self.handlers.ctrd,
         )
 
-    async def _abort_target(self, run: _Run, reason: str) -> bool:
+    async def _abort_target(self, run: Run, reason: str) -> bool:
         """Tell the target to drop its copy; True if it says the container already runs there."""
         if not run.staged:
             return False
         return await self.messages.send_abort(run.peer, run.mid, reason)
 
-    async def _end(self, run: _Run, outcome: str, reason: str | None) -> None:
+    async def _end(self, run: Run, outcome: str, reason: str | None) -> None:
         if run.postcopy:
             with contextlib.suppress(DockerError, OSError):
                 postcopy.cleanup_source(self.data_root.get(), run.mid)
