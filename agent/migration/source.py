@@ -27,7 +27,7 @@ from agent.archive import ArchiveError, GrowingFiles, Packer
 from agent.backoff import Backoff
 from agent.bridges import aiter_blocking, to_thread_to_the_end
 from agent.config import FerryConfig
-from agent.docker_adapter import DockerAdapter, DockerError, DockerNotFound
+from agent.docker_adapter import DockerAdapter, DockerError
 from agent.journal import Journal, JournalError, MigrationRecord
 from agent.migration import held, hooks, networks, postcopy
 from agent.migration import report as rp
@@ -46,6 +46,7 @@ from agent.migration.rollback import (
     restore_locally,
     wait_checkpoint_settled,
 )
+from agent.migration.source_copy import SourceCopies
 from agent.migration.source_messages import IN_DOUBT, PeerLike, PeerMessages
 from agent.migration.source_recovery import Recovery
 from agent.migration.source_run import Run, await_pages
@@ -136,6 +137,7 @@ class MigrationService:
             processes=self.procs,
         )
         self.messages = PeerMessages(self.clock, self._spawn, ABORT_RETRY_FOR)
+        self.copies = SourceCopies(adapter, journal, self.clock, self._spawn)
         self.recovery = Recovery(
             adapter=adapter,
             config=config,
@@ -191,7 +193,7 @@ class MigrationService:
         was requested) are retried in the background until they are.
         """
         with contextlib.suppress(Exception):  # best effort; never blocks the start
-            await self._sweep_moved_sources()
+            await self.copies.sweep()
         results: list[dict[str, Any]] = []
         pending: list[MigrationRecord] = []
         for rec in self.journal.unfinished() + self.journal.in_doubt():
@@ -1138,65 +1140,16 @@ class MigrationService:
         self._spawn(self.recovery.resolve_in_doubt(run.mid))
 
     async def _dispose_source(self, run: Run) -> str:
-        spec = run.spec
-        keep = float(self.config.migration.keep_source_copy_for)
-        try:
-            if self.checkpointer.frozen_in_place and keep > 0:
-                # Killed, not kept frozen: its kernel then ends the clients' old
-                # connections now instead of leaving them to their timeouts.
-                await asyncio.to_thread(self.adapter.kill, spec.id)
-            if keep > 0:
-                kept = f"{spec.name}-ferry-{run.mid}"
-                await asyncio.to_thread(self.adapter.rename, spec.id, kept)
-                run.report.details["kept_until"] = self.clock.time() + keep
-                self._remove_until_gone(spec.id, delay=keep)
-                return f"kept as {kept} for {keep:.0f}s"
-            await asyncio.to_thread(self.adapter.remove, spec.id, True)
-        except DockerNotFound:
-            return "removed"
-        except DockerError as exc:
-            # It runs on the target: this copy (stopped, policy "no") must still go, and
-            # will once dockerd answers again (or at the agent's next start).
-            log.warning("migration.source_cleanup_failed", migration=run.mid, error=str(exc))
-            self._remove_until_gone(spec.id)
-            return f"cleanup failed, retrying in the background: {exc}"
-        return "removed"
-
-    def _remove_until_gone(self, container_id: str, delay: float = 0.0) -> None:
-        """Remove the source's stopped copy (and its checkpoint with it), retrying while
-        its daemon is away: left alone it would hold a second copy of the state for good."""
-
-        async def later() -> None:
-            await asyncio.sleep(delay)
-            wait = 1.0
-            while True:
-                try:
-                    await asyncio.to_thread(self.adapter.remove, container_id, True)
-                    return
-                except DockerNotFound:
-                    return
-                except DockerError as exc:
-                    log.warning(
-                        "migration.source_cleanup_retry", container=container_id, error=str(exc)
-                    )
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, 30.0)
-
-        self._spawn(later())
-
-    async def _sweep_moved_sources(self) -> None:
-        """Source copies of migrations that succeeded but could not be removed then."""
-        records = await asyncio.to_thread(self.journal.history, 200)
-        for rec in records:
-            if rec.role != "source" or rec.outcome != "succeeded":
-                continue
-            try:
-                info = await asyncio.to_thread(self.adapter.find_container, rec.container_id)
-                if info is not None and not (info.get("State") or {}).get("Running"):
-                    await asyncio.to_thread(self.adapter.remove, rec.container_id, True)
-                    log.info("migration.source_cleanup_done", migration=rec.id)
-            except DockerError as exc:
-                log.warning("migration.source_cleanup_failed", migration=rec.id, error=str(exc))
+        how, kept_until = await self.copies.dispose(
+            run.spec.id,
+            run.spec.name,
+            run.mid,
+            float(self.config.migration.keep_source_copy_for),
+            self.checkpointer.frozen_in_place,
+        )
+        if kept_until is not None:
+            run.report.details["kept_until"] = kept_until
+        return how
 
     # ------------------------------------------------------------ rollback
 
