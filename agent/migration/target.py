@@ -1107,7 +1107,10 @@ class TargetHandlers:
                 await asyncio.to_thread(self._after_commit, inc)
                 return "kept: running here"
             if rec.phase == T_RESTORE:
-                await to_thread_to_the_end(self.journal.set_phase, rec.id, T_RESTORED)
+                # Held, but the source never heard so: it cannot have committed, and has
+                # rolled back or will. Dropped now, as the silence check would.
+                await self._discard(inc, "restored but never reported held; removed at restart")
+                return "removed: never reported held"
             outcome = await self.resolve_held(rec.id)
             if outcome == "waiting":
                 raise RuntimeError(

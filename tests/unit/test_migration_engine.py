@@ -826,6 +826,33 @@ def test_reconcile_removes_a_copy_that_runs_though_the_source_never_heard_held(
     assert b.journal.get("m-run").outcome == "aborted"
 
 
+def test_reconcile_drops_a_held_copy_the_source_never_heard_of(
+    hosts: tuple[Host, Host],
+) -> None:
+    """Phase "restore" and a copy held stopped: the agent died before journalling
+    "restored", so the source never heard "held" and cannot have committed. It goes at
+    once, as the silence check drops such a migration, without waiting for the source."""
+    a, b = hosts
+    handlers = b.service.handlers
+
+    async def crash_in_the_window() -> None:
+        await stage_web(handlers, "m-held")
+        await handlers._phase(handlers.incoming["m-held"], T_RESTORE)
+        await handlers.close()
+
+    run_async(crash_in_the_window())
+    copy = b.docker._get("web")
+    copy["State"]["Running"] = True
+    copy["held"] = True  # restored with leave-stopped
+    del b.peers["a"]  # the source is gone: nothing to ask, nothing to wait for
+    results = _reconcile_restarted(b)
+    assert results == [
+        {"migration_id": "m-held", "role": "target", "outcome": "removed: never reported held"}
+    ]
+    assert b.docker.find_container("web") is None
+    assert b.journal.get("m-held").outcome == "aborted"
+
+
 def _silent_source(b: Host, source_says: Any) -> tuple[Any, list[str]]:
     """b's handlers with a fake clock, a short quiet limit and a recorded source status."""
     clock = FakeClock()
