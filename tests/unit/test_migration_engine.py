@@ -832,7 +832,7 @@ def test_reconcile_drops_a_held_copy_the_source_never_heard_of(
     """Phase "restore" and a copy held stopped: the agent died before journalling
     "restored", so the source never heard "held" and cannot have committed. It goes at
     once, as the silence check drops such a migration, without waiting for the source."""
-    a, b = hosts
+    _, b = hosts
     handlers = b.service.handlers
 
     async def crash_in_the_window() -> None:
