@@ -746,8 +746,12 @@ class TargetHandlers:
         if self._restores_lazily(inc):
             lazy = self._lazy(inc)
             try:
+                t0 = self.clock.monotonic()
                 kept, left = lazy.prepare()
+                t1 = self.clock.monotonic()
                 lazy.start_daemon()
+                inc.timings["lazy_prepare_s"] = round(t1 - t0, 4)
+                inc.timings["daemon_start_s"] = round(self.clock.monotonic() - t1, 4)
                 extra = [*extra, *lazy.criu_options()]
                 inc.timings["lazy_pages"] = left
                 inc.timings["present_pages"] = kept
