@@ -103,7 +103,9 @@ def _in_doubt_and_resolve(cluster: Cluster, memhog: Workload, keep: str) -> None
     assert_outcome(h1, mid, rc, result, err, committed=True, peer_away=True)
     assert rc == 1, "the commit cannot have arrived: the link was cut before it was sent"
     assert_invariants(cluster.hosts, cluster.clients, memhog, expect="in_doubt", timeout=10)
-    proc = ferry_cli(h1, "resolve", mid, "--keep", keep)
+    # It waits out an abort to the unreachable target, then restores here: about 24 s on a
+    # quiet machine, and once over 60 s in a CI run that was slow throughout.
+    proc = ferry_cli(h1, "resolve", mid, "--keep", keep, timeout=150)
     assert proc.returncode == 0, proc.stderr
     if keep == "source":
         # Runs here again at once, from the kept checkpoint; the target's copy stays stopped.
