@@ -24,6 +24,7 @@ from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Callable,
+    Coroutine,
     Iterable,
     Iterator,
 )
@@ -190,3 +191,13 @@ async def feed_blocking_consumer(
     finally:
         if not task.done():
             await asyncio.gather(task, return_exceptions=True)
+
+
+def spawn_tracked(
+    tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any]
+) -> asyncio.Task[Any]:
+    """Start `coro` as a task kept in `tasks` until it ends, so its owner can cancel it."""
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task

@@ -25,7 +25,7 @@ import structlog
 
 from agent.archive import ArchiveError, GrowingFiles, Packer
 from agent.backoff import Backoff
-from agent.bridges import aiter_blocking, to_thread_to_the_end
+from agent.bridges import aiter_blocking, spawn_tracked, to_thread_to_the_end
 from agent.config import FerryConfig
 from agent.docker_adapter import DockerAdapter, DockerError
 from agent.journal import Journal, JournalError, MigrationRecord
@@ -233,9 +233,7 @@ class MigrationService:
             pending = still
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn_tracked(self._tasks, coro)
 
     # ---------------------------------------------------------------- migrate
 

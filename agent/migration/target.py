@@ -18,7 +18,7 @@ import contextlib
 import errno
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from agent.archive import (
     UnsafeArchive,
 )
 from agent.backoff import Backoff
-from agent.bridges import to_thread_to_the_end
+from agent.bridges import spawn_tracked, to_thread_to_the_end
 from agent.config import FerryConfig
 from agent.docker_adapter import (
     CHECKPOINT_NAME_RE,
@@ -141,7 +141,7 @@ class TargetHandlers:
             ctrd=self.ctrd,
             lock=self._lock,
             discard=self._discard,
-            tasks=self._cleanup_tasks,
+            spawn=self._spawn,
         )
         # Lazy restores whose pages are still being filled in from local disk.
         self.fills = LazyFills(
@@ -153,7 +153,7 @@ class TargetHandlers:
             CopyActions(
                 self._lock, self._lazy, self._restore_once, self._continue, self._after_commit
             ),
-            self._cleanup_tasks,
+            self._spawn,
         )
         # Asks a source that went silent before any hold whether its migration is on.
         self.silence = SilenceCheck(
@@ -166,10 +166,13 @@ class TargetHandlers:
             peer_status=peer_status,
             discard=self._discard,
             clock=self.clock,
-            tasks=self._cleanup_tasks,
+            spawn=self._spawn,
         )
 
     # ------------------------------------------------------------ helpers
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[Any]:
+        return spawn_tracked(self._cleanup_tasks, coro)
 
     def _lock(self, mid: str) -> asyncio.Lock:
         return self._locks.setdefault(mid, asyncio.Lock())
@@ -906,10 +909,7 @@ class TargetHandlers:
                     return
                 await asyncio.sleep(backoff.next())
 
-        task = asyncio.get_running_loop().create_task(watch())
-        self._cleanup_tasks.add(task)
-        task.add_done_callback(self._cleanup_tasks.discard)
-        self._watchers[inc.migration_id] = task
+        self._watchers[inc.migration_id] = self._spawn(watch())
 
     async def _stop_watcher(self, mid: str) -> None:
         task = self._watchers.pop(mid, None)
@@ -1047,9 +1047,7 @@ class TargetHandlers:
                 log.info("migration.target.cleanup_done", migration=inc.migration_id)
                 return
 
-        task = asyncio.get_running_loop().create_task(retry())
-        self._cleanup_tasks.add(task)
-        task.add_done_callback(self._cleanup_tasks.discard)
+        self._spawn(retry())
 
     def _forget(self, mid: str) -> None:
         self.silence.disarm(mid)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,7 @@ class LazyFills:
         data_root: DataRootResolver,
         clock: Clock,
         copy: CopyActions,
-        tasks: set[asyncio.Task[None]],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
     ) -> None:
         self.config = config
         self.journal = journal
@@ -77,7 +77,7 @@ class LazyFills:
         self.data_root = data_root
         self.clock = clock
         self.copy = copy
-        self.tasks = tasks  # the target's: closed with it
+        self.spawn = spawn  # the target's tasks: cancelled when it closes
         self.active: dict[str, Fill] = {}
         self.filled: dict[str, float] = {}  # migration -> seconds from held to the last page
 
@@ -87,9 +87,7 @@ class LazyFills:
     def watch(self, mid: str) -> None:
         if mid not in self.active:
             return
-        task = asyncio.get_running_loop().create_task(self._watch(mid))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.spawn(self._watch(mid))
 
     def pending(self, mid: str) -> bool:
         fill = self.active.get(mid)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -44,7 +44,7 @@ class PostcopyPulls:
         ctrd: CtrdSweeper,
         lock: Callable[[str], asyncio.Lock],
         discard: Callable[[Incoming, str], Awaitable[Any]],
-        tasks: set[asyncio.Task[None]],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
     ) -> None:
         self.config = config
         self.journal = journal
@@ -53,7 +53,7 @@ class PostcopyPulls:
         self.ctrd = ctrd
         self.lock = lock
         self.discard = discard
-        self.tasks = tasks  # the target's: closed with it
+        self.spawn = spawn  # the target's tasks: cancelled when it closes
         self.clients: dict[str, postcopy.PageClient] = {}
 
     def pulled(self, mid: str) -> int:
@@ -170,6 +170,4 @@ class PostcopyPulls:
             async with self.lock(inc.migration_id):
                 await self.discard(inc, inc.page_failure)
 
-        task = asyncio.get_running_loop().create_task(watch())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.spawn(watch())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -42,7 +42,7 @@ class SilenceCheck:
         peer_status: Callable[[str, str], Awaitable[dict[str, Any] | None]] | None,
         discard: Callable[[Incoming, str], Awaitable[Any]],
         clock: Clock,
-        tasks: set[asyncio.Task[None]],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
     ) -> None:
         self.incoming = incoming
         self.journal = journal
@@ -53,7 +53,7 @@ class SilenceCheck:
         self.peer_status = peer_status
         self.discard = discard
         self.clock = clock
-        self.tasks = tasks  # the target's: closed with it
+        self.spawn = spawn  # the target's tasks: cancelled when it closes
         self.limit = QUIET_LIMIT
         self.timers: dict[str, asyncio.TimerHandle] = {}
 
@@ -75,9 +75,7 @@ class SilenceCheck:
     def _due(self, mid: str) -> None:
         self.timers.pop(mid, None)
         if mid in self.incoming:
-            task = asyncio.get_running_loop().create_task(self._check_or_again(mid))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.spawn(self._check_or_again(mid))
 
     async def _check_or_again(self, mid: str) -> None:
         # The only clean-up of an abandoned migration short of a restart: a check
